@@ -1,0 +1,169 @@
+"""Input validation shared by every backend: bad input is a ValueError naming what was expected.
+
+Shape, dtype and device checks are free (metadata only). The 0/1 check on mask *values* reads
+the data, so it runs only for masks on the CPU (where the data loader makes them): on an
+accelerator it would force a host sync every step.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    require(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (float32/float16/bfloat16), got {t.dtype}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{hint}, got {_shape(t)}")
+
+
+def check_mask_values(mask: torch.Tensor) -> None:
+    """dtype always; values only on the CPU (see module doc)."""
+    require(
+        mask.dtype == torch.bool or not mask.dtype.is_complex,
+        f"mask must be a bool, integer or floating 0/1 tensor, got {mask.dtype}",
+    )
+    if mask.dtype == torch.bool or mask.device.type != "cpu" or mask.numel() == 0:
+        return
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
+        raise ValueError(f"mask must contain only 0 and 1, found values such as {bad}")
+
+
+def check_token_mask(mask: torch.Tensor, batch: int, grid: Sequence[int], what: str) -> None:
+    """mask must be (B, h, w) with (h, w) == grid, or (B, h*w) when grid is given flat."""
+    expected = (batch, *grid)
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask must have shape {expected} ({what}), got {_shape(mask)}")
+    check_mask_values(mask)
+
+
+def check_image(image: torch.Tensor, in_chans: int, img_size: Optional[Sequence[int]] = None) -> None:
+    require(image.dim() == 4, f"image must be (B, C, H, W), got {_shape(image)}")
+    check_floating("image", image)
+    require(image.shape[1] == in_chans, f"image must have {in_chans} channels, got {_shape(image)}")
+    if img_size is not None:
+        require(
+            tuple(image.shape[2:]) == tuple(img_size),
+            f"image size {tuple(image.shape[2:])} does not match the model's img_size {tuple(img_size)}",
+        )
+
+
+def check_mask_token_blend(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> None:
+    require(tokens.dim() == 3, f"tokens must be (B, L, D), got {_shape(tokens)}")
+    check_floating("tokens", tokens)
+    batch, length, dim = tokens.shape
+    check_shape("mask_token", mask_token, (1, 1, dim))
+    require(mask.dim() in (2, 3) and mask.shape[0] == batch,
+            f"mask must be (B, h, w) or (B, L) with B={batch}, got {_shape(mask)}")
+    require(mask[0].numel() == length, f"mask must cover L={length} tokens, got {_shape(mask)}")
+    check_mask_values(mask)
+
+
+def check_masked_patch_embed(image, mask, weight, bias, mask_token, pos_embed=None, norm_weight=None, norm_bias=None,
+                             norm_eps=1e-5) -> None:
+    require(weight.dim() == 4 and weight.shape[2] == weight.shape[3],
+            f"weight must be (D, C, p, p), got {_shape(weight)}")
+    dim, in_chans, patch, _ = weight.shape
+    check_image(image, in_chans)
+    batch, _, height, width = image.shape
+    require(height % patch == 0 and width % patch == 0,
+            f"image size ({height}, {width}) must be a multiple of the patch size {patch}")
+    grid = (height // patch, width // patch)
+    check_token_mask(mask, batch, grid, f"image {height}x{width} / patch {patch}")
+    if bias is not None:
+        check_shape("bias", bias, (dim,))
+    check_shape("mask_token", mask_token, (1, 1, dim))
+    if pos_embed is not None:
+        check_shape("pos_embed", pos_embed, (1, grid[0] * grid[1], dim), "patch positions only")
+    require((norm_weight is None) == (norm_bias is None), "norm_weight and norm_bias go together")
+    if norm_weight is not None:
+        check_shape("norm_weight", norm_weight, (dim,))
+        check_shape("norm_bias", norm_bias, (dim,))
+
+
+def check_attention(q, k, v, bias) -> None:
+    require(q.dim() == 4, f"q must be (B, H, N, d), got {_shape(q)}")
+    check_floating("q", q)
+    check_shape("k", k, q.shape, "same as q")
+    check_shape("v", v, q.shape, "same as q")
+    require(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _, heads, tokens, _ = q.shape
+    if bias is not None:
+        check_shape("bias", bias, (heads, tokens, tokens), "(H, N, N), shared over the batch")
+
+
+def check_window_attention(q, k, v, bias, window_mask) -> None:
+    check_attention(q, k, v, bias)
+    require(bias is not None, "window attention needs the relative position bias (H, T, T)")
+    if window_mask is not None:
+        tokens = q.shape[2]
+        require(window_mask.dim() == 3 and tuple(window_mask.shape[1:]) == (tokens, tokens),
+                f"window_mask must be (nW, {tokens}, {tokens}), got {_shape(window_mask)}")
+        require(q.shape[0] % window_mask.shape[0] == 0,
+                f"batch*windows {q.shape[0]} is not a multiple of the mask's window count {window_mask.shape[0]}")
+
+
+def check_loss_geometry(reconstruction_shape, target, mask, patch_size: int, shuffle_stride: int) -> None:
+    """Shapes of the masked L1 loss: target image, (pre-shuffle) reconstruction, token mask."""
+    require(target.dim() == 4, f"target must be (B, C, H, W), got {_shape(target)}")
+    check_floating("target", target)
+    batch, chans, height, width = target.shape
+    s = shuffle_stride
+    require(s >= 1 and height % s == 0 and width % s == 0,
+            f"target size ({height}, {width}) must be a multiple of shuffle_stride {s}")
+    expected = (batch, chans * s * s, height // s, width // s)
+    if tuple(reconstruction_shape) != expected:
+        what = "image-shaped" if s == 1 else f"decoder output before PixelShuffle({s})"
+        raise ValueError(f"reconstruction must have shape {expected} ({what}), got {tuple(reconstruction_shape)}")
+    require(patch_size >= 1 and height % patch_size == 0 and width % patch_size == 0,
+            f"target size ({height}, {width}) must be a multiple of patch_size {patch_size}")
+    check_token_mask(mask, batch, (height // patch_size, width // patch_size),
+                     f"image {height}x{width} / patch {patch_size}")
+
+
+def check_masked_l1_loss(reconstruction, target, mask, patch_size: int, shuffle_stride: int) -> None:
+    check_floating("reconstruction", reconstruction)
+    check_loss_geometry(reconstruction.shape, target, mask, patch_size, shuffle_stride)
+
+
+def check_masked_decoder_loss(features, mask, weight, bias, target, encoder_stride, patch_size) -> None:
+    require(features.dim() == 4, f"features must be (B, C, h, w), got {_shape(features)}")
+    check_floating("features", features)
+    require(target.dim() == 4, f"target must be (B, C, H, W), got {_shape(target)}")
+    batch, channels, fh, fw = features.shape
+    out_channels = encoder_stride * encoder_stride * target.shape[1]
+    check_shape("weight", weight, (out_channels, channels, 1, 1), "decoder.0, a 1x1 conv")
+    if bias is not None:
+        check_shape("bias", bias, (out_channels,))
+    check_shape("target", target, (batch, target.shape[1], fh * encoder_stride, fw * encoder_stride),
+                f"features ({fh}, {fw}) x encoder_stride {encoder_stride}")
+    check_loss_geometry((batch, out_channels, fh, fw), target, mask, patch_size, encoder_stride)
+
+
+CHECKS = {
+    "mask_token_blend": check_mask_token_blend,
+    "masked_patch_embed": check_masked_patch_embed,
+    "attention": lambda q, k, v, bias=None, scale=None, dropout_p=0.0: check_attention(q, k, v, bias),
+    "window_attention": lambda q, k, v, bias, window_mask=None, scale=None, dropout_p=0.0:
+        check_window_attention(q, k, v, bias, window_mask),
+    "masked_l1_loss": lambda reconstruction, target, mask, patch_size, in_chans, shuffle_stride=1:
+        check_masked_l1_loss(reconstruction, target, mask, patch_size, shuffle_stride),
+    "masked_decoder_loss": lambda features, mask, weight, bias, target, encoder_stride, patch_size, in_chans:
+        check_masked_decoder_loss(features, mask, weight, bias, target, encoder_stride, patch_size),
+}

@@ -1,0 +1,74 @@
+"""Our fused Triton kernels (``simmim_fast.kernels``), on CUDA or under TRITON_INTERPRET=1 on the CPU."""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import List
+
+import torch
+
+from . import ALL_OPS, Backend, device_types, floating_dtypes
+
+# op -> (module in simmim_fast.kernels, function with the reference signature)
+KERNEL_ENTRY_POINTS = {
+    "mask_token_blend": ("mask_token_blend", "mask_token_blend"),
+    "masked_patch_embed": ("masked_patch_embed", "masked_patch_embed"),
+    "attention": ("attention_bias", "attention"),
+    "window_attention": ("window_attention", "window_attention"),
+    "masked_l1_loss": ("masked_l1_loss", "masked_l1_loss"),
+    "masked_decoder_loss": ("masked_decoder_loss", "masked_decoder_loss"),
+}
+KERNEL_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+# Ops that use tl.dot: the interpreter's bf16 tl.dot returns garbage, so they refuse bf16 there.
+DOT_OPS = {"masked_patch_embed", "attention", "window_attention", "masked_decoder_loss"}
+ATTENTION_HEAD_DIMS = range(16, 257)  # power-of-two padding inside the kernel; > 256 would spill
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install raising something else
+        return f"triton is not importable ({type(error).__name__}: {error})"
+    return ""
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    ops = ALL_OPS
+    description = "fused Triton kernels (simmim_fast.kernels): CUDA, or CPU under TRITON_INTERPRET=1"
+
+    def unavailable_reasons(self) -> List[str]:
+        error = _triton_import_error()
+        if error:
+            return [error]
+        if not interpreting() and not torch.cuda.is_available():
+            return ["no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"]
+        return []
+
+    def not_supported_reasons(self, op, args) -> List[str]:
+        reasons = []
+        allowed_devices = {"cuda", "cpu"} if interpreting() else {"cuda"}
+        devices = device_types(args)
+        if not devices <= allowed_devices:
+            reasons.append(f"tensors on {sorted(devices)}; triton runs on {sorted(allowed_devices)}")
+        dtypes = floating_dtypes(args)
+        if not dtypes <= KERNEL_DTYPES:
+            reasons.append(f"dtypes {sorted(map(str, dtypes))}; kernels take float32/float16/bfloat16")
+        if interpreting() and op in DOT_OPS and torch.bfloat16 in dtypes:
+            reasons.append("bfloat16 tl.dot is wrong under TRITON_INTERPRET=1; use float32 or float16 there")
+        if args.get("dropout_p", 0.0):
+            reasons.append("attention dropout > 0 is not fused (every SimMIM recipe uses 0); the reference does it")
+        if op in ("attention", "window_attention") and args["q"].shape[-1] not in ATTENTION_HEAD_DIMS:
+            reasons.append(f"head dim {args['q'].shape[-1]} outside {ATTENTION_HEAD_DIMS.start}..{ATTENTION_HEAD_DIMS.stop - 1}")
+        return reasons
+
+    def implementation(self, op):
+        module_name, function_name = KERNEL_ENTRY_POINTS[op]
+        module = importlib.import_module(f"simmim_fast.kernels.{module_name}")
+        return getattr(module, function_name)

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels; the CI lane sets TRITON_INTERPRET=1")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow: longer CPU tests (CLI runs, multi-process)")
+
+
+def pytest_collection_modifyitems(config, items):
+    triton_runnable = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    skip_interp = pytest.mark.skip(reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "interpreter" in item.keywords and not triton_runnable:
+            item.add_marker(skip_interp)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
