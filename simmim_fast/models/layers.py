@@ -1,0 +1,80 @@
+"""Small building blocks shared by the ViT and Swin encoders (same behaviour as the timm versions the
+original SimMIM code imports, written here so the package needs no timm)."""
+from __future__ import annotations
+
+import math
+from typing import Tuple, Union
+
+import torch
+import torch.nn as nn
+
+
+def to_2tuple(value: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+@torch.no_grad()
+def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0):
+    """Normal(mean, std) truncated to [a, b] (absolute bounds, as timm), by inverse-CDF sampling."""
+    def normal_cdf(x):
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    low, high = normal_cdf((a - mean) / std), normal_cdf((b - mean) / std)
+    tensor.uniform_(2 * low - 1, 2 * high - 1)
+    tensor.erfinv_()
+    tensor.mul_(std * math.sqrt(2.0)).add_(mean)
+    tensor.clamp_(min=a, max=b)
+    return tensor
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (residual branch dropped with probability drop_prob)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self):
+        return f"drop_prob={self.drop_prob}"
+
+
+def drop_path_or_identity(rate: float) -> nn.Module:
+    return DropPath(rate) if rate > 0.0 else nn.Identity()
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def relative_position_index(window: Tuple[int, int]) -> torch.Tensor:
+    """(Wh*Ww, Wh*Ww) index into a ((2Wh-1)*(2Ww-1), heads) bias table, as Swin and BEiT build it."""
+    wh, ww = window
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    relative[:, :, 0] += wh - 1
+    relative[:, :, 1] += ww - 1
+    relative[:, :, 0] *= 2 * ww - 1
+    return relative.sum(-1)
+
+
+def gather_relative_position_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (entries, heads) gathered by index (N, N) -> (heads, N, N); autograd scatters back."""
+    tokens = index.shape[0]
+    return table[index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1).contiguous()

@@ -1,0 +1,46 @@
+"""SimMIM: an encoder, a 1x1-conv + PixelShuffle decoder, and the masked L1 loss on raw pixels."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import _checks, ops
+
+
+class SimMIM(nn.Module):
+    """Drop-in for the original ``SimMIM(encoder, encoder_stride)``; ``forward(x, mask)`` -> scalar loss.
+
+    The training path runs the decoder and the loss as one op (``ops.masked_decoder_loss``): fast
+    backends decode only the masked patches. ``reconstruct`` gives the full image for pictures.
+    """
+
+    def __init__(self, encoder: nn.Module, encoder_stride: int):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder_stride = encoder_stride
+        self.decoder = nn.Sequential(
+            nn.Conv2d(in_channels=self.encoder.num_features, out_channels=self.encoder_stride ** 2 * 3, kernel_size=1),
+            nn.PixelShuffle(self.encoder_stride),
+        )
+        self.in_chans = self.encoder.in_chans
+        self.patch_size = self.encoder.patch_size
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x, mask)
+        conv = self.decoder[0]
+        return ops.masked_decoder_loss(features, mask, conv.weight, conv.bias, x, self.encoder_stride,
+                                       self.patch_size, self.in_chans)
+
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's full (B, 3, H, W) reconstruction, in the normalised pixel space of ``x``."""
+        return self.decoder(self.encoder(x, mask))
+
+    def no_weight_decay(self):
+        if hasattr(self.encoder, "no_weight_decay"):
+            return {"encoder." + name for name in self.encoder.no_weight_decay()}
+        return set()
+
+    def no_weight_decay_keywords(self):
+        if hasattr(self.encoder, "no_weight_decay_keywords"):
+            return {"encoder." + name for name in self.encoder.no_weight_decay_keywords()}
+        return set()
