@@ -1,0 +1,109 @@
+"""``python -m simmim_fast.info``: versions, devices, backends, and which backend each op would use."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from typing import Dict, List, Tuple
+
+import torch
+
+from . import dispatch
+from .backends import ALL_OPS, registry
+
+OPTIONAL_PACKAGES = ("triton", "xformers", "apex", "torch_xla", "numpy", "nvidia-ml-py")
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def sample_inputs(op: str, device: str, dtype: torch.dtype) -> Dict[str, object]:
+    """Tiny, valid inputs for ``op`` (meta-free: real tensors so the reasons see real devices)."""
+    def t(*shape):
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+    mask = torch.zeros(1, 2, 2, device=device, dtype=torch.long)
+    if op == "mask_token_blend":
+        return dict(tokens=t(1, 4, 32), mask=mask, mask_token=t(1, 1, 32))
+    if op == "masked_patch_embed":
+        return dict(image=t(1, 3, 16, 16), mask=mask, weight=t(32, 3, 8, 8), bias=t(32), mask_token=t(1, 1, 32),
+                    pos_embed=None, norm_weight=None, norm_bias=None, norm_eps=1e-5)
+    if op in ("attention", "window_attention"):
+        q = t(2, 2, 16, 32)
+        return dict(q=q, k=q, v=q, bias=t(2, 16, 16), **({"window_mask": None} if op == "window_attention" else {}),
+                    scale=None, dropout_p=0.0)
+    if op == "masked_l1_loss":
+        return dict(reconstruction=t(1, 3, 16, 16), target=t(1, 3, 16, 16), mask=mask, patch_size=8, in_chans=3,
+                    shuffle_stride=1)
+    if op == "masked_decoder_loss":
+        return dict(features=t(1, 32, 1, 1), mask=mask, weight=t(768, 32, 1, 1), bias=t(768),
+                    target=t(1, 3, 16, 16), encoder_stride=16, patch_size=8, in_chans=3)
+    raise KeyError(op)
+
+
+def choices(device: str, dtype: torch.dtype) -> List[Tuple[str, str, List[Tuple[str, List[str]]]]]:
+    """(op, chosen backend or error, [(backend, reasons)]) for every op on ``device``."""
+    rows = []
+    for op in ALL_OPS:
+        args = sample_inputs(op, device, dtype)
+        try:
+            chosen = dispatch.select(op, args).name
+        except dispatch.BackendError as error:
+            chosen = f"ERROR: {error}"
+        rows.append((op, chosen, dispatch.explain(op, args)))
+    return rows
+
+
+def report() -> str:
+    lines = [
+        f"simmim_fast {importlib.metadata.version('simmim_fast') if _installed() else '(not installed)'}",
+        f"python {platform.python_version()} on {platform.machine()}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+    ]
+    lines += [f"{name} {package_version(name)}" for name in OPTIONAL_PACKAGES]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            lines.append(f"cuda:{index} {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append("CUDA device: none")
+    lines.append(f"{dispatch.ENV_VAR}={os.environ.get(dispatch.ENV_VAR, '(unset: auto)')}"
+                 f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    lines.append("")
+    lines.append("backends:")
+    for name, backend in registry().items():
+        missing = backend.unavailable_reasons()
+        status = "available" if not missing else "unavailable: " + "; ".join(missing)
+        lines.append(f"  {name:<10} {status}")
+        lines.append(f"  {'':<10} {backend.description}; ops: {', '.join(backend.ops)}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        lines.append("")
+        lines.append(f"op -> backend on {device} ({str(dtype).replace('torch.', '')}):")
+        for op, chosen, explained in choices(device, dtype):
+            lines.append(f"  {op:<20} {chosen}")
+            for name, reasons in explained:
+                if name != chosen and reasons and f"does not implement {op}" not in reasons[0]:
+                    lines.append(f"  {'':<20}   not {name}: {'; '.join(reasons)}")
+    return "\n".join(lines)
+
+
+def _installed() -> bool:
+    try:
+        importlib.metadata.version("simmim_fast")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import simmim_fast as sf
+from simmim_fast import dispatch, ops
+from simmim_fast.backends import ALL_OPS, registry
+
+
+def loss_args():
+    return dict(reconstruction=torch.randn(1, 3, 16, 16), target=torch.randn(1, 3, 16, 16),
+                mask=torch.ones(1, 2, 2, dtype=torch.long), patch_size=8, in_chans=3, shuffle_stride=1)
+
+
+def test_import_does_not_pull_optional_packages():
+    code = ("import sys, simmim_fast; bad = [m for m in ('triton', 'xformers', 'apex', 'torch_xla') if m in sys.modules];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_auto_uses_reference_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dispatch.select("masked_l1_loss", loss_args()).name == "reference"
+
+
+def test_every_backend_explains_itself():
+    for op in ALL_OPS:
+        for name, backend in registry().items():
+            reasons = backend.reasons(op, loss_args())
+            assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons)
+            if op not in backend.ops:
+                assert reasons == [f"{name} does not implement {op}"]
+
+
+def test_forcing_an_unusable_backend_fails_loudly_with_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(dispatch.ENV_VAR, "xformers")
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(dispatch.BackendError, match="xformers.*forced for attention.*xformers is not importable"):
+        ops.attention(q, q, q)
+    # ops xformers does not implement at all stay on auto
+    assert ops.masked_l1_loss(**loss_args()).dim() == 0
+
+
+def test_spec_parsing_and_context_manager(monkeypatch):
+    assert dispatch.parse_spec("triton") == ("triton", {})
+    assert dispatch.parse_spec("attention=sdpa, masked_l1_loss=cuda") == (None, {"attention": "sdpa", "masked_l1_loss": "cuda"})
+    assert dispatch.parse_spec("auto") == (None, {})
+    with pytest.raises(dispatch.BackendError, match="unknown backend 'tritn'"):
+        dispatch.parse_spec("tritn")
+    with pytest.raises(dispatch.BackendError, match="unknown op 'attn'"):
+        dispatch.parse_spec("attn=sdpa")
+    monkeypatch.setenv(dispatch.ENV_VAR, "xformers")
+    with sf.use_backend("reference"):  # innermost wins over the environment
+        assert dispatch.select("attention", {"q": torch.zeros(1)}).name == "reference"
+        with sf.use_backend("attention=sdpa"):
+            assert dispatch.forced_backend_name("attention") == "sdpa"
+            assert dispatch.forced_backend_name("masked_l1_loss") is None
+    assert dispatch.forced_backend_name("attention") == "xformers"
+    with pytest.raises(dispatch.BackendError):
+        with sf.use_backend("nonsense"):
+            pass
+
+
+def test_info_prints_backends_and_choices():
+    env = {k: v for k, v in os.environ.items() if k not in (dispatch.ENV_VAR, "TRITON_INTERPRET")}
+    result = subprocess.run([sys.executable, "-m", "simmim_fast.info"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for name in registry():
+        assert f"  {name} " in out
+    for op in ALL_OPS:
+        assert f"  {op} " in out
+    assert "op -> backend on cpu" in out and "triton     unavailable" in out

@@ -1,0 +1,171 @@
+"""The drop-in API: shapes, parameter counts, names, init, loading, and loss parity with the original."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import simmim_fast as sf
+from simmim_fast.config import get_config
+from original_forward import simmim_loss
+
+MASK_CONFIGS = {"vit-tiny": None, "swin-tiny": None}
+
+
+def tiny_batch(model, config, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = config.DATA.IMG_SIZE
+    gen = sf.MaskGenerator(size, config.DATA.MASK_PATCH_SIZE, model.patch_size, config.DATA.MASK_RATIO)
+    return torch.randn(batch, 3, size, size, generator=g), gen.generate(batch, generator=g)
+
+
+def test_vit_base_matches_published_size():
+    model = sf.build_simmim("vit-base-224")
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params / 1e6 - 86.3) < 0.05, params
+    state = model.state_dict()
+    assert len(state) == 190
+    for key in ["encoder.cls_token", "encoder.mask_token", "encoder.patch_embed.proj.weight",
+                "encoder.blocks.0.attn.q_bias", "encoder.blocks.0.attn.v_bias", "encoder.blocks.0.gamma_1",
+                "encoder.blocks.11.gamma_2", "encoder.rel_pos_bias.relative_position_bias_table",
+                "encoder.rel_pos_bias.relative_position_index", "encoder.norm.weight", "decoder.0.weight",
+                "decoder.0.bias"]:
+        assert key in state, key
+    assert "encoder.pos_embed" not in state and "encoder.blocks.0.attn.k_bias" not in state
+    assert state["encoder.rel_pos_bias.relative_position_bias_table"].shape == (27 * 27 + 3, 12)
+    assert state["encoder.rel_pos_bias.relative_position_index"].shape == (197, 197)
+    assert model.encoder_stride == 16 and state["decoder.0.weight"].shape == (768, 768, 1, 1)
+
+
+def test_swin_base_matches_published_size():
+    model = sf.build_simmim("swin-base-192-w6")
+    params = sum(p.numel() for p in model.parameters())
+    assert round(params / 1e6, 2) == 89.87, params
+    state = model.state_dict()
+    for key in ["encoder.mask_token", "encoder.patch_embed.proj.weight", "encoder.patch_embed.norm.weight",
+                "encoder.layers.0.blocks.1.attn_mask", "encoder.layers.0.blocks.0.attn.relative_position_index",
+                "encoder.layers.0.downsample.reduction.weight", "encoder.layers.2.blocks.17.mlp.fc2.bias",
+                "encoder.norm.bias", "decoder.0.weight"]:
+        assert key in state, key
+    assert "encoder.layers.0.blocks.0.attn_mask" not in state  # unshifted blocks have no mask buffer
+    assert "encoder.layers.3.blocks.1.attn_mask" not in state  # last stage: 6x6 == window, no shift
+    assert "encoder.layers.0.downsample.reduction.bias" not in state
+    assert model.encoder_stride == 32
+
+
+def test_swin_shift_mask_and_window_clamp():
+    model = sf.build_simmim("swin-tiny")
+    blocks = [blk for layer in model.encoder.layers for blk in layer.blocks]
+    shifted = [blk for blk in blocks if blk.shift_size > 0]
+    assert shifted, "the tiny preset must exercise shifted windows"
+    for blk in shifted:
+        values = set(blk.attn_mask.unique().tolist())
+        assert values == {0.0, -100.0}
+        assert blk.attn_mask.shape == ((blk.input_resolution[0] // blk.window_size) ** 2,
+                                       blk.window_size ** 2, blk.window_size ** 2)
+    last = model.encoder.layers[-1].blocks[1]
+    assert last.window_size == min(last.input_resolution) and last.shift_size == 0
+
+
+def test_vit_init_follows_original():
+    torch.manual_seed(0)
+    enc = sf.VisionTransformerForSimMIM(img_size=32, patch_size=8, num_classes=0, embed_dim=64, depth=3,
+                                        num_heads=4, use_abs_pos_emb=True)
+    for param in [enc.cls_token, enc.mask_token, enc.pos_embed, enc.blocks[0].attn.qkv.weight]:
+        assert param.abs().max() <= 0.02 + 1e-7  # truncated at +-std, not +-2
+    fc1 = torch.cat([b.mlp.fc1.weight.flatten() for b in enc.blocks])
+    fc2_last = enc.blocks[2].mlp.fc2.weight
+    assert fc2_last.abs().max() <= 0.02 / math.sqrt(2 * 3) + 1e-7
+    # A normal cut at +-1 std has std 0.5396 * std (not 0.02, as a +-2 cut would nearly give).
+    assert abs(fc1.std().item() - 0.02 * 0.5396) < 5e-4
+
+
+def test_forward_shapes_and_reconstruct():
+    for preset in ("vit-tiny", "swin-tiny"):
+        config = get_config(preset)
+        model = sf.build_simmim(config)
+        x, mask = tiny_batch(model, config)
+        loss = model(x, mask)
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        assert model.reconstruct(x, mask).shape == x.shape
+        features = model.encoder(x, mask)
+        assert features.shape == (3, model.encoder.num_features, 64 // model.encoder_stride, 64 // model.encoder_stride)
+
+
+VARIANTS = {
+    "vit-tiny": {},
+    "vit-abs-pos-per-block-rpb": {"MODEL": {"VIT": {"USE_APE": True, "USE_RPB": True, "USE_SHARED_RPB": False,
+                                                    "INIT_VALUES": None}}},
+    "vit-mean-pool-no-qkv-bias": {"MODEL": {"VIT": {"USE_MEAN_POOLING": True, "QKV_BIAS": False}}},
+    "swin-tiny": {},
+    "swin-ape-no-patch-norm": {"MODEL": {"SWIN": {"APE": True, "PATCH_NORM": False}}},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_loss_and_grads_match_original_computation(variant):
+    preset = "vit-tiny" if variant.startswith("vit") else "swin-tiny"
+    config = get_config(preset, [VARIANTS[variant]])
+    torch.manual_seed(1)
+    model = sf.build_simmim(config)
+    with torch.no_grad():  # non-trivial biases so every term matters
+        for name, param in model.named_parameters():
+            if "relative_position_bias_table" in name or name.endswith(("q_bias", "v_bias", "pos_embed")):
+                param.normal_(0, 0.5)
+    x, mask = tiny_batch(model, config)
+    with sf.use_backend("reference"):
+        loss = model(x, mask)
+    # allow_unused: with mean pooling the original also never uses fc_norm in pretraining.
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    expected = simmim_loss(model, x, mask)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, expected, rtol=2e-6, atol=0)
+    for (name, _), got, want in zip(model.named_parameters(), grads, expected_grads):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_state_dict_round_trip_strict(tmp_path):
+    config = get_config("swin-tiny")
+    source = sf.build_simmim(config)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": source.state_dict(), "epoch": 3}, path)  # the original checkpoint layout
+    target = sf.build_simmim(config)
+    result = sf.load_pretrained(target, path)
+    assert not result.missing_keys and not result.unexpected_keys
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
+    sf.load_pretrained(target, source.state_dict())  # a bare state_dict works too
+    bad = dict(source.state_dict())
+    bad.pop("encoder.mask_token")
+    with pytest.raises(RuntimeError, match="mask_token"):
+        sf.load_pretrained(target, bad)
+
+
+def test_build_simmim_accepts_nested_dict_and_attribute_objects():
+    nested = get_config("vit-tiny").to_dict()
+    from_dict = sf.build_simmim(nested)
+
+    def to_namespace(tree):
+        return SimpleNamespace(**{k: to_namespace(v) if isinstance(v, dict) else v for k, v in tree.items()})
+
+    from_attrs = sf.build_simmim(to_namespace(nested))
+    assert from_dict.state_dict().keys() == from_attrs.state_dict().keys()
+    with pytest.raises(ValueError, match="MODEL.TYPE"):
+        sf.build_simmim(get_config("vit-tiny", [{"MODEL": {"TYPE": "convnext"}}]))
+
+
+def test_no_weight_decay_sets_are_prefixed():
+    vit = sf.build_simmim("vit-tiny")
+    assert vit.no_weight_decay() == {"encoder.pos_embed", "encoder.cls_token"}
+    swin = sf.build_simmim("swin-tiny")
+    assert swin.no_weight_decay() == {"encoder.absolute_pos_embed", "encoder.mask_token"}
+    assert swin.no_weight_decay_keywords() == {"encoder.relative_position_bias_table"}
+
+
+def test_unknown_config_key_lists_valid_keys():
+    with pytest.raises(ValueError, match="valid keys here: .*EMBED_DIM"):
+        get_config("vit-tiny", [{"MODEL": {"VIT": {"EMBED_DIMS": 3}}}])
+    with pytest.raises(ValueError, match="presets"):
+        get_config("vit-huge")
