@@ -1,8 +1,8 @@
 """Input validation shared by every backend: bad input is a ValueError naming what was expected.
 
 Shape, dtype and device checks are free (metadata only). The 0/1 check on mask *values* reads
-the data, so it runs only for masks on the CPU (where the data loader makes them): on an
-accelerator it would force a host sync every step.
+the data, so it runs only for masks on the CPU (where the data loader makes them) and not while
+torch.compile traces: on an accelerator it would force a host sync every step.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def check_mask_values(mask: torch.Tensor) -> None:
         mask.dtype == torch.bool or not mask.dtype.is_complex,
         f"mask must be a bool, integer or floating 0/1 tensor, got {mask.dtype}",
     )
-    if mask.dtype == torch.bool or mask.device.type != "cpu" or mask.numel() == 0:
+    if mask.dtype == torch.bool or mask.device.type != "cpu" or mask.numel() == 0 or torch.compiler.is_compiling():
         return
     if not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()

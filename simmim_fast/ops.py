@@ -13,15 +13,27 @@ from . import _checks, dispatch, reference
 
 def _dispatched(op: str):
     plain = reference.OPS[op]
-    signature = inspect.signature(plain)
+    # Plain tuples and dicts, not inspect.Signature.bind: torch.compile traces these without graph breaks.
+    parameters = inspect.signature(plain).parameters
+    names = tuple(parameters)
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
     check = _checks.CHECKS[op]
 
     @functools.wraps(plain)
     def run(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        check(**bound.arguments)
-        return dispatch.call(op, bound.arguments)
+        if len(args) > len(names):
+            raise TypeError(f"{op}() takes {len(names)} arguments, got {len(args)}")
+        unknown = [name for name in kwargs if name not in names]
+        if unknown:
+            raise TypeError(f"{op}() got unexpected arguments {unknown}")
+        arguments = dict(defaults)
+        arguments.update(zip(names, args))
+        arguments.update(kwargs)
+        missing = [name for name in names if name not in arguments]
+        if missing:
+            raise TypeError(f"{op}() missing arguments {missing}")
+        check(**arguments)
+        return dispatch.call(op, arguments)
 
     return run
 

@@ -77,3 +77,24 @@ def test_info_prints_backends_and_choices():
     for op in ALL_OPS:
         assert f"  {op} " in out
     assert "op -> backend on cpu" in out and "triton     unavailable" in out
+
+
+@pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
+def test_models_trace_as_one_graph_under_torch_compile(preset):
+    """The dispatch, the checks and the models must not break torch.compile's graph."""
+    model = sf.build_simmim(preset)
+    x = torch.randn(2, 3, 64, 64)
+    mask = sf.MaskGenerator(64, 16, model.patch_size, 0.6).generate(2)
+    explained = torch._dynamo.explain(model)(x, mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_ops_bind_arguments_like_the_reference():
+    args = loss_args()
+    positional = ops.masked_l1_loss(*args.values())
+    assert torch.equal(positional, ops.masked_l1_loss(**args))
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        ops.masked_l1_loss(**args, stride=2)
+    with pytest.raises(TypeError, match="missing arguments"):
+        ops.masked_l1_loss(args["reconstruction"], args["target"])

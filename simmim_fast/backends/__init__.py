@@ -7,7 +7,6 @@ Backends import their optional packages lazily, inside these methods, never at i
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
@@ -60,8 +59,13 @@ class Backend:
         return self.not_supported_reasons(op, args)
 
 
-@functools.lru_cache(maxsize=None)
+_registry: Dict[str, Backend] = {}
+
+
 def registry() -> Dict[str, Backend]:
+    """name -> backend, built on first use (a plain global: torch.compile traces it without warnings)."""
+    if _registry:
+        return _registry
     from .cuda import CudaBackend
     from .reference import ReferenceBackend
     from .sdpa import SdpaBackend
@@ -69,5 +73,6 @@ def registry() -> Dict[str, Backend]:
     from .xformers import XformersBackend
     from .xla import XlaBackend
 
-    backends = [ReferenceBackend(), TritonBackend(), CudaBackend(), SdpaBackend(), XformersBackend(), XlaBackend()]
-    return {backend.name: backend for backend in backends}
+    for backend in (ReferenceBackend(), TritonBackend(), CudaBackend(), SdpaBackend(), XformersBackend(), XlaBackend()):
+        _registry[backend.name] = backend
+    return _registry
