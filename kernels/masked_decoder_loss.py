@@ -1,0 +1,329 @@
+"""The SimMIM decoder (1x1 conv + PixelShuffle) and the masked L1 loss, computed only where the loss looks.
+
+Same signature and meaning as ``simmim_fast.reference.masked_decoder_loss``. A decoder token (one
+position of the (H/s, W/s) feature grid) decodes an s x s x 3 block of pixels; only tokens whose
+block holds a masked pixel ("active") contribute to the loss or receive a gradient. Each call orders
+the tokens active-first on the device (a cumsum and a scatter, no host sync); the kernels read the
+active count from memory, the grids are sized for the worst case and blocks past the count skip
+their matmul.
+
+Forward: per (token block, output-channel block) program, ``tl.dot`` of the gathered features with
+the conv weight, + bias, rounded to the conv's dtype as the reference's conv output; then, in the same
+program, PixelShuffle is index arithmetic into the target and the (patch-granular) mask, and the
+program writes its |rec - target| sum, its masked-pixel count, and sign(rec - target) * mask as int8
+(all the backward needs of the comparison). One program then sums the partials in a fixed order
+(``masked_l1_loss.finish_loss``).
+
+Backward: d decoded = sign * grad / in_chans / denominator, rounded to the conv's dtype; d features =
+d decoded @ W (zero for inactive tokens), d weight = d decoded^T @ features and d bias = its column
+sums, each tile summing over the active tokens in one fixed order (deterministic, no atomics).
+
+Tokens with no masked pixel are never read, so non-finite features there do not reach the loss (the
+reference's would give NaN); a NaN reconstruction at a masked pixel gives a NaN loss and, as the int8
+sign holds no NaN, a zero gradient there.
+
+dtypes follow the reference: under autocast the conv runs in the autocast dtype (fp32 accumulation,
+output and conv gradients rounded to it) and the loss in fp32. fp32 convs use TF32 exactly when the
+reference's would (``torch.backends.cudnn.allow_tf32`` on CUDA). Masks are 0/1; the encoder stride
+must be a multiple of the patch size (ViT: equal; Swin: 32 and 4).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .masked_l1_loss import finish_loss, loss_dtype
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _token_coordinates(order_ptr, rows, rows_valid, tokens_per_image, grid_w):
+    """(image, feature row, feature column) of the tokens at positions ``rows`` of the active-first order."""
+    tokens = tl.load(order_ptr + rows, mask=rows_valid, other=0)
+    cell = tokens % tokens_per_image
+    return tokens // tokens_per_image, cell // grid_w, cell % grid_w
+
+
+@triton.jit
+def _pixel_offsets(image, fy, fx, o, stride_b, stride_c, stride_h, stride_w, STRIDE: tl.constexpr):
+    """Offsets in an image-shaped tensor of decoder output channel o = c*s*s + i*s + j of tokens (image, fy, fx):
+    after PixelShuffle it is pixel (c, fy*s + i, fx*s + j)."""
+    c = o // (STRIDE * STRIDE)
+    i = (o // STRIDE) % STRIDE
+    j = o % STRIDE
+    return ((image.to(tl.int64) * stride_b + fy * STRIDE * stride_h + fx * STRIDE * stride_w)[:, None]
+            + (c * stride_c + i * stride_h + j * stride_w)[None, :])
+
+
+@triton.jit
+def _mask_offsets(image, fy, fx, o, stride_b, stride_h, stride_w, STRIDE: tl.constexpr, PATCH: tl.constexpr):
+    """Offsets of the mask entry over each pixel of ``_pixel_offsets``: (row // p, column // p), p | s."""
+    i = (o // STRIDE) % STRIDE
+    j = o % STRIDE
+    per_token = STRIDE // PATCH
+    return ((image.to(tl.int64) * stride_b + fy * per_token * stride_h + fx * per_token * stride_w)[:, None]
+            + ((i // PATCH) * stride_h + (j // PATCH) * stride_w)[None, :])
+
+
+@triton.jit
+def _masked_decoder_loss_fwd_kernel(
+    sign_ptr, partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, mask_ptr, order_ptr, num_active_ptr,
+    tokens_per_image, grid_w, K, O,
+    stride_fb, stride_fc, stride_fh, stride_fw, stride_wo, stride_wk,
+    stride_tb, stride_tc, stride_th, stride_tw, stride_mb, stride_mh, stride_mw,
+    STRIDE: tl.constexpr, PATCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The output-channel tiles of one token block are neighbouring programs: its features are re-read from L2.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_valid = o < O
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_active = tl.load(num_active_ptr)
+    active = rows < num_active
+    image, fy, fx = _token_coordinates(order_ptr, rows, active, tokens_per_image, grid_w)
+    feature_rows = image.to(tl.int64) * stride_fb + fy * stride_fh + fx * stride_fw
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_end = tl.where(pid_m * BLOCK_M < num_active, K, 0)  # blocks past the active tokens skip the matmul
+    for k0 in range(0, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_valid = k < K
+        features = tl.load(features_ptr + feature_rows[:, None] + k[None, :] * stride_fc,
+                           mask=active[:, None] & k_valid[None, :], other=0.0)
+        weight = tl.load(weight_ptr + k[:, None] * stride_wk + o[None, :] * stride_wo,
+                         mask=k_valid[:, None] & o_valid[None, :], other=0.0)
+        acc = tl.dot(features.to(DOT_DTYPE), weight.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o, mask=o_valid, other=0.0).to(DOT_DTYPE).to(tl.float32)[None, :]
+    decoded = acc.to(DOT_DTYPE).to(tl.float32)
+
+    valid = active[:, None] & o_valid[None, :]
+    masked = tl.load(mask_ptr + _mask_offsets(image, fy, fx, o, stride_mb, stride_mh, stride_mw, STRIDE, PATCH),
+                     mask=valid, other=0) != 0
+    target = tl.load(target_ptr + _pixel_offsets(image, fy, fx, o, stride_tb, stride_tc, stride_th, stride_tw, STRIDE),
+                     mask=masked, other=0.0).to(tl.float32)
+    diff = tl.where(masked, decoded - target, 0.0)
+    sign = tl.where(diff > 0, 1, 0) - tl.where(diff < 0, 1, 0)
+    tl.store(sign_ptr + rows.to(tl.int64)[:, None] * O + o[None, :], sign.to(tl.int8), mask=valid)
+
+    part = pid_m * tl.num_programs(0) + pid_n
+    num_parts = tl.num_programs(0) * tl.num_programs(1)
+    counted = masked & (o < STRIDE * STRIDE)[None, :]  # the channel-0 outputs count each masked pixel once
+    tl.store(partial_ptr + part, tl.sum(tl.sum(tl.abs(diff), axis=1), axis=0))
+    tl.store(partial_ptr + num_parts + part, tl.sum(tl.sum(counted.to(tl.float32), axis=1), axis=0))
+
+
+@triton.jit
+def _masked_decoder_loss_bwd_features_kernel(
+    grad_features_ptr, sign_ptr, weight_ptr, order_ptr, num_active_ptr, grad_loss_ptr, denominator_ptr, in_chans,
+    num_tokens, tokens_per_image, grid_w, K, O,
+    stride_wo, stride_wk, stride_gb, stride_gc, stride_gh, stride_gw,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """d features = d decoded @ W for every token: active ones compute it, inactive ones get zeros."""
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_valid = k < K
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_active = tl.load(num_active_ptr)
+    active = rows < num_active
+    scale = tl.load(grad_loss_ptr).to(tl.float32) / in_chans / tl.load(denominator_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    o_end = tl.where(pid_m * BLOCK_M < num_active, O, 0)
+    for o0 in range(0, o_end, BLOCK_N):
+        o = o0 + tl.arange(0, BLOCK_N)
+        o_valid = o < O
+        sign = tl.load(sign_ptr + rows.to(tl.int64)[:, None] * O + o[None, :],
+                       mask=active[:, None] & o_valid[None, :], other=0)
+        weight = tl.load(weight_ptr + o[:, None] * stride_wo + k[None, :] * stride_wk,
+                         mask=o_valid[:, None] & k_valid[None, :], other=0.0)
+        acc = tl.dot((sign.to(tl.float32) * scale).to(DOT_DTYPE), weight.to(DOT_DTYPE), acc,
+                     input_precision=INPUT_PRECISION)
+
+    rows_valid = rows < num_tokens
+    image, fy, fx = _token_coordinates(order_ptr, rows, rows_valid, tokens_per_image, grid_w)
+    offsets = (image.to(tl.int64) * stride_gb + fy * stride_gh + fx * stride_gw)[:, None] + k[None, :] * stride_gc
+    tl.store(grad_features_ptr + offsets, acc.to(DOT_DTYPE).to(grad_features_ptr.dtype.element_ty),
+             mask=rows_valid[:, None] & k_valid[None, :])
+
+
+@triton.jit
+def _masked_decoder_loss_bwd_weight_kernel(
+    grad_weight_ptr, grad_bias_ptr, grad_target_ptr, sign_ptr, features_ptr, order_ptr, num_active_ptr,
+    grad_loss_ptr, denominator_ptr, in_chans,
+    tokens_per_image, grid_w, K, O,
+    stride_fb, stride_fc, stride_fh, stride_fw,
+    stride_tb, stride_tc, stride_th, stride_tw,
+    STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Tile (o, k) of d weight = sum over active tokens of d decoded^T @ features, in token order. The
+    programs of the first K tile also write d bias and, if asked, d target = -d decoded (before rounding)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_valid = o < O
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_valid = k < K
+    num_active = tl.load(num_active_ptr)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) / in_chans / tl.load(denominator_ptr)
+
+    grad_weight = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    grad_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, num_active, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        active = rows < num_active
+        image, fy, fx = _token_coordinates(order_ptr, rows, active, tokens_per_image, grid_w)
+        sign = tl.load(sign_ptr + rows.to(tl.int64)[:, None] * O + o[None, :],
+                       mask=active[:, None] & o_valid[None, :], other=0)
+        grad_decoded = sign.to(tl.float32) * scale
+        grad_decoded_low = grad_decoded.to(DOT_DTYPE)
+        features = tl.load(features_ptr + (image.to(tl.int64) * stride_fb + fy * stride_fh + fx * stride_fw)[:, None]
+                           + k[None, :] * stride_fc, mask=active[:, None] & k_valid[None, :], other=0.0)
+        grad_weight = tl.dot(tl.trans(grad_decoded_low), features.to(DOT_DTYPE), grad_weight,
+                             input_precision=INPUT_PRECISION)
+        grad_bias += tl.sum(grad_decoded_low.to(tl.float32), axis=0)
+        if GRAD_TARGET:
+            offsets = _pixel_offsets(image, fy, fx, o, stride_tb, stride_tc, stride_th, stride_tw, STRIDE)
+            tl.store(grad_target_ptr + offsets, (-grad_decoded).to(grad_target_ptr.dtype.element_ty),
+                     mask=active[:, None] & o_valid[None, :] & (pid_k == 0))
+
+    tl.store(grad_weight_ptr + o[:, None] * K + k[None, :],
+             grad_weight.to(DOT_DTYPE).to(grad_weight_ptr.dtype.element_ty), mask=o_valid[:, None] & k_valid[None, :])
+    if HAS_BIAS:
+        tl.store(grad_bias_ptr + o, grad_bias.to(DOT_DTYPE).to(grad_bias_ptr.dtype.element_ty),
+                 mask=o_valid & (pid_k == 0))
+
+
+def _active_first_order(mask: torch.Tensor, encoder_stride: int, patch_size: int):
+    """A permutation of the decoder tokens with the active ones (a masked pixel in their s x s block) first,
+    each group in token order, and the active count as a device tensor (1,); no host sync."""
+    batch, mask_h, mask_w = mask.shape
+    per_token = encoder_stride // patch_size
+    grid_h, grid_w = mask_h // per_token, mask_w // per_token
+    active = (mask != 0).reshape(batch, grid_h, per_token, grid_w, per_token).any(dim=(2, 4)).reshape(-1)
+    token = torch.arange(active.numel(), device=mask.device, dtype=torch.int32)
+    active_rank = torch.cumsum(active, 0, dtype=torch.int32)  # active tokens up to and including this one
+    num_active = active_rank[-1:]
+    position = torch.where(active, active_rank - 1, num_active + token - active_rank)
+    order = torch.empty_like(token).scatter_(0, position.long(), token)
+    return order, num_active
+
+
+def _launch_shapes(out_channels: int, in_channels: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tokens x output channels x encoder channels."""
+    block_n = max(16, min(128, triton.next_power_of_2(out_channels)))
+    block_k = max(16, min(64, triton.next_power_of_2(in_channels)))
+    return 64, block_n, block_k, 8 if block_n >= 128 else 4
+
+
+class _MaskedDecoderLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
+                dot_dtype, out_dtype, input_precision):
+        batch, in_channels, grid_h, grid_w = features.shape
+        tokens_per_image = grid_h * grid_w
+        num_tokens = batch * tokens_per_image
+        weight_2d = weight.reshape(weight.shape[0], in_channels)
+        out_channels = weight_2d.shape[0]
+        order, num_active = _active_first_order(mask, encoder_stride, patch_size)
+        block_m, block_n, block_k, num_warps = _launch_shapes(out_channels, in_channels)
+
+        grid = (triton.cdiv(out_channels, block_n), triton.cdiv(num_tokens, block_m))
+        sign = torch.empty((num_tokens, out_channels), device=features.device, dtype=torch.int8)
+        partials = torch.empty((2, grid[0] * grid[1]), device=features.device, dtype=torch.float32)
+        _masked_decoder_loss_fwd_kernel[grid](
+            sign, partials, features, weight_2d, None if bias is None else bias.contiguous(), target, mask, order,
+            num_active,            tokens_per_image, grid_w, in_channels, out_channels,
+            *features.stride(), *weight_2d.stride(), *target.stride(), *mask.stride(),
+            STRIDE=encoder_stride, PATCH=patch_size, HAS_BIAS=bias is not None,
+            DOT_DTYPE=_TL_DTYPES[dot_dtype], INPUT_PRECISION=input_precision,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3,
+        )
+        loss, denominator = finish_loss(partials, in_chans, out_dtype)
+        ctx.save_for_backward(features, weight, bias, order, num_active, sign, denominator)
+        ctx.target_layout = (target.shape, target.dtype)
+        ctx.geometry = (encoder_stride, in_chans, dot_dtype, input_precision)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        features, weight, bias, order, num_active, sign, denominator = ctx.saved_tensors
+        target_shape, target_dtype = ctx.target_layout
+        encoder_stride, in_chans, dot_dtype, input_precision = ctx.geometry
+        needs = ctx.needs_input_grad
+        batch, in_channels, grid_h, grid_w = features.shape
+        tokens_per_image = grid_h * grid_w
+        num_tokens = batch * tokens_per_image
+        weight_2d = weight.reshape(weight.shape[0], in_channels)
+        out_channels = weight_2d.shape[0]
+        block_m, block_n, block_k, num_warps = _launch_shapes(out_channels, in_channels)
+        common = dict(DOT_DTYPE=_TL_DTYPES[dot_dtype], INPUT_PRECISION=input_precision, BLOCK_M=block_m,
+                      BLOCK_K=block_k, num_stages=3)
+        grad_features = grad_weight = grad_bias = grad_target = None
+
+        if needs[0]:
+            grad_features = torch.empty_like(features)
+            _masked_decoder_loss_bwd_features_kernel[(triton.cdiv(in_channels, block_k),
+                                                      triton.cdiv(num_tokens, block_m))](
+                grad_features, sign, weight_2d, order, num_active, grad_loss, denominator, in_chans,
+                num_tokens, tokens_per_image, grid_w, in_channels, out_channels,
+                *weight_2d.stride(), *grad_features.stride(), BLOCK_N=block_n, num_warps=num_warps, **common,
+            )
+        if needs[2] or needs[3] or needs[4]:
+            grad_weight = torch.empty((out_channels, in_channels), device=features.device, dtype=weight.dtype)
+            grad_bias = None if bias is None else torch.empty(bias.shape, device=bias.device, dtype=bias.dtype)
+            # Inactive tokens' pixels keep these zeros; active tokens' are all written.
+            grad_target = torch.zeros(target_shape, device=features.device, dtype=target_dtype) if needs[4] else None
+            # Each (o, k) tile sums over every active token: 64-wide o tiles make 144 programs for ViT-B.
+            weight_block_n = min(block_n, 64)
+            _masked_decoder_loss_bwd_weight_kernel[(triton.cdiv(out_channels, weight_block_n),
+                                                    triton.cdiv(in_channels, block_k))](
+                grad_weight, grad_bias, grad_target, sign, features, order, num_active, grad_loss, denominator,
+                in_chans, tokens_per_image, grid_w, in_channels, out_channels, *features.stride(),
+                *(grad_target.stride() if needs[4] else (0, 0, 0, 0)),
+                STRIDE=encoder_stride, HAS_BIAS=bias is not None, GRAD_TARGET=needs[4], BLOCK_N=weight_block_n,
+                num_warps=4, **common,
+            )
+            grad_weight = grad_weight.view(weight.shape) if needs[2] else None
+            grad_bias = grad_bias if needs[3] else None
+        return grad_features, None, grad_weight, grad_bias, grad_target, None, None, None, None, None, None
+
+
+def _dtypes(features, weight, bias, target, mask):
+    """(conv dtype, loss dtype, tl.dot input precision) as the reference has them."""
+    device_type = features.device.type
+    if torch.is_autocast_enabled(device_type):
+        dot_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        if weight.dtype != features.dtype or (bias is not None and bias.dtype != features.dtype):
+            raise RuntimeError(f"features ({features.dtype}), weight ({weight.dtype}) and bias must share a dtype "
+                               "outside autocast, as for Conv2d")
+        dot_dtype = features.dtype
+    out_dtype = loss_dtype(dot_dtype, target.dtype, mask.dtype, device_type)
+    use_tf32 = dot_dtype == torch.float32 and features.is_cuda and torch.backends.cudnn.allow_tf32
+    return dot_dtype, out_dtype, "tf32" if use_tf32 else "ieee"
+
+
+def masked_decoder_loss(
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    target: torch.Tensor,
+    encoder_stride: int,
+    patch_size: int,
+    in_chans: int,
+) -> torch.Tensor:
+    dot_dtype, out_dtype, input_precision = _dtypes(features, weight, bias, target, mask)
+    return _MaskedDecoderLoss.apply(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
+                                    dot_dtype, out_dtype, input_precision)

@@ -1,0 +1,119 @@
+"""Triton masked decoder + loss (kernels/masked_decoder_loss.py) against the reference, on the interpreter.
+
+Tiny odd shapes: 3 images of 3x40x56, 24 encoder channels, a 5x7 feature grid (105 tokens: two token
+blocks), s*s*3 = 192 decoder outputs (two output blocks); ViT-like (stride = patch = 8) and Swin-like
+(stride 8, patch 4: a decoder token covers 2x2 mask entries, partly masked ones included) geometries.
+Masks all-zero, all-one and random; features as the SimMIM ViT makes them (a (B, L, C) tensor viewed
+as (B, C, h, w)); bias or none; target gradients; float16; determinism. The reference computes the
+whole decoder, so equal values and gradients show that skipping inactive tokens loses nothing.
+"""
+import pytest
+import torch
+
+import simmim_fast
+from simmim_fast import ops, reference
+from tests.tolerances import assert_close_cpu
+
+pytestmark = pytest.mark.interpreter
+
+BATCH, CHANS, HEIGHT, WIDTH, ENC_CHANS = 3, 3, 40, 56, 24
+NAMES = ("d features", "d weight", "d bias", "d target")
+
+
+def make_inputs(stride, patch_size, mask_kind="random", bias=True, dtype=torch.float32, channels_last_view=False,
+                size=(HEIGHT, WIDTH)):
+    height, width = size
+    grid = (height // stride, width // stride)
+    if channels_last_view:  # z.transpose(1, 2).reshape(B, C, h, w), as SimMIM's ViT encoder returns it
+        tokens = torch.randn(BATCH, grid[0] * grid[1], ENC_CHANS, dtype=dtype, requires_grad=True)
+        features = tokens.transpose(1, 2).reshape(BATCH, ENC_CHANS, *grid)
+        assert features.stride(1) == 1
+    else:
+        features = torch.randn(BATCH, ENC_CHANS, *grid, dtype=dtype, requires_grad=True)
+    out_channels = stride * stride * CHANS
+    weight = (torch.randn(out_channels, ENC_CHANS, 1, 1, dtype=dtype) * ENC_CHANS ** -0.5).requires_grad_()
+    bias = torch.randn(out_channels, dtype=dtype, requires_grad=True) if bias else None
+    target = torch.randn(BATCH, CHANS, height, width, dtype=dtype, requires_grad=True)
+    mask_grid = (BATCH, height // patch_size, width // patch_size)
+    mask = {"random": torch.rand(mask_grid) < 0.4, "zeros": torch.zeros(mask_grid, dtype=torch.bool),
+            "ones": torch.ones(mask_grid, dtype=torch.bool)}[mask_kind]
+    return features, mask, weight, bias, target
+
+
+def run(op, features, mask, weight, bias, target, stride, patch_size):
+    """Loss and the gradients of (features, weight, bias, target) that exist (bias may be None)."""
+    inputs = [t for t in (features, weight, bias, target) if t is not None and t.requires_grad]
+    loss = op(features, mask, weight, bias, target, stride, patch_size, CHANS)
+    return loss.detach(), torch.autograd.grad(loss, inputs)
+
+
+def fast(*args):
+    with simmim_fast.use_backend("triton"):
+        return run(ops.masked_decoder_loss, *args)
+
+
+def assert_matches_reference(*args, dtype=torch.float32):
+    loss, grads = fast(*args)
+    ref_loss, ref_grads = run(reference.masked_decoder_loss, *args)
+    assert loss.dtype == ref_loss.dtype
+    assert_close_cpu(loss, ref_loss, "loss", dtype)
+    assert len(grads) == len(ref_grads)
+    for name, grad, ref_grad in zip(NAMES, grads, ref_grads):
+        assert grad.dtype == ref_grad.dtype, name
+        assert_close_cpu(grad, ref_grad, name, dtype)
+    return loss, grads
+
+
+@pytest.mark.parametrize("stride, patch_size", [(8, 8), (8, 4)], ids=["vit_like", "swin_like"])
+@pytest.mark.parametrize("mask_kind", ["random", "ones"])
+def test_matches_reference(stride, patch_size, mask_kind):
+    assert_matches_reference(*make_inputs(stride, patch_size, mask_kind), stride, patch_size)
+
+
+def test_stride_not_a_power_of_two():
+    """36x60 images, stride 6 and patch 3: 108 decoder outputs, a token covering 2x2 mask entries."""
+    assert_matches_reference(*make_inputs(6, 3, size=(36, 60)), 6, 3)
+
+
+def test_channels_last_features_without_bias():
+    assert_matches_reference(*make_inputs(8, 4, bias=False, channels_last_view=True), 8, 4)
+
+
+def test_target_without_grad_and_sliced_mask_transposed():
+    features, mask, weight, bias, _ = make_inputs(8, 4)
+    target = torch.randn(BATCH, CHANS, HEIGHT, WIDTH + 8)[..., 5:5 + WIDTH]
+    mask = mask.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (target.is_contiguous() or mask.is_contiguous())
+    assert_matches_reference(features, mask, weight, bias, target, 8, 4)
+
+
+def test_all_zero_mask_gives_zero_loss_and_zero_grads():
+    loss, grads = fast(*make_inputs(8, 4, "zeros"), 8, 4)
+    assert loss.item() == 0.0
+    assert len(grads) == 4 and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_float16():
+    assert_matches_reference(*make_inputs(8, 4, dtype=torch.float16), 8, 4, dtype=torch.float16)
+
+
+def test_deterministic():
+    inputs = make_inputs(8, 4)
+    first_loss, first_grads = fast(*inputs, 8, 4)
+    second_loss, second_grads = fast(*inputs, 8, 4)
+    assert torch.equal(first_loss, second_loss)
+    assert all(torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+
+
+def test_stride_not_a_multiple_of_patch_is_refused():
+    features, mask, weight, bias, target = make_inputs(4, 8)
+    with simmim_fast.use_backend("triton"), pytest.raises(simmim_fast.dispatch.BackendError, match="multiple"):
+        ops.masked_decoder_loss(features, mask, weight, bias, target, 4, 8, CHANS)
+
+
+def test_cpu_bfloat16_autocast_is_refused_on_the_interpreter():
+    """The conv would run in bf16 there, and the interpreter's bf16 tl.dot is wrong."""
+    features, mask, weight, bias, target = make_inputs(8, 8)
+    with simmim_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(simmim_fast.dispatch.BackendError, match="autocast"):
+        ops.masked_decoder_loss(features, mask, weight, bias, target, 8, 8, CHANS)
