@@ -1,5 +1,11 @@
 """Full-model parity: the tiny presets trained 20 AdamW steps on the triton backend (the interpreter on
-CPU) give the same losses, step by step, as on the reference backend; one step's gradients agree."""
+CPU) give the same losses, step by step, as on the reference backend; the first step's loss and every
+gradient agree tightly.
+
+Later steps cannot agree to 1e-5: AdamW divides each gradient by its running RMS, so summation-order
+noise in near-zero gradients (the bias tables', ~1e-7) becomes a full-size update. Measured: the
+reference against itself with its 1x1 conv written as an equivalent einsum drifts 3.6e-4 (relative) in
+20 steps of swin-tiny. LATER_STEPS_RTOL sits above that and far below what a wrong kernel gives."""
 import numpy as np
 import pytest
 import torch
@@ -11,6 +17,7 @@ pytestmark = pytest.mark.interpreter
 
 STEPS = 20
 BATCH = 2
+LATER_STEPS_RTOL = 1e-3
 
 
 def train(preset, backend, steps):
@@ -48,5 +55,6 @@ def test_triton_training_matches_reference(preset):
     assert ref_grads.keys() == fast_grads.keys()
     for name, want in ref_grads.items():
         torch.testing.assert_close(fast_grads[name], want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    np.testing.assert_allclose(fast_losses, ref_losses, rtol=1e-4)
+    np.testing.assert_allclose(fast_losses[0], ref_losses[0], rtol=1e-5)
+    np.testing.assert_allclose(fast_losses, ref_losses, rtol=LATER_STEPS_RTOL)
     assert ref_losses[-5:].mean() < ref_losses[:5].mean()  # it trains
