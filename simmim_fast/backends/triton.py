@@ -23,6 +23,9 @@ KERNEL_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 # Ops that use tl.dot: the interpreter's bf16 tl.dot returns garbage, so they refuse bf16 there.
 DOT_OPS = {"masked_patch_embed", "attention", "window_attention", "masked_decoder_loss"}
 ATTENTION_HEAD_DIMS = range(16, 257)  # power-of-two padding inside the kernel; > 256 would spill
+PATCH_NORM_MAX_DIM = 1024  # masked_patch_embed's LayerNorm keeps a full channel row in registers
+# window_attention keeps a window's whole key rows on chip; larger tiles overflow H100 shared memory.
+WINDOW_MAX_TOKENS, WINDOW_MAX_HEAD_DIM = 256, 64
 
 
 def interpreting() -> bool:
@@ -66,6 +69,24 @@ class TritonBackend(Backend):
             reasons.append("attention dropout > 0 is not fused (every SimMIM recipe uses 0); the reference does it")
         if op in ("attention", "window_attention") and args["q"].shape[-1] not in ATTENTION_HEAD_DIMS:
             reasons.append(f"head dim {args['q'].shape[-1]} outside {ATTENTION_HEAD_DIMS.start}..{ATTENTION_HEAD_DIMS.stop - 1}")
+        if op == "window_attention":
+            tokens, head_dim = args["q"].shape[-2:]
+            if tokens > WINDOW_MAX_TOKENS or head_dim > WINDOW_MAX_HEAD_DIM:
+                reasons.append(f"windows of {tokens} tokens, head dim {head_dim}: window attention takes "
+                               f"T <= {WINDOW_MAX_TOKENS}, d <= {WINDOW_MAX_HEAD_DIM}")
+            if args["window_mask"] is not None and args["window_mask"].requires_grad:
+                reasons.append("window_mask requires grad; the kernel treats it as a buffer and gives it none")
+        mask = args.get("mask")
+        if isinstance(mask, torch.Tensor) and mask.requires_grad:
+            reasons.append("the mask requires grad; the kernels take it as a 0/1 sample and give it no gradient")
+        stride, patch = args.get("encoder_stride"), args.get("patch_size")
+        if op == "masked_decoder_loss" and stride and patch and stride % patch:
+            reasons.append(f"encoder_stride {stride} is not a multiple of patch_size {patch}")
+        if (interpreting() and op in DOT_OPS and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            reasons.append("CPU autocast to bfloat16 would run tl.dot in bf16, which is wrong under TRITON_INTERPRET=1")
+        if op == "masked_patch_embed" and args["norm_weight"] is not None and len(args["norm_weight"]) > PATCH_NORM_MAX_DIM:
+            reasons.append(f"patch_norm over {len(args['norm_weight'])} > {PATCH_NORM_MAX_DIM} channels")
         return reasons
 
     def implementation(self, op):

@@ -1,0 +1,124 @@
+"""Triton window attention (kernels/window_attention.py) against the reference, on the interpreter.
+
+Tiny odd shapes (3x3 windows, T = 9, on a 6x6 image with shift 1; head dims 16 and 24) with q, k, v as
+strided views of a qkv tensor, as the Swin block makes them; the real Swin shift mask.
+"""
+import pytest
+import torch
+
+import simmim_fast
+from simmim_fast import ops, reference
+from tests.tolerances import assert_close_cpu
+
+pytestmark = pytest.mark.interpreter
+
+
+def swin_shift_mask(resolution: int, window: int, shift: int) -> torch.Tensor:
+    """The (nW, T, T) 0/-100 mask of Swin's shifted blocks, built as the original does."""
+    regions = torch.zeros(resolution, resolution)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for index, (rows, cols) in enumerate((r, c) for r in cuts for c in cuts):
+        regions[rows, cols] = index
+    per_window = regions.view(resolution // window, window, resolution // window, window)
+    per_window = per_window.permute(0, 2, 1, 3).reshape(-1, window * window)
+    different = (per_window.unsqueeze(1) - per_window.unsqueeze(2)) != 0
+    return torch.zeros(different.shape).masked_fill(different, -100.0)
+
+
+def make_inputs(batch_windows, heads, tokens, head_dim, bias_scale=1.0, dtype=torch.float32):
+    """q, k, v as the Swin block's views of one qkv tensor (non-contiguous), a leaf bias, a grad_out."""
+    qkv = torch.randn(batch_windows, tokens, 3, heads, head_dim, dtype=dtype, requires_grad=True)
+    bias = (torch.randn(heads, tokens, tokens) * bias_scale).requires_grad_()
+    grad_out = torch.randn(batch_windows, heads, tokens, head_dim, dtype=dtype)
+    return qkv, bias, grad_out
+
+
+def run(op, qkv, bias, window_mask, grad_out, scale=None):
+    """Output and (dq, dk, dv, dbias) of ``op`` on fresh grads."""
+    qkv.grad = bias.grad = None
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = op(q, k, v, bias, window_mask, scale)
+    out.backward(grad_out)
+    grads = qkv.grad.unbind(2)
+    return out.detach(), (grads[0].transpose(1, 2), grads[1].transpose(1, 2), grads[2].transpose(1, 2), bias.grad)
+
+
+def fast(*args, **kwargs):
+    with simmim_fast.use_backend("triton"):
+        return run(ops.window_attention, *args, **kwargs)
+
+
+def assert_matches_reference(qkv, bias, window_mask, grad_out, scale=None, dtype=torch.float32):
+    out, grads = fast(qkv, bias, window_mask, grad_out, scale)
+    ref_out, ref_grads = run(reference.window_attention, qkv, bias, window_mask, grad_out, scale)
+    assert out.dtype == ref_out.dtype
+    assert_close_cpu(out, ref_out, "output", dtype)
+    for name, grad, ref_grad in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        assert grad.dtype == ref_grad.dtype, name
+        assert_close_cpu(grad, ref_grad, name, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])
+@pytest.mark.parametrize("shifted", [True, False], ids=["shifted", "plain"])
+@pytest.mark.parametrize("bias_scale", [0.0, 1.0, 20.0], ids=["bias0", "bias1", "bias20"])
+def test_matches_reference(head_dim, shifted, bias_scale):
+    window_mask = swin_shift_mask(6, 3, 1) if shifted else None  # nW = 4
+    qkv, bias, grad_out = make_inputs(2 * 4, 3, 9, head_dim, bias_scale)
+    assert_matches_reference(qkv, bias, window_mask, grad_out)
+
+
+def test_explicit_scale_and_fully_masked_row():
+    """A query row masked against every key (all -100) is a uniform softmax, not NaN."""
+    window_mask = swin_shift_mask(6, 3, 1)
+    window_mask[1, 4, :] = -100.0
+    qkv, bias, grad_out = make_inputs(2 * 4, 3, 9, 16)
+    out, grads = fast(qkv, bias, window_mask, grad_out, scale=0.3)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_matches_reference(qkv, bias, window_mask, grad_out, scale=0.3)
+
+
+def test_several_images_per_program(monkeypatch):
+    """Few programs: each loops over 2 images (the last slice holds 1), accumulating dbias across them."""
+    from simmim_fast.kernels import window_attention as kernel_module
+
+    monkeypatch.setattr(kernel_module, "TARGET_PROGRAMS", 2 * 4 * 3)  # heads * nW * 3 slices of 5 images
+    qkv, bias, grad_out = make_inputs(5 * 4, 2, 9, 16)
+    assert_matches_reference(qkv, bias, swin_shift_mask(6, 3, 1), grad_out)
+
+
+def test_several_row_blocks():
+    """T = 81 (9x9 windows) spans 3 query-row blocks: dk, dv are summed over per-block partials."""
+    qkv, bias, grad_out = make_inputs(1 * 4, 2, 81, 16)
+    assert_matches_reference(qkv, bias, swin_shift_mask(18, 9, 4), grad_out)
+
+
+def test_gradients_are_deterministic():
+    qkv, bias, grad_out = make_inputs(2 * 4, 3, 9, 16)
+    window_mask = swin_shift_mask(6, 3, 1)
+    _, first = fast(qkv, bias, window_mask, grad_out)
+    _, second = fast(qkv, bias, window_mask, grad_out)
+    for grad, again in zip(first, second):
+        assert torch.equal(grad, again)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under autocast the output dtype is the reference's (the autocast dtype), with fp32 q, k, v, bias."""
+    qkv, bias, grad_out = make_inputs(2 * 4, 2, 9, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert_matches_reference(qkv, bias, swin_shift_mask(6, 3, 1), grad_out.half(), dtype=torch.float16)
+
+
+def test_dispatch_refuses_what_the_kernel_cannot_take():
+    from simmim_fast.backends import registry
+
+    triton_backend = registry()["triton"]
+
+    def reasons(tokens, head_dim, window_mask=None):
+        q = torch.empty(4, 2, tokens, head_dim)
+        args = dict(q=q, k=q, v=q, bias=torch.empty(2, tokens, tokens), window_mask=window_mask, scale=None,
+                    dropout_p=0.0)
+        return triton_backend.reasons("window_attention", args)
+
+    assert reasons(196, 64) == [] and reasons(9, 16, torch.zeros(4, 9, 9)) == []
+    assert reasons(289, 32) and reasons(49, 80)
+    assert reasons(9, 16, torch.zeros(4, 9, 9, requires_grad=True))
