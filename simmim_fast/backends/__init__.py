@@ -7,6 +7,8 @@ Backends import their optional packages lazily, inside these methods, never at i
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
@@ -19,6 +21,16 @@ ALL_OPS = (
     "masked_l1_loss",
     "masked_decoder_loss",
 )
+
+
+@functools.lru_cache(maxsize=None)
+def import_error(module: str) -> str:
+    """'' when ``module`` imports, else why not (a broken install may raise anything, not only ImportError)."""
+    try:
+        importlib.import_module(module)
+    except Exception as error:
+        return f"{module} is not importable ({type(error).__name__}: {error})"
+    return ""
 
 
 def tensors_of(args: Mapping[str, object]) -> List[torch.Tensor]:

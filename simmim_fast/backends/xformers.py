@@ -1,12 +1,11 @@
 """xformers.ops.memory_efficient_attention with a tensor attn_bias (attention ops only, when importable)."""
 from __future__ import annotations
 
-import functools
 from typing import List
 
 import torch
 
-from . import Backend, device_types
+from . import Backend, device_types, import_error
 
 # xformers wants the bias' last dimension stored with a stride that is a multiple of 8.
 _BIAS_ALIGNMENT = 8
@@ -42,22 +41,13 @@ def window_attention(q, k, v, bias, window_mask=None, scale=None, dropout_p=0.0)
     return _memory_efficient(q, k, v, _aligned_bias(per_window.to(q.dtype), q.shape[0]), scale, dropout_p)
 
 
-@functools.lru_cache(maxsize=None)
-def _xformers_import_error() -> str:
-    try:
-        import xformers.ops  # noqa: F401
-    except Exception as error:
-        return f"xformers is not importable ({type(error).__name__}: {error})"
-    return ""
-
-
 class XformersBackend(Backend):
     name = "xformers"
     ops = ("attention", "window_attention")
     description = "xformers memory_efficient_attention with a tensor attn_bias (optional package)"
 
     def unavailable_reasons(self) -> List[str]:
-        error = _xformers_import_error()
+        error = import_error("xformers.ops")
         return [error] if error else []
 
     def not_supported_reasons(self, op, args) -> List[str]:

@@ -17,20 +17,10 @@ across steps, one graph execution per step, no aten op falling back to the CPU.
 """
 from __future__ import annotations
 
-import functools
 from typing import List
 
 from .. import reference
-from . import ALL_OPS, Backend, device_types
-
-
-@functools.lru_cache(maxsize=None)
-def _torch_xla_import_error() -> str:
-    try:
-        import torch_xla  # noqa: F401
-    except Exception as error:  # ImportError, or a torch_xla built for another torch raising anything
-        return f"torch_xla is not importable ({type(error).__name__}: {error})"
-    return ""
+from . import ALL_OPS, Backend, device_types, import_error
 
 
 class XlaBackend(Backend):
@@ -39,7 +29,7 @@ class XlaBackend(Backend):
     description = "static-shape PyTorch for XLA devices (torch_xla): dense mask, no syncs, reference attention"
 
     def unavailable_reasons(self) -> List[str]:
-        error = _torch_xla_import_error()
+        error = import_error("torch_xla")
         return [error] if error else []
 
     def not_supported_reasons(self, op, args) -> List[str]:

@@ -45,6 +45,18 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+def init_weights(module: nn.Module, weight_init, weight_types=(nn.Linear,)) -> None:
+    """The encoders' ``apply`` init: ``weight_init(std=0.02)`` weights and zero biases for
+    ``weight_types``, LayerNorm to identity. ViT and Swin differ only in the two arguments."""
+    if isinstance(module, weight_types):
+        weight_init(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.constant_(module.bias, 0)
+        nn.init.constant_(module.weight, 1.0)
+
+
 def drop_path_or_identity(rate: float) -> nn.Module:
     return DropPath(rate) if rate > 0.0 else nn.Identity()
 

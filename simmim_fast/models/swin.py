@@ -5,12 +5,15 @@ Window attention and the masked patch embedding (with the patch LayerNorm) go th
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as checkpoint
 
 from .. import _checks, ops
-from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, relative_position_index, to_2tuple
+from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
+from .layers import to_2tuple
 from .layers import trunc_normal_
 
 
@@ -213,17 +216,7 @@ class SwinTransformer(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.constant_(module.bias, 0)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.constant_(module.bias, 0)
-            nn.init.constant_(module.weight, 1.0)
+        self.apply(partial(init_weights, weight_init=trunc_normal_))
 
     def no_weight_decay(self):
         return {"absolute_pos_embed"}

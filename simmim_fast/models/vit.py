@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
-from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, relative_position_index, to_2tuple
+from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
+from .layers import to_2tuple
 from .layers import trunc_normal_ as _trunc_normal
 
 
@@ -169,7 +170,7 @@ class VisionTransformer(nn.Module):
         vit_trunc_normal_(self.cls_token, std=0.02)
         if num_classes > 0:
             vit_trunc_normal_(self.head.weight, std=0.02)
-        self.apply(self._init_weights)
+        self.apply(partial(init_weights, weight_init=vit_trunc_normal_, weight_types=(nn.Linear, nn.Conv2d)))
         self.fix_init_weight()
         if num_classes > 0:
             self.head.weight.data.mul_(init_scale)
@@ -180,16 +181,6 @@ class VisionTransformer(nn.Module):
         for layer_id, block in enumerate(self.blocks, start=1):
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            vit_trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.constant_(module.bias, 0)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.constant_(module.bias, 0)
-            nn.init.constant_(module.weight, 1.0)
 
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}

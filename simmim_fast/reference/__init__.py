@@ -60,6 +60,19 @@ def masked_patch_embed(
     return x
 
 
+def _scaled_logits(q: torch.Tensor, k: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """(q * scale) k^T, scaling q first as the original does; scale defaults to d^-0.5."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return (q * scale) @ k.transpose(-2, -1)
+
+
+def _attend(logits: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,14 +82,10 @@ def attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v.  q, k, v (B, H, N, d); bias (H, N, N) shared over the batch."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q * scale) @ k.transpose(-2, -1)
+    logits = _scaled_logits(q, k, scale)
     if bias is not None:
         logits = logits + bias.unsqueeze(0)
-    probs = logits.softmax(dim=-1)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p)
-    return probs @ v
+    return _attend(logits, v, dropout_p)
 
 
 def window_attention(
@@ -94,19 +103,14 @@ def window_attention(
     position bias already gathered from its table; window_mask (nW, T, T) of 0/-100 for shifted
     blocks (window b uses window_mask[b % nW]) or None.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q * scale) @ k.transpose(-2, -1)
-    logits = logits + bias.unsqueeze(0)
+    logits = _scaled_logits(q, k, scale) + bias.unsqueeze(0)
     if window_mask is not None:
         num_windows = window_mask.shape[0]
         batch_windows, heads, tokens, _ = logits.shape
         logits = logits.view(batch_windows // num_windows, num_windows, heads, tokens, tokens)
         logits = logits + window_mask.unsqueeze(1).unsqueeze(0)
         logits = logits.view(batch_windows, heads, tokens, tokens)
-    probs = logits.softmax(dim=-1)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p)
-    return probs @ v
+    return _attend(logits, v, dropout_p)
 
 
 def masked_l1_loss(
