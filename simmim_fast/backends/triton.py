@@ -1,14 +1,13 @@
 """Our fused Triton kernels (``simmim_fast.kernels``), on CUDA or under TRITON_INTERPRET=1 on the CPU."""
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import List
 
 import torch
 
-from . import ALL_OPS, Backend, device_types, floating_dtypes
+from . import ALL_OPS, Backend, device_types, floating_dtypes, import_error
 
 # op -> (module in simmim_fast.kernels, function with the reference signature)
 KERNEL_ENTRY_POINTS = {
@@ -32,22 +31,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str:
-    try:
-        import triton  # noqa: F401
-    except Exception as error:  # ImportError, or a broken install raising something else
-        return f"triton is not importable ({type(error).__name__}: {error})"
-    return ""
-
-
 class TritonBackend(Backend):
     name = "triton"
     ops = ALL_OPS
     description = "fused Triton kernels (simmim_fast.kernels): CUDA, or CPU under TRITON_INTERPRET=1"
 
     def unavailable_reasons(self) -> List[str]:
-        error = _triton_import_error()
+        error = import_error("triton")
         if error:
             return [error]
         if not interpreting() and not torch.cuda.is_available():
