@@ -79,7 +79,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   "VIT": {"PATCH_SIZE": 8, "EMBED_DIM": 96, "DEPTH": 4, "NUM_HEADS": 3, "USE_APE": False,
                           "USE_SHARED_RPB": True, "USE_MEAN_POOLING": False}},
         "DATA": {"IMG_SIZE": 64, "MASK_PATCH_SIZE": 16, "MASK_RATIO": 0.6, "BATCH_SIZE": 32, "NUM_WORKERS": 2},
-        "TRAIN": {"EPOCHS": 10, "WARMUP_EPOCHS": 1, "BASE_LR": 2e-3, "WARMUP_LR": 1e-5, "MIN_LR": 1e-5},
+        "TRAIN": {"EPOCHS": 20, "WARMUP_EPOCHS": 1, "BASE_LR": 1.6e-2, "WARMUP_LR": 1e-5, "MIN_LR": 1e-5},
         "PRINT_FREQ": 10, "SAVE_FREQ": 5, "TAG": "vit_tiny",
     },
     "swin-tiny": {

@@ -1,0 +1,98 @@
+"""The ``simmim-fast`` command: ``pretrain`` (the original SimMIM recipe) and ``reconstruct``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import PRESETS
+
+
+def _pretrain_parser(commands) -> None:
+    parser = commands.add_parser(
+        "pretrain", help="pretrain a SimMIM model (embedded demo data unless --data)",
+        description="SimMIM pretraining with the original recipe. Multi-process: "
+                    "torchrun --nproc_per_node=N -m simmim_fast.train [options]. "
+                    "Settings apply in order: preset, --config, --set, then the dedicated options.")
+    model = parser.add_argument_group("recipe")
+    model.add_argument("--preset", choices=list(PRESETS), help="a published recipe or a tiny CPU-sized one")
+    model.add_argument("--config", metavar="FILE", help="a YAML in the original SimMIM config layout")
+    model.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                       help="override a config key, e.g. --set TRAIN.BASE_LR=1e-4 (repeatable; YAML values)")
+    model.add_argument("--epochs", type=int, help="TRAIN.EPOCHS")
+    model.add_argument("--steps", type=int, help="stop after this many optimizer steps; the LR schedule is "
+                                                  "compressed to fit (warmup keeps its share)")
+    model.add_argument("--batch-size", type=int, help="images per device per micro-batch (DATA.BATCH_SIZE)")
+    model.add_argument("--accum-steps", type=int, help="micro-batches per optimizer step (TRAIN.ACCUMULATION_STEPS)")
+    model.add_argument("--seed", type=int, help="SEED")
+    model.add_argument("--optimizer", choices=["adamw", "apex-fused-adam"], default="adamw",
+                       help="adamw (fused on CUDA) or NVIDIA apex's FusedAdam when it is installed")
+    model.add_argument("--max-nonfinite", type=int, default=10,
+                       help="stop after this many steps in a row with a NaN/inf loss (each is skipped)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR", help="a folder of images, any nesting (default: embedded scenes)")
+    data.add_argument("--num-workers", type=int, help="data loader processes (DATA.NUM_WORKERS)")
+    run = parser.add_argument_group("hardware")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto")
+    run.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                     help="autocast: auto = bf16 on CUDA (fp16 + GradScaler where bf16 is missing), off elsewhere")
+    run.add_argument("--backend", help="kernel choice, as SIMMIM_FAST_BACKEND (e.g. triton, or attention=sdpa)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
+    run.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", metavar="DIR", help="run folder (default: runs/<TAG>)")
+    out.add_argument("--resume", metavar="auto|PATH",
+                     help="auto: the newest checkpoint in --output, if any (the default while TRAIN.AUTO_RESUME "
+                          "is on, as in the original; --set TRAIN.AUTO_RESUME=False starts over)")
+    out.add_argument("--log-every", type=int, help="steps between text lines / GPU stats (default PRINT_FREQ)")
+    out.add_argument("--save-every", type=int, help="steps between checkpoints (default SAVE_FREQ epochs)")
+    out.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0: all)")
+    out.add_argument("--picture-every", type=int, help="steps between reconstruction pictures (default --save-every)")
+
+
+def _reconstruct_parser(commands) -> None:
+    parser = commands.add_parser("reconstruct", help="a checkpoint's reconstructions of your images, as a PNG grid")
+    parser.add_argument("--checkpoint", required=True, help="a simmim-fast or original SimMIM checkpoint")
+    parser.add_argument("--images", required=True, metavar="DIR", help="a folder of images")
+    parser.add_argument("--out", required=True, metavar="PNG")
+    parser.add_argument("--count", type=int, default=8, help="images in the grid")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    parser.add_argument("--preset", choices=list(PRESETS), help="the model, for checkpoints without a config")
+    parser.add_argument("--config", metavar="FILE", help="the model's YAML, for checkpoints without a config")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow pickled objects (the original's checkpoints); runs code from the file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simmim-fast", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _pretrain_parser(commands)
+    _reconstruct_parser(commands)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .dispatch import BackendError
+    from .train import NonFiniteLossError, PretrainOptions, pretrain, reconstruct_images
+
+    try:
+        if args.command == "pretrain":
+            options = vars(args).copy()
+            del options["command"]
+            pretrain(PretrainOptions(**options))
+        else:
+            path = reconstruct_images(args.checkpoint, args.images, args.out, count=args.count, seed=args.seed,
+                                      preset=args.preset, config_file=args.config, device=args.device,
+                                      trust_checkpoint=args.trust_checkpoint)
+            print(f"wrote {path}")
+    except (ValueError, FileNotFoundError, NonFiniteLossError, BackendError) as error:
+        print(f"simmim-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

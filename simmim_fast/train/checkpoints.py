@@ -1,0 +1,118 @@
+"""Training checkpoints in the original layout ({'model', 'optimizer', 'lr_scheduler', 'epoch',
+'config', ...}) plus what a bit-exact resume needs: scaler, step, data position and every RNG."""
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint, save_atomic
+
+CHECKPOINT_FORMAT = "simmim_fast.pretrain/1"
+CHECKPOINT_PATTERN = re.compile(r"^ckpt_step_(\d+)\.pth$")
+# Settings a checkpoint cannot be continued with once changed: the model and what its input is.
+RESUME_MUST_MATCH = ("MODEL", "DATA.IMG_SIZE", "DATA.MASK_PATCH_SIZE", "DATA.MASK_RATIO")
+
+
+def checkpoint_path(output: Path, step: int) -> Path:
+    return Path(output) / f"ckpt_step_{step:07d}.pth"
+
+
+def list_checkpoints(output: Path) -> List[Path]:
+    """Checkpoints in ``output``, oldest step first."""
+    found = [(int(match.group(1)), path) for path in Path(output).glob("ckpt_step_*.pth")
+             if (match := CHECKPOINT_PATTERN.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def keep_last(output: Path, count: int) -> None:
+    if count > 0:
+        for stale in list_checkpoints(output)[:-count]:
+            stale.unlink(missing_ok=True)
+
+
+def to_cpu(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, Mapping):
+        return {key: to_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(value) for value in tree)
+    return tree
+
+
+def capture_rng(device: torch.device) -> Dict[str, Any]:
+    """This process's RNG states as tensors and plain containers (loadable with weights_only=True)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> Path:
+    return save_atomic({"format": CHECKPOINT_FORMAT, **state}, path)
+
+
+def find_resume_checkpoint(resume: Optional[str], output: Path) -> Optional[Path]:
+    """--resume auto: the newest checkpoint in the output folder (None: start fresh); else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+    return path
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_differences(saved: Mapping, current: Mapping) -> Dict[str, tuple]:
+    """{dotted key: (saved, current)} for every setting that differs."""
+    old, new = _flatten(saved), _flatten(current)
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+
+
+def check_resumable(checkpoint: Mapping, config: Mapping, path: Path) -> Dict[str, tuple]:
+    """Raise if the checkpoint's model or input settings differ from ``config``; return the other changes."""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a simmim-fast training checkpoint (no resumable state); "
+                         "load its weights with simmim_fast.load_pretrained instead")
+    changes = config_differences(checkpoint["config"], config)
+    blocking = {key: change for key, change in changes.items()
+                if any(key == prefix or key.startswith(prefix + ".") for prefix in RESUME_MUST_MATCH)}
+    if blocking:
+        listed = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in blocking.items())
+        raise ValueError(f"cannot resume from {path}: the config is incompatible ({listed})")
+    return changes
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    return load_checkpoint(path, map_location="cpu")

@@ -1,0 +1,79 @@
+"""The run's config: defaults, then --preset, then --config YAML (the original layout, so the
+published SimMIM YAMLs load unchanged), then --set KEY=VALUE, then the explicit command-line flags."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+from ..config import Config, get_config, merge, set_key
+
+
+def _decode(value: Any) -> Any:
+    """What yacs does to YAML values: strings that read as Python literals become them ('1e-4' is a
+    string to PyYAML but a float to the original config loader)."""
+    if isinstance(value, Mapping):
+        return {key: _decode(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decode(item) for item in value]
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
+def read_yaml_config(path) -> Dict[str, Any]:
+    """A config YAML as nested dicts; files named in its BASE list (relative to it) come first."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path) as file:
+        tree = yaml.safe_load(file) or {}
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"--config {path}: expected a mapping of config keys, got {type(tree).__name__}")
+    merged: Dict[str, Any] = {}
+    for base in tree.pop("BASE", None) or []:
+        if base:
+            _deep_update(merged, read_yaml_config(path.parent / base))
+    _deep_update(merged, _decode(tree))
+    return merged
+
+
+def _deep_update(target: Dict[str, Any], source: Mapping) -> None:
+    for key, value in source.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def parse_assignment(text: str):
+    """'TRAIN.BASE_LR=1e-4' -> ('TRAIN.BASE_LR', 0.0001): the value is read as YAML, then as yacs would."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects KEY=VALUE (e.g. TRAIN.BASE_LR=1e-4), got {text!r}")
+    return key.strip(), _decode(yaml.safe_load(raw) if raw.strip() else "")
+
+
+def build_config(preset: Optional[str], config_file: Optional[str], assignments: Iterable[str] = (),
+                 flags: Optional[Mapping[str, Any]] = None) -> Config:
+    """``flags``: dotted keys set by dedicated command-line options (None values are left alone)."""
+    if preset is None and config_file is None:
+        from ..config import PRESETS
+
+        raise ValueError(f"give --preset ({', '.join(PRESETS)}) or --config FILE")
+    config = get_config(preset)
+    if config_file is not None:
+        config = merge(config, read_yaml_config(config_file))
+    for text in assignments:
+        config = set_key(config, *parse_assignment(text))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            config = set_key(config, key, value)
+    return config

@@ -1,0 +1,470 @@
+"""``simmim-fast pretrain``: the original SimMIM pretraining recipe on one device or under torchrun.
+
+One optimizer step = ``accumulation steps`` micro-batches of ``batch size`` images per process. The
+step's loss is the mean over micro-batches and processes; a non-finite one skips the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+
+from .. import dispatch
+from ..config import build_simmim
+from ..masking import MaskGenerator
+from ..models.vit import Block as VitBlock
+from . import checkpoints, distributed, pictures
+from .configs import build_config
+from .data import PretrainDataset, SimMIMTransform, build_loader, open_image_source
+from .monitor import Monitor
+from .optim import build_optimizer, build_schedule, scaled_lrs
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss."""
+
+
+@dataclass
+class PretrainOptions:
+    """The command line of ``simmim-fast pretrain`` (see ``simmim_fast.cli``); None = config/preset value."""
+
+    preset: Optional[str] = None
+    config: Optional[str] = None
+    set: List[str] = field(default_factory=list)
+    data: Optional[str] = None
+    output: Optional[str] = None
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    accum_steps: Optional[int] = None
+    amp: str = "auto"
+    backend: Optional[str] = None
+    compile: bool = False
+    grad_checkpoint: bool = False
+    resume: Optional[str] = None
+    seed: Optional[int] = None
+    device: str = "auto"
+    fsdp: bool = False
+    num_workers: Optional[int] = None
+    log_every: Optional[int] = None
+    save_every: Optional[int] = None
+    keep_last: int = 3
+    picture_every: Optional[int] = None
+    picture_count: int = 8
+    optimizer: str = "adamw"
+    max_nonfinite: int = 10
+
+
+def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None = full precision). auto: bf16 on CUDA where supported, else fp16; off elsewhere."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if choice not in ("bf16", "fp16", "off"):
+        raise ValueError(f"--amp must be auto, bf16, fp16 or off, got {choice!r}")
+    if choice == "fp16" and device.type == "xla":
+        raise ValueError("--amp fp16 is not supported on XLA; use bf16")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
+
+
+def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing for ViT blocks (Swin does it itself from TRAIN.USE_CHECKPOINT); the
+    forward is replaced on the instance, so parameter names and checkpoints stay the original's."""
+    for module in model.modules():
+        if isinstance(module, VitBlock):
+            module.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(module).forward.__get__(module),
+                                               use_reentrant=False)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def xla_sync() -> None:
+    import torch_xla
+
+    if hasattr(torch_xla, "sync"):
+        torch_xla.sync()
+    else:
+        import torch_xla.core.xla_model as xm
+
+        xm.mark_step()
+
+
+class Pretraining:
+    """The state of one run; ``run()`` trains to the last step and returns a summary dict."""
+
+    def __init__(self, options: PretrainOptions, runtime: distributed.Runtime):
+        self.options = options
+        self.runtime = runtime
+        self.config = build_config(options.preset, options.config, options.set, flags={
+            "DATA.DATA_PATH": options.data, "DATA.BATCH_SIZE": options.batch_size,
+            "DATA.NUM_WORKERS": options.num_workers, "TRAIN.EPOCHS": options.epochs,
+            "TRAIN.ACCUMULATION_STEPS": options.accum_steps, "SEED": options.seed,
+            "TRAIN.USE_CHECKPOINT": True if options.grad_checkpoint else None, "OUTPUT": options.output})
+        config = self.config
+        self.output = Path(config.OUTPUT or Path("runs") / config.TAG)
+        self.device = runtime.device
+        self.amp_dtype = resolve_amp(options.amp, self.device)
+        # The same initial weights on every rank (FSDP shards them, it does not broadcast them), then a
+        # different random stream per rank (drop path), as the original seeds SEED + rank.
+        seed_everything(config.SEED)
+        self.model = build_simmim(config).to(self.device)  # the SimMIM itself: checkpoints and pictures use it
+        seed_everything(config.SEED + runtime.rank)
+        if config.TRAIN.USE_CHECKPOINT:
+            checkpoint_vit_blocks(self.model)
+        self.train_model = distributed.wrap(self.model, runtime, options.fsdp)
+        if options.fsdp:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(self.model, "reconstruct")
+        if options.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        mask_generator = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, self.model.patch_size,
+                                       config.DATA.MASK_RATIO)
+        self.dataset = PretrainDataset(open_image_source(config.DATA.DATA_PATH),
+                                       SimMIMTransform(config.DATA.IMG_SIZE, mask_generator), seed=config.SEED)
+        self.batch_size = config.DATA.BATCH_SIZE
+        self.loader = build_loader(self.dataset, self.batch_size, runtime.world_size, runtime.rank, config.SEED,
+                                   config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY and self.device.type == "cuda")
+        self.accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
+        self.images_per_step = self.batch_size * runtime.world_size * self.accumulation
+        micro_batches_per_epoch = self.loader.sampler.samples_per_epoch // self.batch_size
+        self.steps_per_epoch = micro_batches_per_epoch // self.accumulation
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"an epoch has {micro_batches_per_epoch} batches, fewer than --accum-steps "
+                             f"{self.accumulation}; lower it or add images")
+        self.total_steps = options.steps or config.TRAIN.EPOCHS * self.steps_per_epoch
+        schedule_epoch = self.total_steps / config.TRAIN.EPOCHS if options.steps else self.steps_per_epoch
+
+        lrs = scaled_lrs(config, self.batch_size * runtime.world_size, self.accumulation)
+        self.optimizer = build_optimizer(self.model, config, lrs["base"], options.optimizer, self.device.type)
+        self.schedule = build_schedule(config, lrs, self.total_steps, schedule_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.clip_grad = config.TRAIN.CLIP_GRAD or math.inf
+
+        self.log_every = options.log_every or config.PRINT_FREQ
+        self.save_every = options.save_every or config.SAVE_FREQ * self.steps_per_epoch
+        self.picture_every = options.picture_every or self.save_every
+
+        # Progress, restored on resume.
+        self.step = 0
+        self.epoch = 0
+        self.samples_into_epoch = 0  # global count, all processes
+        self.nonfinite_skipped = 0
+        self.unreadable: set = set()
+        self.history: Dict[str, List] = {"step": [], "loss": []}
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def _state_dicts(self):
+        """(model, optimizer) state dicts on the CPU; with FSDP gathered in full (all ranks take part)."""
+        if self.options.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (get_model_state_dict(self.model, options=full),
+                    get_optimizer_state_dict(self.model, self.optimizer, options=full))
+        return checkpoints.to_cpu(self.model.state_dict()), checkpoints.to_cpu(self.optimizer.state_dict())
+
+    def save(self) -> Optional[Path]:
+        """Rank 0 writes; every rank takes part (RNG states, unreadable files, FSDP's gathered weights)."""
+        rng = [checkpoints.capture_rng(self.device)]
+        if self.runtime.distributed:
+            rng = [None] * self.runtime.world_size
+            torch.distributed.all_gather_object(rng, checkpoints.capture_rng(self.device))
+            rng = [checkpoints.to_cpu(state) for state in rng]
+        self._gather_unreadable()
+        if not (self.runtime.is_main or self.options.fsdp):
+            return None
+        model_state, optimizer_state = self._state_dicts()
+        if not self.runtime.is_main:
+            return None
+        path = checkpoints.save_checkpoint(checkpoints.checkpoint_path(self.output, self.step), {
+            "model": model_state, "optimizer": optimizer_state, "lr_scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch, "step": self.step, "config": self.config.to_dict(),
+            "data": {"epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch, "seed": self.config.SEED,
+                     "world_size": self.runtime.world_size, "images_per_step": self.images_per_step},
+            "rng": rng, "nonfinite_skipped": self.nonfinite_skipped, "unreadable": sorted(self.unreadable),
+            "history": self.history})
+        checkpoints.keep_last(self.output, self.options.keep_last)
+        return path
+
+    def resume(self) -> Optional[Path]:
+        # As the original: with TRAIN.AUTO_RESUME (on by default) a run continues from its output folder.
+        resume = self.options.resume or ("auto" if self.config.TRAIN.AUTO_RESUME else None)
+        path = checkpoints.find_resume_checkpoint(resume, self.output)
+        if path is None:
+            return None
+        state = checkpoints.read_checkpoint(path)
+        changes = checkpoints.check_resumable(state, self.config.to_dict(), path)
+        if self.options.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=full)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.samples_into_epoch = state["data"]["samples_into_epoch"]
+        self.nonfinite_skipped = state["nonfinite_skipped"]
+        self.unreadable = set(state["unreadable"])
+        self.history = {key: list(values) for key, values in state["history"].items()}
+        saved_rng = state["rng"]
+        checkpoints.restore_rng(saved_rng[self.runtime.rank % len(saved_rng)], self.device)
+        exact = state["data"]["world_size"] == self.runtime.world_size and \
+            state["data"]["images_per_step"] == self.images_per_step
+        if self.runtime.is_main:
+            print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
+            if changes:
+                print("settings changed since that checkpoint: " + "; ".join(
+                    f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()), file=sys.stderr)
+            if not exact:
+                print("the processes or batch size changed: the run continues, but not sample-for-sample",
+                      file=sys.stderr)
+        return path
+
+    # ---- one optimizer step ------------------------------------------------------------------------
+
+    def _micro_batch_context(self, last: bool):
+        """Gradient sync only on the last micro-batch of an accumulation."""
+        if self.options.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if self.runtime.distributed and not last:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batches) -> Dict[str, Any]:
+        """Forward/backward over the micro-batches, then the update unless the loss is non-finite.
+        Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``)."""
+        lr = self.schedule.apply(self.optimizer, self.step)
+        loss_sum = torch.zeros((), device=self.device)
+        for index, batch in enumerate(batches):
+            images = batch["image"].to(self.device, non_blocking=True)
+            masks = batch["mask"].to(self.device, non_blocking=True)
+            with self._micro_batch_context(last=index == len(batches) - 1), self._autocast():
+                loss = self.train_model(images, masks)
+            scaled = loss.float() / len(batches)
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+        step_loss = distributed.mean_across(loss_sum / len(batches), self.runtime)
+        if not self.runtime.is_xla and not torch.isfinite(step_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:  # an fp16 overflow is the usual cause: back the scale off
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            return {"loss": step_loss, "lr": lr, "grad_norm": None, "skipped": True}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "skipped": False}
+
+    # ---- the run -----------------------------------------------------------------------------------
+
+    def _batches(self):
+        """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
+        world = self.runtime.world_size
+        while True:
+            self.loader.sampler.set_position(self.epoch, self.samples_into_epoch // world)
+            micro_batches = len(self.loader) // self.accumulation * self.accumulation
+            iterator = iter(self.loader)
+            for _ in range(micro_batches):
+                yield next(iterator)
+            self.epoch += 1
+            self.samples_into_epoch = 0
+
+    def _record_unreadable(self, batches) -> None:
+        for batch in batches:
+            found = batch["unreadable"]
+            self.unreadable.update(found[found >= 0].tolist())
+
+    def _gather_unreadable(self) -> None:
+        """Every process's unreadable files, before they are saved or reported."""
+        if self.runtime.distributed:
+            every = [None] * self.runtime.world_size
+            torch.distributed.all_gather_object(every, sorted(self.unreadable))
+            self.unreadable = set().union(*every)
+
+    def _pictures(self, picture_batch) -> Optional[Path]:
+        """The reconstruction grid (with FSDP every rank runs the model; rank 0 writes)."""
+        if not (self.runtime.is_main or self.options.fsdp):
+            return None
+        images, masks = (tensor.to(self.device) for tensor in picture_batch)
+        with self._autocast():
+            panels = pictures.reconstruction_panels(self.model, images, masks)
+        if not self.runtime.is_main:
+            return None
+        folder = self.output / "pictures"
+        path = pictures.save_grid(panels, folder / f"reconstruction_step_{self.step:07d}.png",
+                                  title=f"step {self.step}/{self.total_steps}")
+        pictures.save_grid(panels, folder / "reconstruction_latest.png", title=f"step {self.step}/{self.total_steps}")
+        if self.history["step"]:
+            pictures.save_loss_curve(self.history["step"], self.history["loss"], self.output / "loss_curve.png")
+        return path
+
+    def run(self) -> Dict[str, Any]:
+        if self.runtime.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        monitor = Monitor(self.output, self.total_steps, self.step, self.device, enabled=self.runtime.is_main)
+        monitor.message(self.describe())
+        picture_batch = pictures.picture_batch(self.dataset, self.options.picture_count)
+        consecutive_nonfinite = 0
+        batches = self._batches()
+        window_start, window_steps = time.perf_counter(), 0
+        pending: List[Dict[str, Any]] = []  # XLA: steps whose values are still on the device
+        latest = self.output / "pictures" / "reconstruction_latest.png"
+        last_picture = latest if latest.exists() else None  # a resumed, already finished run
+        try:
+            while self.step < self.total_steps:
+                micro = [next(batches) for _ in range(self.accumulation)]
+                self._record_unreadable(micro)
+                result = self.train_step(micro)
+                if self.runtime.is_xla:
+                    xla_sync()
+                self.step += 1
+                self.samples_into_epoch += self.images_per_step
+                window_steps += 1
+                result.update(step=self.step, epoch=self.epoch)
+                pending.append(result)
+                if self.runtime.is_xla and self.step % self.log_every and self.step < self.total_steps:
+                    monitor.advance(self.step)
+                else:
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps * self.images_per_step / max(elapsed, 1e-9)
+                    for row in pending:
+                        consecutive_nonfinite = self._log(row, rate, monitor, consecutive_nonfinite)
+                    pending.clear()
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % self.save_every == 0 or self.step == self.total_steps:
+                    self.save()
+                if self.step % self.picture_every == 0 or self.step == self.total_steps:
+                    last_picture = self._pictures(picture_batch) or last_picture
+        finally:
+            monitor.close()
+        self._gather_unreadable()
+        return self._finish(last_picture)
+
+    def _log(self, result: Dict[str, Any], rate: float, monitor: Monitor, consecutive: int) -> int:
+        loss = float(result["loss"])
+        if result["skipped"] or not math.isfinite(loss):
+            self.nonfinite_skipped += 1
+            consecutive += 1
+            monitor.message(f"step {result['step']}: non-finite loss ({loss}), update skipped "
+                            f"({consecutive} in a row, {self.nonfinite_skipped} in all)")
+            if self.runtime.is_xla:
+                raise NonFiniteLossError(f"step {result['step']}: non-finite loss on XLA, where the update is not "
+                                         "skipped (that would need a host sync per step); lower the LR or use --amp bf16")
+            if consecutive >= self.options.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{consecutive} optimizer steps in a row had a non-finite loss (last at step {result['step']}); "
+                    "stopping. Lower TRAIN.BASE_LR, use --amp bf16 instead of fp16, or check the data.")
+            return consecutive
+        self.history["step"].append(result["step"])
+        self.history["loss"].append(loss)
+        row = {"step": result["step"], "epoch": result["epoch"], "loss": loss, "lr": result["lr"],
+               "grad_norm": float(result["grad_norm"]), "images_per_s": rate, "time": time.time(),
+               "nonfinite_skipped": self.nonfinite_skipped, "unreadable_files": len(self.unreadable)}
+        if self.scaler is not None:
+            row["loss_scale"] = self.scaler.get_scale()
+        on_schedule = result["step"] % self.log_every == 0
+        monitor.step(row, with_device_stats=on_schedule)
+        if on_schedule and not sys.stderr.isatty():
+            monitor.message(f"step {row['step']}/{self.total_steps} epoch {row['epoch']} loss {loss:.4f} "
+                            f"lr {row['lr']:.3e} grad_norm {row['grad_norm']:.3f} {rate:.1f} img/s")
+        return 0
+
+    def describe(self) -> str:
+        config = self.config
+        return (f"SimMIM {config.MODEL.TYPE} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params), "
+                f"{len(self.dataset)} images"
+                f"{' (embedded scenes)' if not config.DATA.DATA_PATH else ' from ' + str(config.DATA.DATA_PATH)}, "
+                f"{config.DATA.IMG_SIZE}px, mask {config.DATA.MASK_RATIO:.0%} of {config.DATA.MASK_PATCH_SIZE}px "
+                f"patches; {self.runtime.world_size} process(es) x batch {self.batch_size} x accumulation "
+                f"{self.accumulation} = {self.images_per_step} images/step; {self.total_steps} steps "
+                f"({self.steps_per_epoch}/epoch); peak lr {self.schedule.base_lr:.3e}; device {self.device}, "
+                f"amp {self.amp_dtype or 'off'}; output {self.output}")
+
+    def _finish(self, last_picture: Optional[Path]) -> Dict[str, Any]:
+        summary = {"output": self.output, "steps": self.step, "losses": list(self.history["loss"]),
+                   "nonfinite_skipped": self.nonfinite_skipped, "unreadable_files": len(self.unreadable),
+                   "checkpoints": checkpoints.list_checkpoints(self.output), "picture": last_picture,
+                   "loss_curve": self.output / "loss_curve.png"}
+        if self.runtime.is_main:
+            lines = [f"done: {self.step} steps, checkpoints in {self.output}"]
+            if self.history["loss"]:
+                lines.append(f"loss {self.history['loss'][0]:.4f} (first step) -> {self.history['loss'][-1]:.4f} (last)")
+            if self.unreadable:
+                examples = ", ".join(self.dataset.source.describe(i) for i in sorted(self.unreadable)[:3])
+                lines.append(f"skipped {len(self.unreadable)} unreadable image file(s), e.g. {examples}")
+            if self.nonfinite_skipped:
+                lines.append(f"skipped {self.nonfinite_skipped} step(s) with a non-finite loss")
+            if last_picture is not None:
+                lines.append(f"pictures: {last_picture} (and {self.output / 'pictures'}/), "
+                             f"loss curve: {summary['loss_curve']}")
+            print("\n".join(lines), file=sys.stderr)
+        return summary
+
+
+@contextlib.contextmanager
+def kernel_backend(spec: Optional[str]):
+    """--backend for the whole process: through the environment variable rather than ``use_backend``,
+    whose choice is per thread, as autograd runs the backward pass on its own threads on CUDA."""
+    if not spec:
+        yield
+        return
+    dispatch.parse_spec(spec)  # a typo fails here, before any work
+    previous = os.environ.get(dispatch.ENV_VAR)
+    os.environ[dispatch.ENV_VAR] = spec
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(dispatch.ENV_VAR, None)
+        else:
+            os.environ[dispatch.ENV_VAR] = previous
+
+
+def pretrain(options: PretrainOptions) -> Dict[str, Any]:
+    """Run a pretraining (see ``PretrainOptions``); returns a summary (output folder, losses, files)."""
+    with kernel_backend(options.backend):
+        runtime = distributed.start(options.device)
+        try:
+            return Pretraining(options, runtime).run()
+        finally:
+            distributed.stop(runtime)

@@ -1,0 +1,59 @@
+"""``simmim-fast reconstruct``: a pretrained SimMIM's reconstructions of your own images, as a PNG grid."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from ..checkpoint import load_checkpoint, state_dict_of
+from ..config import build_simmim, get_config, merge
+from ..masking import MaskGenerator
+from .configs import build_config
+from .data import UNREADABLE_ERRORS, center_view, find_images
+from .pictures import reconstruction_panels, save_grid
+
+
+def reconstruct_images(checkpoint: str, images: str, out: str, count: int = 8, seed: int = 0,
+                       preset: Optional[str] = None, config_file: Optional[str] = None, device: str = "cpu",
+                       trust_checkpoint: bool = False) -> Path:
+    """Mask ``count`` images from the folder ``images`` at the checkpoint's ratio (seeded) and write the grid.
+
+    The model's config comes from the checkpoint (simmim-fast checkpoints carry it); for other
+    checkpoints give ``preset`` or ``config_file``. ``trust_checkpoint`` unpickles arbitrary objects
+    (the original's checkpoints hold a yacs config), which runs code from the file: trusted files only.
+    """
+    if trust_checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    else:
+        try:
+            state = load_checkpoint(checkpoint)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{checkpoint} holds pickled Python objects besides tensors (the original SimMIM's "
+                             "checkpoints keep a yacs config); if you trust the file, add --trust-checkpoint "
+                             f"({str(error).splitlines()[0]})") from None
+    if not (preset or config_file) and not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+        raise ValueError(f"{checkpoint} has no simmim-fast config; give --preset or --config for its model")
+    config = build_config(preset, config_file) if preset or config_file else merge(get_config(), state["config"])
+    model = build_simmim(config)
+    model.load_state_dict(state_dict_of(state))
+    model.to(device)
+
+    pictures = []
+    for path in find_images(images):
+        try:
+            with Image.open(path) as image:
+                pictures.append(center_view(image.convert("RGB"), config.DATA.IMG_SIZE))
+        except UNREADABLE_ERRORS:
+            continue
+        if len(pictures) == count:
+            break
+    if not pictures:
+        raise ValueError(f"{images}: none of the image files could be read")
+    masks = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, model.patch_size,
+                          config.DATA.MASK_RATIO).generate(len(pictures), generator=torch.Generator().manual_seed(seed))
+    panels = reconstruction_panels(model, torch.stack(pictures).to(device), masks.to(device))
+    return save_grid(panels, Path(out), title=f"{Path(checkpoint).name}: {len(pictures)} images from {images}")
+

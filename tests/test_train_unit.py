@@ -1,0 +1,341 @@
+"""Pretraining pieces without a training run: schedule, weight-decay groups, config loading, data,
+sampling order, checkpoint safety."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import simmim_fast
+from simmim_fast.checkpoint import load_checkpoint, save_atomic
+from simmim_fast.masking import MaskGenerator
+from simmim_fast.train import checkpoints
+from simmim_fast.train.configs import build_config, parse_assignment, read_yaml_config
+from simmim_fast.train.data import (EpochSampler, ImageFiles, PretrainDataset, SimMIMTransform, find_images,
+                                    random_resized_crop_box)
+from simmim_fast.train.optim import LRSchedule, build_optimizer, build_schedule, param_groups, scaled_lrs
+from simmim_fast.train.scenes import render_scene
+
+
+# ---- learning rate ---------------------------------------------------------------------------------
+
+def test_lr_scaling_by_global_batch_and_accumulation():
+    config = simmim_fast.get_config("swin-base-192-w6")  # BASE 2e-4, WARMUP 1e-6, MIN 1e-5
+    lrs = scaled_lrs(config, global_batch=2048, accumulation_steps=2)
+    assert lrs == pytest.approx({"base": 2e-4 * 4 * 2, "warmup": 1e-6 * 4 * 2, "min": 1e-5 * 4 * 2})
+
+
+def test_cosine_schedule_warmup_then_cosine_to_min():
+    schedule = LRSchedule("cosine", base_lr=1.0, warmup_lr=0.1, min_lr=0.01, total_steps=100, warmup_steps=10)
+    assert schedule(0) == pytest.approx(0.1)
+    assert schedule(5) == pytest.approx(0.1 + 5 * 0.9 / 10)
+    # after warmup: timm's cosine over all 100 steps (warmup included), as the original's t_in_epochs=False
+    assert schedule(10) == pytest.approx(0.01 + 0.5 * 0.99 * (1 + math.cos(math.pi * 10 / 100)))
+    assert schedule(50) == pytest.approx(0.01 + 0.5 * 0.99)
+    assert schedule(100) == pytest.approx(0.01)
+    values = [schedule(t) for t in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_multistep_schedule_from_epochs():
+    config = simmim_fast.get_config("vit-base-224")  # multistep, GAMMA 0.1, MULTISTEPS [700], 10 warmup epochs
+    schedule = build_schedule(config, {"base": 1e-3, "warmup": 1e-6, "min": 1e-5}, total_steps=800 * 5,
+                              steps_per_epoch=5)
+    assert schedule.warmup_steps == 50 and list(schedule.milestones) == [3500]
+    assert schedule(0) == pytest.approx(1e-6)
+    assert schedule(49) < 1e-3 < schedule(50) * 1.0001
+    assert schedule(3499) == pytest.approx(1e-3)
+    assert schedule(3500) == pytest.approx(1e-4)
+    assert schedule(3999) == pytest.approx(1e-4)
+
+
+def test_schedule_applied_to_optimizer():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=1.0)
+    schedule = LRSchedule("cosine", base_lr=1.0, warmup_lr=0.0, min_lr=0.0, total_steps=4, warmup_steps=2)
+    assert schedule.apply(optimizer, 1) == pytest.approx(0.5)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.5, 0.5]
+
+
+# ---- weight decay ----------------------------------------------------------------------------------
+
+class Decayable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.table = torch.nn.Parameter(torch.zeros(3, 4))
+        self.token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+        self.bias_table_2d = torch.nn.Parameter(torch.zeros(2, 2))
+        self.gamma = torch.nn.Parameter(torch.ones(4))
+
+    def no_weight_decay(self):
+        return {"token"}
+
+    def no_weight_decay_keywords(self):
+        return {"bias_table"}
+
+
+def group_names(model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model)
+    assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
+    return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+
+
+def test_weight_decay_rules():
+    decayed, skipped = group_names(Decayable())
+    assert decayed == {"proj.weight", "table"}
+    # 1-D, ".bias", a no_weight_decay() name, a name containing a no_weight_decay_keywords() word
+    assert skipped == {"proj.bias", "gamma", "token", "bias_table_2d"}
+
+
+@pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
+def test_weight_decay_groups_of_the_models_match_the_original(preset):
+    model = simmim_fast.build_simmim(preset)
+    decayed, skipped = group_names(model)
+    assert decayed | skipped == {name for name, _ in model.named_parameters()} and not decayed & skipped
+    assert all(model.get_parameter(name).ndim > 1 and not name.endswith(".bias") for name in decayed)
+    assert "decoder.0.weight" in decayed and "decoder.0.bias" in skipped
+    # The original's outcomes, quirks included: SimMIM prefixes the encoder's keywords with "encoder.",
+    # so they never match nested names and relative position tables are decayed; only Swin lists
+    # mask_token in no_weight_decay().
+    assert all(name in decayed for name in model.state_dict() if name.endswith("relative_position_bias_table"))
+    if preset == "vit-tiny":
+        assert {"encoder.cls_token", "encoder.blocks.0.gamma_1"} <= skipped
+        assert {"encoder.mask_token", "encoder.blocks.0.attn.qkv.weight"} <= decayed
+    else:
+        assert "encoder.mask_token" in skipped
+        assert "encoder.layers.0.blocks.0.attn.qkv.weight" in decayed
+
+
+def test_adamw_settings_of_the_original():
+    config = simmim_fast.get_config("vit-tiny")
+    optimizer = build_optimizer(simmim_fast.build_simmim(config), config, lr=1e-3)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["eps"] == 1e-8
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
+
+
+def test_apex_optimizer_asked_for_but_missing_is_a_clear_error():
+    config = simmim_fast.get_config("vit-tiny")
+    try:
+        from apex.optimizers import FusedAdam  # noqa: F401
+        pytest.skip("apex is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="apex.optimizers.FusedAdam"):
+        build_optimizer(torch.nn.Linear(2, 2), config, lr=1e-3, kind="apex-fused-adam")
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+ORIGINAL_VIT_YAML = """\
+MODEL:
+  TYPE: vit
+  NAME: simmim_pretrain
+  DROP_PATH_RATE: 0.1
+  VIT:
+    EMBED_DIM: 768
+    DEPTH: 12
+    NUM_HEADS: 12
+    USE_APE: False
+    USE_RPB: False
+    USE_SHARED_RPB: True
+    USE_MEAN_POOLING: False
+DATA:
+  IMG_SIZE: 224
+  MASK_PATCH_SIZE: 32
+  MASK_RATIO: 0.6
+TRAIN:
+  EPOCHS: 800
+  WARMUP_EPOCHS: 10
+  BASE_LR: 1e-4
+  WARMUP_LR: 5e-7
+  WEIGHT_DECAY: 0.05
+  LR_SCHEDULER:
+    NAME: 'multistep'
+    GAMMA: 0.1
+    MULTISTEPS: [700,]
+PRINT_FREQ: 100
+SAVE_FREQ: 20
+TAG: simmim_pretrain__vit_base__img224__800ep
+"""
+
+
+def test_original_yaml_loads_like_the_preset(tmp_path):
+    path = tmp_path / "simmim_pretrain__vit_base__img224__800ep.yaml"
+    path.write_text(ORIGINAL_VIT_YAML)
+    config = build_config(None, str(path))
+    assert config.TRAIN.BASE_LR == 1e-4 and isinstance(config.TRAIN.WARMUP_LR, float)  # '1e-4' is a str to PyYAML
+    assert config == simmim_fast.get_config("vit-base-224")
+
+
+def test_yaml_base_files_come_first(tmp_path):
+    (tmp_path / "base.yaml").write_text("DATA:\n  IMG_SIZE: 192\nTRAIN:\n  EPOCHS: 7\n")
+    (tmp_path / "child.yaml").write_text("BASE: ['base.yaml']\nTRAIN:\n  EPOCHS: 9\n")
+    tree = read_yaml_config(tmp_path / "child.yaml")
+    assert tree == {"DATA": {"IMG_SIZE": 192}, "TRAIN": {"EPOCHS": 9}}
+
+
+def test_set_overrides_and_flag_order():
+    assert parse_assignment("TRAIN.BASE_LR=1e-4") == ("TRAIN.BASE_LR", 1e-4)
+    assert parse_assignment("MODEL.SWIN.DEPTHS=[2, 2, 6, 2]") == ("MODEL.SWIN.DEPTHS", [2, 2, 6, 2])
+    config = build_config("vit-tiny", None, ["DATA.BATCH_SIZE=8", "TRAIN.EPOCHS=3"], {"TRAIN.EPOCHS": 5,
+                                                                                      "SEED": None})
+    assert config.DATA.BATCH_SIZE == 8 and config.TRAIN.EPOCHS == 5 and config.SEED == 0
+
+
+def test_bad_config_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'TRAIN.BASE_LRR'.*BASE_LR.*WARMUP_LR"):
+        build_config("vit-tiny", None, ["TRAIN.BASE_LRR=1"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("DATA:\n  IMG_SIZ: 64\n")
+    with pytest.raises(ValueError, match=r"'DATA.IMG_SIZ'.*IMG_SIZE"):
+        build_config(None, str(path))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_assignment("TRAIN.BASE_LR")
+    with pytest.raises(ValueError, match="--preset"):
+        build_config(None, None)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def write_images(folder: Path, count: int, size: int = 80) -> None:
+    """ImageFolder-style class folders of small scene PNGs/JPEGs."""
+    for index in range(count):
+        target = folder / f"class_{index % 3}" / f"img_{index}.{'png' if index % 2 else 'jpg'}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        render_scene(index, size).save(target)
+
+
+def test_random_resized_crop_box_stays_in_range():
+    generator = torch.Generator().manual_seed(0)
+    for width, height in [(96, 96), (300, 120), (50, 200)]:
+        for _ in range(50):
+            left, top, crop_w, crop_h = random_resized_crop_box(width, height, generator)
+            assert 0 <= left and left + crop_w <= width and 0 <= top and top + crop_h <= height
+            area = crop_w * crop_h / (width * height)
+            assert area <= 1.0 + 1e-9
+
+
+def test_transform_shapes_normalisation_and_mask():
+    image = render_scene(3)
+    mask_generator = MaskGenerator(224, 32, 16, 0.6)  # ViT-224: 14 x 14 tokens
+    transform = SimMIMTransform(224, mask_generator)
+    tensor, mask = transform(image, torch.Generator().manual_seed(1))
+    assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32
+    assert tensor.min() < -0.5 and tensor.max() > 0.5  # normalised, not [0, 1]
+    assert mask.shape == (14, 14) and int(mask.sum()) == math.ceil(49 * 0.6) * 4
+    swin_mask = SimMIMTransform(192, MaskGenerator(192, 32, 4, 0.6))(image, torch.Generator())[1]
+    assert swin_mask.shape == (48, 48)
+
+
+def test_samples_are_a_function_of_seed_epoch_and_index(tmp_path):
+    write_images(tmp_path, 4)
+    dataset = PretrainDataset(ImageFiles(find_images(tmp_path)), SimMIMTransform(64, MaskGenerator(64, 16, 8, 0.6)),
+                              seed=5)
+    first, again, other_epoch = dataset[(0, 2)], dataset[(0, 2)], dataset[(1, 2)]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+    assert not torch.equal(first["image"], other_epoch["image"])
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+    write_images(tmp_path, 6)
+    (tmp_path / "class_0" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "class_1" / "empty.png").write_bytes(b"")
+    files = find_images(tmp_path)
+    dataset = PretrainDataset(ImageFiles(files), SimMIMTransform(64, MaskGenerator(64, 16, 8, 0.6)), seed=0)
+    bad = {index for index, path in enumerate(files) if path.name in ("truncated.jpg", "empty.png")}
+    seen = set()
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        for index in range(len(dataset)):
+            sample = dataset[(0, index)]
+            assert sample["image"].shape == (3, 64, 64)
+            seen.update(i for i in sample["unreadable"].tolist() if i >= 0)
+    assert seen == bad
+
+
+def test_only_unreadable_files_is_a_clear_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"junk")
+    dataset = PretrainDataset(ImageFiles(find_images(tmp_path)), SimMIMTransform(64, MaskGenerator(64, 16, 8, 0.6)),
+                              seed=0)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="unreadable images in a row"):
+        dataset[(0, 0)]
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="no image files"):
+        find_images(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        find_images(tmp_path / "missing")
+
+
+def test_two_ranks_cover_the_one_process_batches():
+    """With 2 processes at half the batch, each global batch holds the same samples as 1 process's."""
+    dataset = list(range(37))
+    single = list(EpochSampler(dataset, world_size=1, rank=0, seed=3))
+    ranks = [list(EpochSampler(dataset, world_size=2, rank=r, seed=3)) for r in range(2)]
+    for step in range(len(ranks[0]) // 4):
+        global_batch = sorted(single[8 * step: 8 * step + 8])
+        assert sorted(ranks[0][4 * step: 4 * step + 4] + ranks[1][4 * step: 4 * step + 4]) == global_batch
+
+
+def test_sampler_resumes_mid_epoch():
+    sampler = EpochSampler(list(range(20)), world_size=1, rank=0, seed=0)
+    sampler.set_position(2)
+    full = list(sampler)
+    sampler.set_position(2, skip=8)
+    assert list(sampler) == full[8:] and len(sampler) == 12 and full[0][0] == 2
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt_step_0000001.pth"
+    save_atomic({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_keep_last_and_resume_discovery(tmp_path):
+    for step in (5, 10, 15, 20):
+        save_atomic({"step": step}, checkpoints.checkpoint_path(tmp_path, step))
+    checkpoints.keep_last(tmp_path, 2)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_step_0000015.pth", "ckpt_step_0000020.pth"]
+    assert checkpoints.find_resume_checkpoint("auto", tmp_path).name == "ckpt_step_0000020.pth"
+    assert checkpoints.find_resume_checkpoint("auto", tmp_path / "fresh") is None
+    with pytest.raises(FileNotFoundError):
+        checkpoints.find_resume_checkpoint(str(tmp_path / "nope.pth"), tmp_path)
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    state = checkpoints.capture_rng(torch.device("cpu"))
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    save_atomic({"rng": state}, tmp_path / "rng.pth")
+    checkpoints.restore_rng(load_checkpoint(tmp_path / "rng.pth")["rng"], torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_resume_with_an_incompatible_config_is_refused():
+    saved = simmim_fast.get_config("vit-tiny").to_dict()
+    checkpoint = {"format": checkpoints.CHECKPOINT_FORMAT, "config": saved}
+    changed_lr = build_config("vit-tiny", None, ["TRAIN.BASE_LR=1e-3"]).to_dict()
+    assert set(checkpoints.check_resumable(checkpoint, changed_lr, Path("c.pth"))) == {"TRAIN.BASE_LR"}
+    other_model = build_config("vit-tiny", None, ["MODEL.VIT.DEPTH=2", "DATA.IMG_SIZE=128"]).to_dict()
+    with pytest.raises(ValueError, match=r"incompatible.*DATA.IMG_SIZE: checkpoint 64, now 128.*MODEL.VIT.DEPTH"):
+        checkpoints.check_resumable(checkpoint, other_model, Path("c.pth"))
+    with pytest.raises(ValueError, match="not a simmim-fast training checkpoint"):
+        checkpoints.check_resumable({"model": {}}, saved, Path("c.pth"))
