@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compaction import selected_first_order
 from .masked_l1_loss import finish_loss, loss_dtype
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -211,12 +212,7 @@ def _active_first_order(mask: torch.Tensor, encoder_stride: int, patch_size: int
     per_token = encoder_stride // patch_size
     grid_h, grid_w = mask_h // per_token, mask_w // per_token
     active = (mask != 0).reshape(batch, grid_h, per_token, grid_w, per_token).any(dim=(2, 4)).reshape(-1)
-    token = torch.arange(active.numel(), device=mask.device, dtype=torch.int32)
-    active_rank = torch.cumsum(active, 0, dtype=torch.int32)  # active tokens up to and including this one
-    num_active = active_rank[-1:]
-    position = torch.where(active, active_rank - 1, num_active + token - active_rank)
-    order = torch.empty_like(token).scatter_(0, position.long(), token)
-    return order, num_active
+    return selected_first_order(active)
 
 
 def _launch_shapes(out_channels: int, in_channels: int):

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compaction import selected_first_order
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 # Rows x columns held per program when a full LayerNorm row must fit (64 tokens x 256 channels).
 _TILE_ELEMENTS = 64 * 256
@@ -311,11 +313,7 @@ def _visible_first_order(mask: torch.Tensor):
     """A permutation of the B*L tokens with the visible ones first (each group in token order), the visible
     count as a device tensor (1,), and the 0/1 masked flag per token; no host sync."""
     masked = mask.reshape(-1) != 0
-    token = torch.arange(masked.numel(), device=mask.device, dtype=torch.int32)
-    visible_rank = torch.cumsum(~masked, 0, dtype=torch.int32)  # visible tokens up to and including this one
-    num_visible = visible_rank[-1:]
-    position = torch.where(masked, num_visible + token - visible_rank, visible_rank - 1)
-    order = torch.empty_like(token).scatter_(0, position.long(), token)
+    order, num_visible = selected_first_order(~masked)
     return order, num_visible, masked.to(torch.uint8)
 
 
