@@ -10,6 +10,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "csrc: the CUDA C++ extension (lane csrc; skipped where it is not built)")
     config.addinivalue_line("markers", "xla: torch_xla on its CPU device (lane xla; skipped without torch_xla)")
     config.addinivalue_line("markers", "slow: longer CPU tests (CLI runs, multi-process)")
+    # The Triton interpreter's own numpy deprecation noise (tens of thousands per lane), not ours.
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:triton.*")
 
 
 def pytest_collection_modifyitems(config, items):
