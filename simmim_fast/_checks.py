@@ -64,6 +64,14 @@ def check_image(image: torch.Tensor, in_chans: int, img_size: Optional[Sequence[
         )
 
 
+def check_encoder_inputs(image: torch.Tensor, mask: torch.Tensor, in_chans: int, img_size: Sequence[int],
+                         patch_size: Sequence[int]) -> None:
+    """An encoder's forward(x, mask): image (B, in_chans, *img_size), mask (B, H/patch, W/patch)."""
+    check_image(image, in_chans, img_size)
+    grid = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+    check_token_mask(mask, image.shape[0], grid, f"image {tuple(img_size)} / patch {tuple(patch_size)}")
+
+
 def check_mask_token_blend(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> None:
     require(tokens.dim() == 3, f"tokens must be (B, L, D), got {_shape(tokens)}")
     check_floating("tokens", tokens)

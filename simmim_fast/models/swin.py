@@ -238,9 +238,7 @@ class SwinTransformerForSimMIM(SwinTransformer):
 
     def forward(self, x, mask):
         embed = self.patch_embed
-        _checks.check_image(x, self.in_chans, embed.img_size)
-        _checks.check_token_mask(mask, x.shape[0], embed.patches_resolution,
-                                 f"image {embed.img_size} / patch {embed.patch_size}")
+        _checks.check_encoder_inputs(x, mask, self.in_chans, embed.img_size, embed.patch_size)
         norm = embed.norm
         x = ops.masked_patch_embed(x, mask, embed.proj.weight, embed.proj.bias, self.mask_token,
                                    self.absolute_pos_embed if self.ape else None,

@@ -201,9 +201,7 @@ class VisionTransformerForSimMIM(VisionTransformer):
 
     def forward(self, x, mask):
         embed = self.patch_embed
-        _checks.check_image(x, self.in_chans, embed.img_size)
-        _checks.check_token_mask(mask, x.shape[0], embed.patch_shape,
-                                 f"image {embed.img_size} / patch {embed.patch_size}")
+        _checks.check_encoder_inputs(x, mask, self.in_chans, embed.img_size, embed.patch_size)
         pos_embed = self.pos_embed
         tokens = ops.masked_patch_embed(x, mask, embed.proj.weight, embed.proj.bias, self.mask_token,
                                         None if pos_embed is None else pos_embed[:, 1:])
