@@ -197,6 +197,20 @@ def all_cases(smoke: bool) -> List[Case]:
     return cases
 
 
+def envelope_cases() -> List[Case]:
+    """The edges of what the dispatch sends to the attention kernels (simmim_fast/backends/triton.py),
+    beyond the two recipes: head dims 32..256, windows 7x7 to 14x14 with the widest head dim. Small
+    batches; tests/test_kernel_compile.py compiles them for the GPU."""
+    cases = [_attention_case(VitShape(batch=2, image=224, patch=16, dim=12 * head_dim, heads=12, mask_patch=32))
+             for head_dim in (32, 80, 128, 256)]
+    cases.append(_attention_case(VitShape(batch=2, image=112, patch=16, dim=768, heads=12, mask_patch=16)))
+    for window, head_dim in ((7, 32), (7, 64), (12, 32), (14, 64)):
+        swin = SwinShape(batch=1, image=4 * window * 4, patch=4, dim=2 * head_dim, heads=(2, 4, 8, 16),
+                         window=window, mask_patch=4 * window)
+        cases.append(_window_attention_case(swin, stage=0))
+    return cases
+
+
 # ---- bytes and FLOPs ---------------------------------------------------------------------------
 
 def nbytes(*tensors: Optional[torch.Tensor]) -> float:

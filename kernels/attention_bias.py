@@ -211,35 +211,48 @@ def _attention_bwd_dkdv_kernel(
     tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-def _tuned(kernel, configs, fp32_blocks, key):
+def _tuned(kernel, configs, fp32_blocks, key, fits_registers=None):
     """Autotuned on CUDA; the interpreter has no timer, so there the launcher passes one small config.
 
     Exact fp32 dots run on the FMA units with their operands in registers: only the smallest tiles
-    (``fp32_blocks``, 8 warps) compile without spilling on sm_90, so fp32 inputs skip the other
-    configs and their long compiles.
+    (``fp32_blocks``, 8 warps) are kept for fp32 inputs, which also skips the other configs' long
+    compiles. ``fits_registers(config, kwargs)`` drops 16-bit configs whose tiles would spill at
+    this launch's shapes (their spills, read from sm_90 cubins, are checked in
+    tests/test_kernel_compile.py); the last config is kept if none fits.
     """
     if _INTERPRET:
         return kernel
 
     def prune(configs, named_args, **kwargs):
-        if named_args["Q"].element_size() < 4:
+        if named_args["Q"].element_size() == 4:
+            return [c for c in configs if c.num_warps == 8 and all(c.kwargs[k] == v for k, v in fp32_blocks.items())]
+        if fits_registers is None:
             return configs
-        return [c for c in configs if c.num_warps == 8 and all(c.kwargs[k] == v for k, v in fp32_blocks.items())]
+        return [c for c in configs if fits_registers(c, kwargs)] or configs[-1:]
 
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-# Config spaces trimmed with sm_90 ptxas register/spill counts at the ViT-B shape (bf16, d=64):
-# single-stage forwards and 128-key dk/dv blocks on 4 warps spill; the tuner picks among the rest.
+def _dq_dbias_fits_registers(config, kwargs) -> bool:
+    """The program's fp32 tiles, per thread: two (BLOCK_M, KEY_CHUNK) (the bias tile and the dBias
+    accumulator; the per-batch logits are transient) and the (BLOCK_M, d) dq. At most 40 compile
+    without spilling on sm_90 at the ViT-B shape; 16 rows on 8 warps fit every shape we launch."""
+    block_m = config.kwargs["BLOCK_M"]
+    values = 2 * block_m * kwargs["KEY_CHUNK"] + block_m * kwargs["HEAD_DIM_PAD"]
+    return values <= 40 * 32 * config.num_warps
+
+
+# Config spaces trimmed with sm_90 ptxas register/spill counts (tests/test_kernel_compile.py):
+# 128-row forwards and 128-key dk/dv blocks on 4 warps spill; the tuner picks among the rest.
 _TUNING_KEY = ["B", "H", "N", "HEAD_DIM_PAD", "HAS_BIAS", "DOT_PRECISION"]
 _fwd = _tuned(_attention_fwd_kernel, [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3)
+    for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3) if not (bm == 128 and w == 4)
 ], {"BLOCK_M": 64, "BLOCK_N": 32}, _TUNING_KEY)
 _bwd_dq_dbias = _tuned(_attention_bwd_dq_dbias_kernel, [
     triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
     for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)
-], {"BLOCK_M": 16}, _TUNING_KEY + ["COMPUTE_DBIAS", "KEY_CHUNK"])
+], {"BLOCK_M": 16}, _TUNING_KEY + ["COMPUTE_DBIAS", "KEY_CHUNK"], _dq_dbias_fits_registers)
 _bwd_dkdv = _tuned(_attention_bwd_dkdv_kernel, [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm in (32, 64) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2) if not (bn == 128 and w == 4)

@@ -7,6 +7,7 @@ import torch
 def pytest_configure(config):
     config.addinivalue_line("markers", "interpreter: runs Triton kernels; the CI lane sets TRITON_INTERPRET=1")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "compile: compiles the Triton kernels for sm_90/sm_80 without a GPU (lane compile)")
     config.addinivalue_line("markers", "csrc: the CUDA C++ extension (lane csrc; skipped where it is not built)")
     config.addinivalue_line("markers", "xla: torch_xla on its CPU device (lane xla; skipped without torch_xla)")
     config.addinivalue_line("markers", "slow: longer CPU tests (CLI runs, multi-process)")

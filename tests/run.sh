@@ -2,6 +2,8 @@
 # The project's test command (README.md). Sets up .venv, then runs the lanes:
 #   plain       every CPU test on the reference path (kernel tests deselected)
 #   interpreter the Triton kernel tests under TRITON_INTERPRET=1 with SIMMIM_FAST_BACKEND=triton
+#   compile     every Triton kernel compiled for sm_90 and sm_80 (no GPU needed): lowering, shared
+#               memory and register spills at the recipes' shapes (tests/test_kernel_compile.py)
 #   csrc        builds the CUDA extension (csrc/) in .venv-cuda (CUDA torch, no GPU needed), then
 #               tests/test_csrc.py (+ tests/test_gpu_csrc.py where there is a GPU)
 #   xla         the model on torch_xla's CPU device in .venv-xla vs eager (tests/test_xla.py)
@@ -10,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 PY=.venv/bin/python
-lanes=${*:-plain interpreter csrc xla}
+lanes=${*:-plain interpreter compile csrc xla}
 
 # csrc and xla each get their own venv: a CUDA build of torch there, the torch_xla pin here.
 lane_venv() {  # lane_venv DIR REQUIREMENTS...: the venv with those, and this package without deps
@@ -29,8 +31,9 @@ cuda_home() {  # the toolkit root; nvcc on the PATH may be a wrapper script, so 
 for lane in $lanes; do
   echo "=== lane: $lane"
   case "$lane" in
-    plain) $PY -m pytest -q -m "not interpreter" tests ;;
+    plain) $PY -m pytest -q -m "not interpreter and not compile" tests ;;
     interpreter) TRITON_INTERPRET=1 SIMMIM_FAST_BACKEND=triton $PY -m pytest -q -m interpreter tests ;;
+    compile) $PY -m pytest -q -m compile tests ;;
     csrc)
       lane_venv .venv-cuda "torch==2.14.1" "numpy<2.4" pytest ninja
       # One arch (H100/H200) halves the compile; the build's default is 8.0;9.0 (csrc/README.md).

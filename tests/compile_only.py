@@ -1,0 +1,155 @@
+"""Compile the Triton kernels for a GPU that is not here, and read what they would use of it.
+
+Inside ``compile_only(capability)`` every Triton launch compiles its kernel for that CUDA target
+with Triton's own ptxas and runs nothing; an autotuned kernel compiles every config its pruning
+keeps, since the tuner may pick any of them on the device. The launchers run unchanged on CPU
+tensors, so their real block choices are what gets compiled. Each compiled kernel's resources
+come from the cubin (cuobjdump): registers, shared memory, and local memory, which is a spill;
+whether its products run on tensor cores comes from its PTX.
+
+This catches what the interpreter cannot: code that does not lower for the GPU (tl.dot shapes,
+layouts, dtypes) and tiles that would not fit in its shared memory or registers.
+``python -m tests.compile_only`` prints the table for the real shapes of benchmarks/kernel_cases.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+import types
+from dataclasses import dataclass
+from typing import Iterator, List
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+# Shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
+MAX_SHARED_BYTES = {80: 166912, 90: 232448}
+# What the launchers may ask of torch.cuda about the device: an H100 SXM (A100 for sm_80).
+FAKE_DEVICE = {80: dict(name="NVIDIA A100-SXM4-80GB", multi_processor_count=108, major=8, minor=0),
+               90: dict(name="NVIDIA H100 80GB HBM3", multi_processor_count=132, major=9, minor=0)}
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    kernel: str
+    constants: str  # the constexpr arguments it was specialised for
+    num_warps: int
+    num_stages: int
+    registers: int  # per thread
+    shared_bytes: int  # static + dynamic, per block
+    spill_bytes: int  # local memory + stack per thread: registers that did not fit
+    dots: bool  # the kernel has tl.dot products
+    tensor_cores: bool  # its PTX has MMA instructions (wgmma on sm_90, mma.sync): the dots use tensor cores
+
+
+class _CompileOnlyDriver:
+    """The part of Triton's driver that JITFunction.run asks before it compiles."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self):
+        return True
+
+
+def _resources(kernel) -> KernelResources:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    registers, stack, static_shared, local = map(int, _RESOURCES.search(dump).groups())
+    metadata = kernel.metadata
+    names = kernel.src.fn.arg_names
+    constants = ", ".join(f"{names[path[0]]}={value}" for path, value in kernel.src.constants.items()
+                          if len(path) == 1 and names[path[0]].isupper())
+    return KernelResources(metadata.name, constants, metadata.num_warps, metadata.num_stages, registers,
+                           static_shared + metadata.shared, stack + local, dots="tt.dot" in kernel.asm["ttir"],
+                           tensor_cores="mma" in kernel.asm["ptx"])
+
+
+@contextlib.contextmanager
+def compile_only(capability: int = 90) -> Iterator[List[KernelResources]]:
+    """Within it Triton launches compile for ``sm_<capability>`` and run nothing; yields the list
+    the compiled kernels' resources are appended to. Output tensors of launches stay uninitialised."""
+    compiled: List[KernelResources] = []
+    touched = set()
+    jit_run = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        touched.add(self)
+        compiled.append(_resources(kernel))
+        return kernel
+
+    def compile_every_config(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        for config in self.prune_configs(kwargs):
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+        self.nargs = None
+
+    device = types.SimpleNamespace(total_memory=80 << 30, **FAKE_DEVICE[capability])
+    previous_driver = driver._active  # None without a GPU: reset_active() would fail there
+    driver.set_active(_CompileOnlyDriver(capability))
+    try:
+        with mock.patch.object(JITFunction, "run", compile_instead), \
+                mock.patch.object(Autotuner, "run", compile_every_config), \
+                mock.patch.object(torch.cuda, "get_device_properties", lambda *_: device):
+            yield compiled
+    finally:
+        driver.set_active(previous_driver)
+        for function in touched:  # drop kernels compiled for the absent device from the in-process caches
+            function.device_caches.clear()
+
+
+def compile_case(case, dtype: torch.dtype, capability: int = 90, seed: int = 0) -> List[KernelResources]:
+    """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, compile only."""
+    from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
+    import importlib
+
+    module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
+    op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
+    args = case.build(torch.device("cpu"), dtype, seed)
+    for name in case.grad_names:
+        args[name].requires_grad_()
+    with compile_only(capability) as compiled:
+        out = op(**args)
+        out.backward(torch.ones_like(out))
+    return compiled
+
+
+def _main() -> None:
+    from benchmarks.kernel_cases import all_cases
+
+    header = (f"{'op / case':58} {'dtype':9} {'kernel':38} {'warps':>5} {'stages':>6} {'regs':>4} {'smem KiB':>8} "
+              f"{'spill B':>7} dots")
+    print(header)
+    for case in all_cases(smoke=False):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for kernel in compile_case(case, dtype):
+                print(f"{case.op + ' ' + case.name:58} {str(dtype)[6:]:9} {kernel.kernel:38} {kernel.num_warps:5} "
+                      f"{kernel.num_stages:6} {kernel.registers:4} {kernel.shared_bytes / 1024:8.1f} "
+                      f"{kernel.spill_bytes:7} {('mma' if kernel.tensor_cores else 'fma') if kernel.dots else '-'}")
+
+
+if __name__ == "__main__":
+    _main()
