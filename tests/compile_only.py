@@ -14,6 +14,7 @@ layouts, dtypes) and tiles that would not fit in its shared memory or registers.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import subprocess
@@ -29,6 +30,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
+
+from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 
 # Shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
@@ -123,9 +126,6 @@ def compile_only(capability: int = 90) -> Iterator[List[KernelResources]]:
 
 def compile_case(case, dtype: torch.dtype, capability: int = 90, seed: int = 0) -> List[KernelResources]:
     """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, compile only."""
-    from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
-    import importlib
-
     module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
     op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
     args = case.build(torch.device("cpu"), dtype, seed)

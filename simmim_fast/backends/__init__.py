@@ -7,7 +7,6 @@ Backends import their optional packages lazily, inside these methods, never at i
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Callable, Dict, List, Mapping, Sequence
 
@@ -23,14 +22,18 @@ ALL_OPS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_ERRORS: Dict[str, str] = {}  # a plain dict, not lru_cache: Dynamo reads it as a constant when compiling
+
+
 def import_error(module: str) -> str:
     """'' when ``module`` imports, else why not (a broken install may raise anything, not only ImportError)."""
-    try:
-        importlib.import_module(module)
-    except Exception as error:
-        return f"{module} is not importable ({type(error).__name__}: {error})"
-    return ""
+    if module not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(module)
+            _IMPORT_ERRORS[module] = ""
+        except Exception as error:
+            _IMPORT_ERRORS[module] = f"{module} is not importable ({type(error).__name__}: {error})"
+    return _IMPORT_ERRORS[module]
 
 
 def tensors_of(args: Mapping[str, object]) -> List[torch.Tensor]:
