@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention_operands import attention_operands
+
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels see globals only as constexpr
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -382,9 +384,5 @@ def attention(
 ) -> torch.Tensor:
     """``simmim_fast.reference.attention`` (see there): softmax(q k^T * scale + bias) v, no dropout."""
     assert dropout_p == 0.0, "dropout is not fused; the dispatch sends dropout_p > 0 to the reference"
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if torch.is_autocast_enabled(q.device.type):
-        # The reference's matmuls run in the autocast dtype, so its output has that dtype.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v, scale = attention_operands(q, k, v, scale)
     return _AttentionFunction.apply(q, k, v, bias, scale)

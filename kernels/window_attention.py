@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention_operands import attention_operands
+
 # Programs per launch that the image slices aim at: enough to fill an H100 a few times over. A
 # constant rather than the device's SM count, so that dBias sums in the same order on every GPU.
 TARGET_PROGRAMS = 1024
@@ -276,8 +278,5 @@ def window_attention(
     window mask are read in their own dtype and everything else is computed in float32.
     """
     assert dropout_p == 0.0, "attention dropout is not fused; the dispatch sends dropout_p > 0 to the reference"
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v, scale = attention_operands(q, k, v, scale)
     return _WindowAttention.apply(q, k, v, bias, window_mask, scale)
