@@ -182,6 +182,15 @@ def summary_markdown(results: Dict, kernel_providers: Sequence[str]) -> str:
 
 # ---- plots --------------------------------------------------------------------------------------
 
+def _grouped_bars(axis, labels: Sequence[str], values_by_provider: Dict[str, Dict[str, float]]) -> None:
+    """One bar per (label, provider) that has a value, providers side by side within each label."""
+    width = 0.8 / max(len(values_by_provider), 1)
+    for index, (provider, values) in enumerate(values_by_provider.items()):
+        present = [(i, values[label]) for i, label in enumerate(labels) if values.get(label)]
+        axis.bar([i + index * width for i, _ in present], [value for _, value in present], width, label=provider)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+
+
 def write_plots(folder: Path, results: Dict, kernel_providers: Sequence[str]) -> List[Path]:
     try:
         import matplotlib
@@ -192,49 +201,44 @@ def write_plots(folder: Path, results: Dict, kernel_providers: Sequence[str]) ->
     import matplotlib.pyplot as plt
 
     written = []
+
+    def save(figure, name):
+        figure.tight_layout()
+        written.append(folder / name)
+        figure.savefig(written[-1], dpi=110)
+        plt.close(figure)
+
     kernels = [row for row in results.get("kernels", []) if row["status"] == "ok" and row["provider"] != "reference"]
     if kernels:
         modes = [mode for mode in MODES if any(r["mode"] == mode for r in kernels)]
         providers = [name for name in kernel_providers if any(r["provider"] == name for r in kernels)]
         labels = list(dict.fromkeys(f"{r['op']}\n{r['case']}" for r in kernels))
         figure, axes = plt.subplots(len(modes), 1, figsize=(max(8, 0.9 * len(labels)), 4 * len(modes)), squeeze=False)
-        width = 0.8 / max(len(providers), 1)
         for axis, mode in zip(axes[:, 0], modes):
-            for index, provider in enumerate(providers):
-                speedup = {f"{r['op']}\n{r['case']}": r["speedup_vs_reference"] for r in kernels
+            _grouped_bars(axis, labels, {
+                provider: {f"{r['op']}\n{r['case']}": r["speedup_vs_reference"] for r in kernels
                            if r["mode"] == mode and r["provider"] == provider}
-                positions = [i + index * width for i, label in enumerate(labels) if speedup.get(label)]
-                axis.bar(positions, [speedup[label] for label in labels if speedup.get(label)], width, label=provider)
+                for provider in providers})
             axis.axhline(1.0, color="black", linewidth=0.8)
             axis.set_yscale("log")
             axis.set_ylabel(f"{mode}\nspeed-up vs eager")
-            axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
             axis.set_xticklabels(labels, fontsize=6, rotation=60, ha="right")
             axis.legend(fontsize=7)
         figure.suptitle(f"simmim_fast kernels on {results['environment']['device']}")
-        figure.tight_layout()
-        written.append(folder / "kernels_speedup.png")
-        figure.savefig(written[-1], dpi=110)
-        plt.close(figure)
+        save(figure, "kernels_speedup.png")
     e2e = [row for row in results.get("e2e", []) if row["status"] == "ok"]
     if e2e:
         groups = list(dict.fromkeys(f"{r['model']} b{r['batch']}" for r in e2e))
         providers = list(dict.fromkeys(r["provider"] for r in e2e))
         figure, axis = plt.subplots(figsize=(max(6, 2 * len(groups)), 4))
-        width = 0.8 / len(providers)
-        for index, provider in enumerate(providers):
-            rate = {f"{r['model']} b{r['batch']}": r["images_per_s"] for r in e2e if r["provider"] == provider}
-            axis.bar([i + index * width for i, group in enumerate(groups) if group in rate],
-                     [rate[group] for group in groups if group in rate], width, label=provider)
-        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        _grouped_bars(axis, groups, {
+            provider: {f"{r['model']} b{r['batch']}": r["images_per_s"] for r in e2e if r["provider"] == provider}
+            for provider in providers})
         axis.set_xticklabels(groups)
         axis.set_ylabel("images/s (training step)")
         axis.legend(fontsize=8)
         axis.set_title(f"SimMIM training throughput on {results['environment']['device']}")
-        figure.tight_layout()
-        written.append(folder / "e2e_images_per_s.png")
-        figure.savefig(written[-1], dpi=110)
-        plt.close(figure)
+        save(figure, "e2e_images_per_s.png")
     return written
 
 
