@@ -35,9 +35,8 @@ from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 
 # Shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
-# What the launchers may ask of torch.cuda about the device: an H100 SXM (A100 for sm_80).
-FAKE_DEVICE = {80: dict(name="NVIDIA A100-SXM4-80GB", multi_processor_count=108, major=8, minor=0),
-               90: dict(name="NVIDIA H100 80GB HBM3", multi_processor_count=132, major=9, minor=0)}
+# The one device property the launchers ask torch.cuda for, their SM count: an H100 SXM, an A100.
+SM_COUNT = {80: 108, 90: 132}
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -110,7 +109,7 @@ def compile_only(capability: int = 90) -> Iterator[List[KernelResources]]:
             self.fn.run(*args, **kwargs, **config.all_kwargs())
         self.nargs = None
 
-    device = types.SimpleNamespace(total_memory=80 << 30, **FAKE_DEVICE[capability])
+    device = types.SimpleNamespace(multi_processor_count=SM_COUNT[capability])
     previous_driver = driver._active  # None without a GPU: reset_active() would fail there
     driver.set_active(_CompileOnlyDriver(capability))
     try:

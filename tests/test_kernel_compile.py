@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from benchmarks.kernel_cases import all_cases, envelope_cases
+from tests import compile_only
 
 pytestmark = [pytest.mark.compile,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                  reason="compiles for the GPU; the interpreter runs no compiler")]
-compile_only = pytest.importorskip("tests.compile_only", reason="needs triton")
 
 SPILL_BYTES_ALLOWED = 64  # per thread; ptxas spills a few bytes at 255 registers where it costs nothing
 REAL_CASES = all_cases(smoke=False)
