@@ -1,8 +1,12 @@
 """The one place that picks a backend for each op call, and says why others were not taken.
 
-Auto mode tries the backends of ``AUTO_ORDER[device type]`` in order and takes the first that has
-no reasons against the inputs. A forced choice comes from ``use_backend(...)`` (a context manager,
-innermost wins) or else from the environment variable ``SIMMIM_FAST_BACKEND``:
+Auto mode considers the backends of ``AUTO_ORDER[device type]`` that have no reasons against the
+inputs. When several can take the call it uses the one measured fastest at the call's signature
+(``simmim_fast.tuning_table``, filled by ``simmim_fast.tune``); a first eager call at a new signature
+on CUDA is measured then and there (``simmim_fast.tuning``; ``SIMMIM_FAST_TUNE=0`` turns that off).
+Without a measurement (and always while torch.compile traces, where nothing is timed) it takes the
+first of them in ``AUTO_ORDER``: PyTorch's own ops. A forced choice comes from ``use_backend(...)``
+(a context manager, innermost wins) or else from the environment variable ``SIMMIM_FAST_BACKEND``:
 
 - ``SIMMIM_FAST_BACKEND=triton``: every op that triton implements must run on triton (an error
   listing the reasons if it cannot); ops it does not implement at all stay on auto.
@@ -13,22 +17,28 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from .backends import ALL_OPS, Backend, device_types, registry
+import torch
+
+from . import tuning_table
+from .backends import ALL_OPS, Backend, device_types, registry, tensors_of
 
 ENV_VAR = "SIMMIM_FAST_BACKEND"
 
-# Preference per device type. Triton leads on CUDA as our kernels are built to win there; the
-# benchmarks (benchmarks/) are the evidence, and this table is what to change when they say otherwise.
+# The backends auto mode may use per device type. The first that can take a call is the choice
+# without a measurement: on CUDA PyTorch's (SDPA for the attention ops, the reference composition
+# for the rest), as our kernels win only where the tuner has measured them winning.
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("triton", "cuda", "sdpa", "xformers", "reference"),
+    "cuda": ("sdpa", "reference", "triton", "cuda", "xformers"),
     "xla": ("xla", "reference"),
     "cpu": ("reference",),
 }
 DEFAULT_ORDER = ("reference",)
 
 _local = threading.local()
+# Callbacks that see every op call (the tuner's recording forward); a plain list so Dynamo reads it.
+_recorders: List[Callable[[str, Dict[str, object]], None]] = []
 
 
 class BackendError(RuntimeError):
@@ -97,6 +107,12 @@ def explain(op: str, args: Mapping[str, object]) -> List[Tuple[str, List[str]]]:
     return [(name, known[name].reasons(op, args)) for name in order]
 
 
+def usable(op: str, args: Mapping[str, object]) -> List[str]:
+    """The auto-mode backends that can run ``op`` on ``args``, in ``AUTO_ORDER``."""
+    known = registry()
+    return [name for name in auto_candidates(args) if not known[name].reasons(op, args)]
+
+
 def select(op: str, args: Mapping[str, object]) -> Backend:
     known = registry()
     forced = forced_backend_name(op)
@@ -105,12 +121,33 @@ def select(op: str, args: Mapping[str, object]) -> Backend:
         if reasons:
             raise BackendError(f"backend {forced!r} was forced for {op} but cannot run it: " + "; ".join(reasons))
         return known[forced]
-    for name in auto_candidates(args):
-        if not known[name].reasons(op, args):
-            return known[name]
-    details = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in explain(op, args))
-    raise BackendError(f"no backend can run {op} on these inputs ({details})")
+    names = usable(op, args)
+    if not names:
+        details = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in explain(op, args))
+        raise BackendError(f"no backend can run {op} on these inputs ({details})")
+    if len(names) > 1:
+        measured = tuning_table.measured_choice(op, args)
+        if measured in names:
+            return known[measured]
+        if (not torch.compiler.is_compiling() and not _recorders
+                and tuning_table.lazy_tuning_enabled(tensors_of(args)[0].device.type)):
+            from . import tuning  # imports this module: loaded on first use
+
+            return known[tuning.tune_lazily(op, args)]
+    return known[names[0]]
+
+
+@contextlib.contextmanager
+def recording(callback: Callable[[str, Dict[str, object]], None]) -> Iterator[None]:
+    """``callback(op, args)`` sees every op call inside the block (no lazy tuning meanwhile)."""
+    _recorders.append(callback)
+    try:
+        yield
+    finally:
+        _recorders.remove(callback)
 
 
 def call(op: str, args: Dict[str, object]):
+    if _recorders:
+        _recorders[-1](op, args)
     return select(op, args).implementation(op)(**args)

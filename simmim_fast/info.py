@@ -1,4 +1,5 @@
-"""``python -m simmim_fast.info``: versions, devices, backends, and which backend each op would use."""
+"""``python -m simmim_fast.info``: versions, devices, backends, which backend each op would use, and the
+measured choices of the tuning table."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -8,7 +9,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from . import dispatch
+from . import dispatch, tuning_table
 from .backends import ALL_OPS, registry
 
 OPTIONAL_PACKAGES = ("triton", "xformers", "apex", "torch_xla", "numpy", "nvidia-ml-py")
@@ -51,11 +52,28 @@ def choices(device: str, dtype: torch.dtype) -> List[Tuple[str, str, List[Tuple[
     for op in ALL_OPS:
         args = sample_inputs(op, device, dtype)
         try:
-            chosen = dispatch.select(op, args).name
+            with tuning_table.lazy_tuning_paused():  # toy shapes: ask, never measure
+                chosen = dispatch.select(op, args).name
         except dispatch.BackendError as error:
             chosen = f"ERROR: {error}"
         rows.append((op, chosen, dispatch.explain(op, args)))
     return rows
+
+
+def tuning_lines(device: torch.device) -> List[str]:
+    """The measured choices for ``device`` (its cache file), one line per op signature."""
+    path = tuning_table.table_path(device)
+    entries = tuning_table.table(device)
+    lines = [f"tuned choices on {device} ({path}{'' if path.exists() else ': none yet'}):"]
+    if not entries:
+        lines.append("  none: auto takes the first backend of AUTO_ORDER that can run each op "
+                     f"({', '.join(dispatch.AUTO_ORDER.get(device.type, dispatch.DEFAULT_ORDER))})")
+    for sig, entry in entries.items():
+        times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(entry["times_ms"].items(), key=lambda i: i[1]))
+        failed = "".join(f"; {name} failed numerics" for name in entry["failures"])
+        lines.append(f"  {sig[0]:<20} -> {entry['backend']:<10} {times}{failed}")
+        lines.append(f"  {'':<20}    at {tuning_table.describe(sig)}")
+    return lines
 
 
 def report() -> str:
@@ -73,6 +91,9 @@ def report() -> str:
         lines.append("CUDA device: none")
     lines.append(f"{dispatch.ENV_VAR}={os.environ.get(dispatch.ENV_VAR, '(unset: auto)')}"
                  f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    lines.append(f"{tuning_table.TUNE_VAR}={os.environ.get(tuning_table.TUNE_VAR, '(unset: 1)')}"
+                 f"  {tuning_table.TUNE_DIR_VAR}={os.environ.get(tuning_table.TUNE_DIR_VAR, '(unset)')}"
+                 f"  tuning cache: {tuning_table.cache_dir()}")
     lines.append("")
     lines.append("backends:")
     for name, backend in registry().items():
@@ -90,6 +111,9 @@ def report() -> str:
             for name, reasons in explained:
                 if name != chosen and reasons and f"does not implement {op}" not in reasons[0]:
                     lines.append(f"  {'':<20}   not {name}: {'; '.join(reasons)}")
+    for device in ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]:
+        lines.append("")
+        lines.extend(tuning_lines(torch.device(device)))
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from .. import dispatch
+from .. import dispatch, tuning
 from ..config import build_simmim
 from ..masking import MaskGenerator
 from ..models.vit import Block as VitBlock
@@ -127,6 +127,10 @@ class Pretraining:
         seed_everything(config.SEED + runtime.rank)
         if config.TRAIN.USE_CHECKPOINT:
             checkpoint_vit_blocks(self.model)
+        mask_generator = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, self.model.patch_size,
+                                       config.DATA.MASK_RATIO)
+        # Before DDP/FSDP wrap the model (rank 0 runs it alone) and before torch.compile traces it.
+        tuning.before_training(self.model, runtime, config.DATA.BATCH_SIZE, mask_generator, self.amp_dtype)
         self.train_model = distributed.wrap(self.model, runtime, options.fsdp)
         if options.fsdp:
             from torch.distributed.fsdp import register_fsdp_forward_method
@@ -135,8 +139,6 @@ class Pretraining:
         if options.compile:
             self.train_model = torch.compile(self.train_model)
 
-        mask_generator = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, self.model.patch_size,
-                                       config.DATA.MASK_RATIO)
         self.dataset = PretrainDataset(open_image_source(config.DATA.DATA_PATH),
                                        SimMIMTransform(config.DATA.IMG_SIZE, mask_generator), seed=config.SEED)
         self.batch_size = config.DATA.BATCH_SIZE

@@ -1,0 +1,245 @@
+"""The table of measured backend choices that auto mode reads, and its cache on disk.
+
+An entry says which backend won one op at one *signature*: the op, the device type, the autocast
+dtype, every tensor argument's shape, dtype and requires_grad, and the other arguments' values. Entries
+belong to an *environment* (device name, torch and triton versions): each environment is one JSON file
+in the cache folder, so a new GPU or a new torch/triton starts with an empty table rather than trusting
+another's measurements.
+
+Cache folder: ``$SIMMIM_FAST_TUNE_DIR``, else ``$XDG_CACHE_HOME/simmim_fast/tuning``, else
+``~/.cache/simmim_fast/tuning``. Files are replaced atomically; a corrupt one is ignored with a warning.
+``SIMMIM_FAST_TUNE=0`` turns off every automatic measurement (the lazy one of the dispatch and the one
+``simmim-fast pretrain`` runs before its first step); a table already on disk is still used.
+
+This module is read by the dispatch at every op call, also while torch.compile traces: ``signature``
+builds plain tuples, and ``measured_choices`` runs outside the trace (its result is a constant of the
+graph), so no file is read and nothing breaks the graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+
+from . import reference
+
+TUNE_DIR_VAR = "SIMMIM_FAST_TUNE_DIR"
+TUNE_VAR = "SIMMIM_FAST_TUNE"
+FILE_FORMAT = 1
+# Device types whose first eager call at a new signature is measured (the dispatch's lazy tuning).
+LAZY_DEVICE_TYPES: Tuple[str, ...] = ("cuda",)
+
+# The reference's parameter order: a signature lists arguments in it whatever order the caller used.
+PARAMETER_NAMES = {op: tuple(inspect.signature(function).parameters) for op, function in reference.OPS.items()}
+
+Signature = tuple
+Entry = Dict[str, object]  # {"backend": name, "times_ms": {name: ms}, "failures": {name: why}}
+
+_tables: Dict[Path, Dict[Signature, Entry]] = {}  # file -> its entries, read on first use
+_device_names: Dict[Tuple[str, Optional[int]], str] = {}
+_lazy_state = {"frozen": False, "paused": 0}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def signature(op: str, args: Mapping[str, object]) -> Signature:
+    """(op, device type, autocast dtype or '', ((name, shape, dtype, requires_grad) | (name, value), ...)).
+
+    Plain tuples of constants, built the same way in eager code and while torch.compile traces."""
+    device_type = next(value for value in args.values() if isinstance(value, torch.Tensor)).device.type
+    autocast = _dtype_name(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else ""
+    described = []
+    for name in PARAMETER_NAMES[op]:
+        value = args.get(name)
+        if isinstance(value, torch.Tensor):
+            described.append((name, tuple(value.shape), _dtype_name(value.dtype), value.requires_grad))
+        else:
+            described.append((name, value))
+    return (op, device_type, autocast, tuple(described))
+
+
+def describe(sig: Signature) -> str:
+    """A signature as one short line: 'q 64x12x197x64 float32 grad, ..., scale=None; autocast bfloat16'."""
+    op, device_type, autocast, described = sig
+    parts = []
+    for item in described:
+        if len(item) == 4:
+            name, shape, dtype, requires_grad = item
+            parts.append(f"{name} {'x'.join(map(str, shape))} {dtype}{' grad' if requires_grad else ''}")
+        elif item[1] is not None:
+            parts.append(f"{item[0]}={item[1]}")
+    return f"{', '.join(parts)}; {device_type}, autocast {autocast or 'off'}"
+
+
+def cache_dir() -> Path:
+    if os.environ.get(TUNE_DIR_VAR):
+        return Path(os.environ[TUNE_DIR_VAR])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "simmim_fast" / "tuning"
+
+
+def device_name(device_type: str, index: Optional[int]) -> str:
+    key = (device_type, index)
+    if key not in _device_names:
+        if device_type == "cuda":
+            _device_names[key] = torch.cuda.get_device_name(index)
+        else:
+            _device_names[key] = device_type
+    return _device_names[key]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    """What a measurement is only valid for: the device's name and the torch and triton versions."""
+    return {"device": device_name(device.type, device.index), "torch": torch.__version__,
+            "triton": _version("triton")}
+
+
+def table_path(device: torch.device) -> Path:
+    env = environment(device)
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{env['device']}-torch{env['torch']}-triton{env['triton']}")
+    return cache_dir() / f"{slug}.json"
+
+
+def _as_tuples(value):
+    """JSON lists back to the tuples that signatures are made of."""
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def read_file(path: Path, expected_environment: Mapping[str, str]) -> Dict[Signature, Entry]:
+    """The entries of one cache file; {} when it is missing, and when it is corrupt or for another
+    environment (with a warning: it is ignored, and replaced at the next save)."""
+    if not path.exists():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+        if content.get("format") != FILE_FORMAT or content.get("environment") != dict(expected_environment):
+            raise ValueError(f"format {content.get('format')} for {content.get('environment')}, expected format "
+                             f"{FILE_FORMAT} for {dict(expected_environment)}")
+        return {_as_tuples(row["signature"]): row["entry"] for row in content["entries"]}
+    except Exception as error:  # any malformed content: the table is a cache, never a reason to fail
+        warnings.warn(f"ignoring the tuning cache {path}: {type(error).__name__}: {error}", stacklevel=2)
+        return {}
+
+
+def write_file(path: Path, env: Mapping[str, str], entries: Mapping[Signature, Entry]) -> None:
+    """Atomic: a temporary file in the same folder, then renamed over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = ",\n".join(json.dumps({"signature": sig, "entry": entry}) for sig, entry in entries.items())
+    text = f'{{"format": {FILE_FORMAT}, "environment": {json.dumps(dict(env))}, "entries": [\n{rows}\n]}}\n'
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)  # one entry per line: readable, and diffable
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def table(device: torch.device) -> Dict[Signature, Entry]:
+    """The in-memory table of ``device``'s environment, read from the cache on first use."""
+    path = table_path(device)
+    if path not in _tables:
+        _tables[path] = read_file(path, environment(device))
+    return _tables[path]
+
+
+@torch.compiler.assume_constant_result
+def measured_choices(op: str, device_type: str, index: Optional[int]) -> Tuple[Tuple[Signature, str], ...]:
+    """(signature, backend) of every measured ``op`` on that device; a constant while torch.compile traces."""
+    entries = table(torch.device(device_type, index))
+    return tuple((sig, entry["backend"]) for sig, entry in entries.items() if sig[0] == op)
+
+
+def lookup(device: torch.device, sig: Signature) -> Optional[str]:
+    """The backend measured fastest at exactly this signature on ``device``, or None."""
+    for measured, backend in measured_choices(sig[0], device.type, device.index):
+        if measured == sig:  # compared, not hashed: under torch.compile the shapes may be symbolic
+            return backend
+    return None
+
+
+def measured_choice(op: str, args: Mapping[str, object]) -> Optional[str]:
+    device = next(value for value in args.values() if isinstance(value, torch.Tensor)).device
+    return lookup(device, signature(op, args))
+
+
+def record(device: torch.device, sig: Signature, entry: Entry, save: bool = True) -> None:
+    """Add an entry to the table and, with ``save``, to the cache file (merged with what other processes
+    wrote meanwhile). A cache that cannot be written is reported once per path; the table still holds it."""
+    entries = table(device)
+    entries[sig] = entry
+    if not save:
+        return
+    path, env = table_path(device), environment(device)
+    try:
+        on_disk = read_file(path, env)
+        on_disk[sig] = entry
+        write_file(path, env, on_disk)
+        entries.update(on_disk)
+    except OSError as error:
+        warnings.warn(f"could not write the tuning cache {path} ({error}); the choice holds for this process only",
+                      stacklevel=2)
+
+
+def export(device: torch.device) -> Dict[Signature, Entry]:
+    return dict(table(device))
+
+
+def install(device: torch.device, entries: Mapping[Signature, Entry]) -> None:
+    """Replace ``device``'s table in this process (not on disk): how ranks take rank 0's choices."""
+    _tables[table_path(device)] = dict(entries)
+
+
+def forget() -> None:
+    """Drop the in-memory tables (they are read again from the cache folder at next use)."""
+    _tables.clear()
+
+
+def tuning_enabled() -> bool:
+    """Automatic measurements are allowed (``SIMMIM_FAST_TUNE`` is not 0)."""
+    return os.environ.get(TUNE_VAR, "1").strip() != "0"
+
+
+def lazy_tuning_enabled(device_type: str) -> bool:
+    return (device_type in LAZY_DEVICE_TYPES and not _lazy_state["frozen"] and not _lazy_state["paused"]
+            and tuning_enabled())
+
+
+def freeze() -> None:
+    """No more lazy tuning in this process: ranks that share rank 0's table must not each measure on
+    their own, or they could pick different kernels for a new shape."""
+    _lazy_state["frozen"] = True
+
+
+@contextlib.contextmanager
+def lazy_tuning_paused() -> Iterator[None]:
+    """No lazy tuning inside the block (``python -m simmim_fast.info`` asks the dispatch at toy shapes)."""
+    _lazy_state["paused"] += 1
+    try:
+        yield
+    finally:
+        _lazy_state["paused"] -= 1
+
+
+def log(message: str) -> None:
+    print(f"simmim_fast: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,406 @@
+"""Measured backend choice (simmim_fast.tuning, simmim_fast.tuning_table) on the CPU, with fake backends
+whose costs advance a fake clock and some of which are numerically wrong.
+
+Run as ``python -m torch.distributed.run --nproc_per_node=2 -m tests.test_tuning OUTPUT`` it is the
+worker of the rank-0 broadcast test.
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import simmim_fast as sf
+from simmim_fast import dispatch, info, ops, reference, tolerances, tuning, tuning_table
+from simmim_fast.backends import ALL_OPS, Backend, registry
+from simmim_fast.backends import _registry as registered_backends
+from simmim_fast.train.distributed import Runtime
+
+CPU = torch.device("cpu")
+
+
+class FakeClock:
+    """Seconds advance only when a fake backend runs: timings are exact and chosen by the test."""
+
+    now = 0.0
+
+    def start(self):
+        return self.now
+
+    def elapsed(self, started):
+        return self.now - started
+
+
+CLOCK = FakeClock()
+CALLED = []  # names of the fake backends that ran, in order
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class FakeBackend(Backend):
+    """The reference's computation at a chosen cost, optionally off in the output or the gradients, or raising."""
+
+    def __init__(self, name, cost, ops=("attention",), output_error=0.0, grad_error=0.0, raises=False):
+        self.name, self.ops, self.cost = name, ops, cost
+        self.output_error, self.grad_error, self.raises = output_error, grad_error, raises
+        self.description = f"test backend costing {cost} s"
+
+    def implementation(self, op):
+        plain = reference.OPS[op]
+
+        def run(**args):
+            CALLED.append(self.name)
+            CLOCK.now += self.cost
+            if self.raises:
+                raise RuntimeError("this kernel does not compile here")
+            out = plain(**args)
+            out = out + out.detach() * self.output_error  # off in the value only: the gradients stay exact
+            return _ScaleGrad.apply(out, 1.0 + self.grad_error) if self.grad_error else out
+        return run
+
+
+FAKES = (
+    FakeBackend("reference", 10.0, ops=ALL_OPS),  # a costed stand-in: the clock must see every candidate
+    FakeBackend("off_output", 1.0, output_error=1e-2),
+    FakeBackend("off_grads", 1.0, grad_error=1e-2),
+    FakeBackend("broken", 0.5, raises=True),
+    FakeBackend("slow", 5.0),
+    FakeBackend("fast", 2.0),
+)
+
+
+def install_fakes(monkeypatch, tune_dir, lazy=False):
+    """The fakes as the CPU's auto-mode backends, the fake clock, a private cache folder."""
+    registry()  # build the real registry first: it is built only when empty
+    for fake in FAKES:
+        monkeypatch.setitem(registered_backends, fake.name, fake)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", tuple(fake.name for fake in FAKES))
+    monkeypatch.setattr(tuning, "clock_for", lambda device: CLOCK)
+    monkeypatch.setattr(tuning, "WARMUP_CALLS", 1)  # the fake clock needs no warm-up; fewer calls, faster tests
+    monkeypatch.setattr(tuning, "TIMED_CALLS", 3)
+    monkeypatch.setattr(tuning_table, "LAZY_DEVICE_TYPES", ("cpu",) if lazy else ())
+    monkeypatch.setitem(tuning_table._lazy_state, "frozen", False)
+    monkeypatch.setenv(tuning_table.TUNE_DIR_VAR, str(tune_dir))
+    monkeypatch.delenv(tuning_table.TUNE_VAR, raising=False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    tuning_table.forget()
+    CALLED.clear()
+
+
+@pytest.fixture
+def fakes(monkeypatch, tmp_path):
+    install_fakes(monkeypatch, tmp_path / "tuning")
+    yield tmp_path / "tuning"
+    tuning_table.forget()
+
+
+def tiny_vit():
+    model = sf.build_simmim("vit-tiny")
+    images = torch.randn(2, 3, 64, 64)
+    mask = sf.MaskGenerator(64, 16, model.patch_size, 0.6).generate(2)
+    return model, images, mask
+
+
+def attention_args(tokens=7, requires_grad=True):
+    q, k, v = (torch.randn(2, 2, tokens, 16, requires_grad=requires_grad) for _ in range(3))
+    return dict(q=q, k=k, v=v, bias=torch.randn(2, tokens, tokens, requires_grad=requires_grad), scale=None,
+                dropout_p=0.0)
+
+
+def test_tune_keeps_the_fastest_backend_that_passes_numerics(fakes):
+    model, images, mask = tiny_vit()
+    report = sf.tune(model, images, mask)
+    # Only attention has several backends here; every block of the ViT calls it at one signature.
+    assert [outcome.op for outcome in report.outcomes] == ["attention"]
+    outcome = report.outcomes[0]
+    assert outcome.backend == "fast"
+    assert outcome.seconds == {"reference": 10.0, "slow": 5.0, "fast": 2.0}  # the median of single calls
+    # Faster candidates that are wrong, in the output or only in a gradient, or that raise, are never chosen.
+    assert set(outcome.failures) == {"off_output", "off_grads", "broken"}
+    assert "output: err" in outcome.failures["off_output"] and "grad of q" not in outcome.failures["off_output"]
+    assert "grad of q: err" in outcome.failures["off_grads"] and "output" not in outcome.failures["off_grads"]
+    assert outcome.failures["broken"] == "raised RuntimeError: this kernel does not compile here"
+    assert "3 candidate(s) failed numerics" in report.summary() and "attention -> fast x1" in report.summary()
+    assert len(report.failure_lines()) == 3
+
+    # Auto mode now takes it at that signature, and the conservative first choice elsewhere.
+    recorded = []
+    with dispatch.recording(lambda op, args: recorded.append((op, dict(args)))):
+        model(images, mask)
+    attention_calls = [args for op, args in recorded if op == "attention"]
+    assert dispatch.select("attention", attention_calls[0]).name == "fast"
+    assert dispatch.select("attention", attention_args()).name == "reference"
+
+    # A second tune reads the cache: nothing is run again.
+    tuning_table.forget()
+    CALLED.clear()
+    again = sf.tune(model, images, mask)
+    assert again.outcomes[0].from_cache and again.outcomes[0].backend == "fast"
+    assert set(CALLED) == {"fast", "reference"}  # the recording forward only: the table's choice for attention
+    assert sf.tune(model, images, mask, retune=True).outcomes[0].from_cache is False
+
+
+def test_timing_is_warmup_then_median():
+    costs = iter([100.0, 100.0, 3.0, 1.0, 2.0, 50.0, 4.0])  # two warm-up calls, then five timed ones
+    clock = FakeClock()
+
+    def run():
+        clock.now += next(costs)
+    assert tuning.median_seconds(run, clock, warmup=2, repeats=5) == 3.0
+
+
+def test_numerics_follow_the_autocast_of_the_call(fakes, monkeypatch):
+    """Under bf16 autocast the allowance is torch's own bf16 error: a 1e-3 relative error passes
+    there and fails in fp32."""
+    monkeypatch.setattr(registry()["off_output"], "output_error", 1e-3)
+    fp32 = tuning.measure(tuning.Call.capture("attention", attention_args()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = tuning.measure(tuning.Call.capture("attention", attention_args()))
+    assert "off_output" in fp32.failures
+    assert "off_output" not in bf16.failures and "off_output" in bf16.seconds
+    assert bf16.signature[2] == "bfloat16" and fp32.signature[2] == ""
+
+
+def test_lazy_tuning_on_the_first_eager_call_of_a_signature(monkeypatch, tmp_path, capsys):
+    install_fakes(monkeypatch, tmp_path, lazy=True)
+    args = attention_args()
+    out = ops.attention(**args)
+    torch.testing.assert_close(out, reference.attention(**args))  # the call itself still returns its result
+    log = capsys.readouterr().err
+    assert log.count("simmim_fast: tuned attention") == 1 and "-> fast" in log and "SIMMIM_FAST_TUNE=0" in log
+    assert tuning_table.measured_choice("attention", args) == "fast"
+    CALLED.clear()
+    ops.attention(**args)
+    assert CALLED == ["fast"] and capsys.readouterr().err == ""  # measured once per signature
+    ops.attention(**attention_args(tokens=9))  # a new shape is a new signature
+    assert "tuned attention" in capsys.readouterr().err
+    # The measurement was saved: a new process (here: a cleared memory) uses it without measuring.
+    tuning_table.forget()
+    CALLED.clear()
+    ops.attention(**args)
+    assert CALLED == ["fast"]
+
+
+def test_tune_knob_off_and_paused_means_no_measurement(monkeypatch, tmp_path, capsys):
+    install_fakes(monkeypatch, tmp_path, lazy=True)
+    monkeypatch.setenv(tuning_table.TUNE_VAR, "0")
+    ops.attention(**attention_args())
+    assert CALLED == ["reference"] and capsys.readouterr().err == ""
+    assert not list(tmp_path.iterdir())
+    monkeypatch.delenv(tuning_table.TUNE_VAR)
+    CALLED.clear()
+    with tuning_table.lazy_tuning_paused():
+        ops.attention(**attention_args())
+    assert CALLED == ["reference"]
+    tuning_table.freeze()  # monkeypatched state: undone after the test
+    ops.attention(**attention_args())
+    assert CALLED == ["reference", "reference"]
+
+
+def test_forced_backend_is_not_measured(monkeypatch, tmp_path):
+    install_fakes(monkeypatch, tmp_path, lazy=True)
+    with sf.use_backend("attention=slow"):
+        ops.attention(**attention_args())
+    assert CALLED == ["slow"] and not list(tmp_path.iterdir())
+
+
+def test_while_compiling_the_table_is_used_and_nothing_is_timed(monkeypatch, tmp_path, capsys):
+    install_fakes(monkeypatch, tmp_path, lazy=True)
+    args = attention_args()
+
+    def step(q, k, v, bias):
+        return ops.attention(q, k, v, bias).sum()
+
+    # No table: the conservative first backend, no measurement, one graph.
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(args["q"], args["k"], args["v"], args["bias"])
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    assert set(CALLED) == {"reference"} and "tuned" not in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+    # With a table entry for the signature, the compiled graph runs the measured backend.
+    tuning_table.record(CPU, tuning_table.signature("attention", args), {"backend": "slow", "times_ms": {},
+                                                                         "failures": {}})
+    torch._dynamo.reset()
+    CALLED.clear()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    compiled(args["q"], args["k"], args["v"], args["bias"]).backward()
+    assert set(CALLED) == {"slow"}
+    torch._dynamo.reset()
+
+
+def test_cache_round_trip_and_invalidation(fakes, monkeypatch):
+    sig = tuning_table.signature("attention", attention_args())
+    entry = {"backend": "fast", "times_ms": {"fast": 2.0}, "failures": {"off_output": "output: err 1 > 0"}}
+    tuning_table.record(CPU, sig, entry)
+    path = tuning_table.table_path(CPU)
+    assert path.parent == fakes and path.exists() and [p.name for p in fakes.iterdir()] == [path.name]
+    tuning_table.forget()
+    assert tuning_table.lookup(CPU, sig) == "fast" and tuning_table.table(CPU)[sig] == entry
+
+    # Another torch version or another device: another file, an empty table.
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "__version__", "9.9.9")
+        assert tuning_table.table_path(CPU) != path and tuning_table.lookup(CPU, sig) is None
+    monkeypatch.setitem(tuning_table._device_names, ("cpu", None), "another cpu")
+    assert tuning_table.lookup(CPU, sig) is None
+    # A file copied from another environment is refused as such.
+    tuning_table.table_path(CPU).write_text(path.read_text())
+    tuning_table.forget()
+    with pytest.warns(UserWarning, match="ignoring the tuning cache.*expected format 1 for .*another cpu"):
+        assert tuning_table.lookup(CPU, sig) is None
+
+
+def test_corrupt_cache_is_ignored_with_a_warning_and_replaced(fakes):
+    sig = tuning_table.signature("attention", attention_args())
+    path = tuning_table.table_path(CPU)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"format": 1, "entries": [{"signa')
+    with pytest.warns(UserWarning, match="ignoring the tuning cache"):
+        assert tuning_table.lookup(CPU, sig) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuning_table.record(CPU, sig, {"backend": "slow", "times_ms": {}, "failures": {}})
+    assert json.loads(path.read_text())["entries"][0]["entry"]["backend"] == "slow"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_unwritable_cache_keeps_the_choice_in_memory(fakes):
+    fakes.parent.joinpath("tuning").write_text("a file where the folder should be")
+    sig = tuning_table.signature("attention", attention_args())
+    with pytest.warns(UserWarning, match="could not write the tuning cache"):
+        tuning_table.record(CPU, sig, {"backend": "slow", "times_ms": {}, "failures": {}})
+    assert tuning_table.lookup(CPU, sig) == "slow"
+
+
+def test_default_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv(tuning_table.TUNE_DIR_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert tuning_table.cache_dir() == tmp_path / "simmim_fast" / "tuning"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert tuning_table.cache_dir() == Path.home() / ".cache" / "simmim_fast" / "tuning"
+
+
+def test_signature_follows_the_reference_order_shapes_dtypes_grads_and_autocast():
+    args = attention_args()
+    reordered = dict(reversed(list(args.items())))
+    assert tuning_table.signature("attention", reordered) == tuning_table.signature("attention", args)
+    with torch.no_grad():
+        without_grad = attention_args(requires_grad=False)
+    assert tuning_table.signature("attention", without_grad) != tuning_table.signature("attention", args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tuning_table.signature("attention", args)[2] == "bfloat16"
+    described = tuning_table.describe(tuning_table.signature("attention", args))
+    assert described == "q 2x2x7x16 float32 grad, k 2x2x7x16 float32 grad, v 2x2x7x16 float32 grad, " \
+                        "bias 2x7x7 float32 grad, dropout_p=0.0; cpu, autocast off"
+
+
+def test_without_a_table_cuda_auto_takes_pytorch_first():
+    """The first CUDA backend implementing each op is the untuned choice: SDPA for the attention ops,
+    the reference composition for the rest; never a Triton kernel nobody has measured."""
+    order = dispatch.AUTO_ORDER["cuda"]
+    for op in ALL_OPS:
+        first = next(name for name in order if op in registry()[name].ops)
+        assert first == ("sdpa" if op in ("attention", "window_attention") else "reference"), op
+    assert set(order) >= {"triton", "cuda", "xformers"}  # still measured by the tuner
+
+
+def test_relative_tolerance_floor():
+    """fp32: 1e-5 of the reference's magnitude, whatever that magnitude (a dBias summed over 64 images)."""
+    reference_value = torch.full((4,), 100.0)
+    close = reference_value + 5e-4
+    assert tolerances.compare_to_torch_error(close, reference_value, reference_value).ok  # 5e-6 relative
+    unit = torch.ones(4)
+    assert not tolerances.compare_to_torch_error(unit + 5e-4, unit, unit).ok  # the same error on a unit quantity
+    nan = tolerances.compare_to_torch_error(torch.full((4,), float("nan")), reference_value, reference_value)
+    assert not nan.ok and "err nan" in str(nan)
+    lowp = reference_value.bfloat16()
+    assert tolerances.compare_to_torch_error(lowp, lowp, reference_value).bound == pytest.approx(8e-3 * 100)
+
+
+def test_pretrain_hook_tunes_once_before_training(fakes, monkeypatch, capsys):
+    """What ``simmim-fast pretrain`` runs on CUDA, here on the fakes: one line with the cost, the failures
+    listed, and no RNG consumed."""
+    monkeypatch.setattr(tuning_table, "LAZY_DEVICE_TYPES", ("cpu",))
+    model, _, _ = tiny_vit()
+    masks = sf.MaskGenerator(64, 16, model.patch_size, 0.6)
+    rng = torch.get_rng_state()
+    tuning.before_training(model, Runtime(CPU), 2, masks, None)
+    assert torch.equal(torch.get_rng_state(), rng)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("kernel tuning: 1 op shape(s), 1 measured") and lines[0].endswith(" s")
+    assert len([line for line in lines if "never chosen for attention" in line]) == 3
+    monkeypatch.setenv(tuning_table.TUNE_VAR, "0")
+    tuning.before_training(model, Runtime(CPU), 4, masks, None)
+    assert capsys.readouterr().err == ""
+
+
+def test_info_prints_the_table(fakes):
+    tuning_table.record(CPU, tuning_table.signature("attention", attention_args()),
+                        {"backend": "fast", "times_ms": {"fast": 2.0, "slow": 5.0}, "failures": {"off_output": "x"}})
+    printed = info.report()  # what ``python -m simmim_fast.info`` prints (tests/test_dispatch.py runs it)
+    assert f"tuned choices on cpu ({tuning_table.table_path(CPU)})" in printed
+    assert "attention            -> fast       fast 2 ms, slow 5 ms; off_output failed numerics" in printed
+    assert "at q 2x2x7x16 float32 grad" in printed
+    assert not CALLED  # asking the dispatch at toy shapes measured nothing
+
+
+# ---- rank 0's table on every rank (2 gloo processes) ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_rank_takes_rank_0_table(tmp_path):
+    """Rank 0 tunes (fakes, fake clock) and finds 'fast'; rank 1's own cache says 'slow' for the same
+    signature. After the hook both run 'fast', and neither tunes again."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "tests.test_tuning", str(tmp_path)]
+    done = subprocess.run(command, cwd=Path(__file__).parent.parent, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0]["before"] == "reference" and results[1]["before"] == "slow"
+    assert [r["after"] for r in results] == ["fast", "fast"]
+    assert [r["new_shape"] for r in results] == ["reference", "reference"]  # frozen: no rank measures alone
+    assert "kernel tuning: 1 op shape(s), 1 measured" in done.stderr
+
+
+def _rank_worker(output: Path) -> None:
+    from simmim_fast.train import distributed
+
+    rank = int(os.environ["RANK"])
+    monkeypatch = pytest.MonkeyPatch()
+    install_fakes(monkeypatch, output / f"cache{rank}")
+    torch.manual_seed(0)
+    model, images, mask = tiny_vit()
+    recorded = []
+    with dispatch.recording(lambda op, args: recorded.append((op, dict(args)))):
+        model(images, mask)
+    attention = next(args for op, args in recorded if op == "attention")
+    if rank == 1:  # a different, stale choice in rank 1's own cache
+        tuning_table.record(CPU, tuning_table.signature("attention", attention), {"backend": "slow", "times_ms": {},
+                                                                                  "failures": {}})
+    before = dispatch.select("attention", attention).name
+    monkeypatch.setattr(tuning_table, "LAZY_DEVICE_TYPES", ("cpu",))  # rank 0 tunes here as on CUDA
+    runtime = distributed.start("cpu")
+    tuning.before_training(model, runtime, 2, sf.MaskGenerator(64, 16, model.patch_size, 0.6), None)
+    after = dispatch.select("attention", attention).name
+    new_shape = dispatch.select("attention", attention_args(tokens=5)).name
+    (output / f"rank{rank}.json").write_text(json.dumps({"before": before, "after": after, "new_shape": new_shape}))
+    distributed.stop(runtime)
+
+
+if __name__ == "__main__":
+    _rank_worker(Path(sys.argv[1]))
