@@ -70,7 +70,7 @@ def tuning_lines(device: torch.device) -> List[str]:
                      f"({', '.join(dispatch.AUTO_ORDER.get(device.type, dispatch.DEFAULT_ORDER))})")
     for sig, entry in entries.items():
         times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(entry["times_ms"].items(), key=lambda i: i[1]))
-        failed = "".join(f"; {name} failed numerics" for name in entry["failures"])
+        failed = "".join(f"; {name} failed" for name in entry["failures"])
         lines.append(f"  {sig[0]:<20} -> {entry['backend']:<10} {times}{failed}")
         lines.append(f"  {'':<20}    at {tuning_table.describe(sig)}")
     return lines

@@ -180,16 +180,28 @@ def _numerics_failure(call: Call, fast_results, torch_results, oracle_results) -
     return "; ".join(failed)
 
 
+def _raised(error: Exception, device: torch.device) -> str:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # an OOM of one candidate must not starve the next
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return f"raised {type(error).__name__}: {first_line}"
+
+
 def measure(call: Call, clock=None, warmup: Optional[int] = None, repeats: Optional[int] = None) -> Outcome:
-    """Check then time every backend that can take ``call``; the fastest passing one is the choice.
-    ``warmup``/``repeats`` default to WARMUP_CALLS/TIMED_CALLS, ``clock`` to the device's."""
+    """Check then time every backend that can take ``call``; the fastest passing one is the choice
+    (None when even the reference cannot run it, e.g. out of memory). ``warmup``/``repeats`` default to
+    WARMUP_CALLS/TIMED_CALLS, ``clock`` to the device's."""
     clock = clock or clock_for(call.device)
     warmup = WARMUP_CALLS if warmup is None else warmup
     repeats = TIMED_CALLS if repeats is None else repeats
-    plain = reference.OPS[call.op]
-    oracle = _Runner(plain, call, dtype=torch.float64, autocast=False)()
-    same_precision = _Runner(plain, call)()
     outcome = Outcome(call.op, call.signature, None)
+    plain = reference.OPS[call.op]
+    try:
+        oracle = _Runner(plain, call, dtype=torch.float64, autocast=False)()
+        same_precision = _Runner(plain, call)()
+    except Exception as error:
+        outcome.failures["reference (the oracle)"] = _raised(error, call.device)
+        return outcome
     known = registry()
     for name in call.candidates:
         try:
@@ -200,9 +212,7 @@ def measure(call: Call, clock=None, warmup: Optional[int] = None, repeats: Optio
                 continue
             outcome.seconds[name] = median_seconds(runner, clock, warmup, repeats)
         except Exception as error:  # a backend that cannot run this call (compile error, OOM...) is not chosen
-            outcome.failures[name] = f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            if call.device.type == "cuda":
-                torch.cuda.empty_cache()
+            outcome.failures[name] = _raised(error, call.device)
     if outcome.seconds:
         outcome.backend = min(outcome.seconds, key=outcome.seconds.get)
     return outcome
@@ -236,11 +246,11 @@ class TuneReport:
         for outcome in self.outcomes:
             per_op = choices.setdefault(outcome.op, {})
             per_op[outcome.backend] = per_op.get(outcome.backend, 0) + 1
-        picked = "; ".join(f"{op} -> " + ", ".join(f"{name} x{count}" for name, count in per_op.items())
+        picked = "; ".join(f"{op} -> " + ", ".join(f"{name or 'untuned'} x{count}" for name, count in per_op.items())
                            for op, per_op in choices.items())
         failed = sum(len(o.failures) for o in self.outcomes if not o.from_cache)
         return (f"{len(self.outcomes)} op shape(s), {measured} measured, {len(self.outcomes) - measured} from the "
-                f"cache ({self.path}); {picked or 'nothing to choose'}; {failed} candidate(s) failed numerics; "
+                f"cache ({self.path}); {picked or 'nothing to choose'}; {failed} candidate(s) failed; "
                 f"{self.seconds:.1f} s")
 
     def failure_lines(self) -> List[str]:

@@ -163,11 +163,18 @@ def table(device: torch.device) -> Dict[Signature, Entry]:
     return _tables[path]
 
 
-@torch.compiler.assume_constant_result
+# What ``torch.compiler.assume_constant_result`` sets, set here without importing Dynamo (which imports
+# triton) when simmim_fast is imported; tests/test_tuning.py checks the two stay the same.
+DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
+
+
 def measured_choices(op: str, device_type: str, index: Optional[int]) -> Tuple[Tuple[Signature, str], ...]:
     """(signature, backend) of every measured ``op`` on that device; a constant while torch.compile traces."""
     entries = table(torch.device(device_type, index))
     return tuple((sig, entry["backend"]) for sig, entry in entries.items() if sig[0] == op)
+
+
+setattr(measured_choices, DYNAMO_CONSTANT_MARK, True)
 
 
 def lookup(device: torch.device, sig: Signature) -> Optional[str]:
