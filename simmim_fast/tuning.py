@@ -12,7 +12,8 @@ dtypes and autocast), every backend that can take it runs the same inputs forwar
 The fastest passing backend is recorded in the tuning table (``simmim_fast.tuning_table``: per device
 name and torch/triton versions, cached on disk) that auto mode reads. The dispatch also calls
 ``tune_lazily`` for the first eager call at an unmeasured signature on CUDA, and ``simmim-fast
-pretrain`` calls ``before_training``, where under DDP/FSDP every rank takes rank 0's table.
+pretrain`` calls ``before_training``, where under DDP/FSDP every rank takes rank 0's table
+(``use_rank_0_table``, also for your own distributed loop).
 """
 from __future__ import annotations
 
@@ -298,16 +299,27 @@ def tune(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, *, cl
     return TuneReport(outcomes, time.perf_counter() - started, str(tuning_table.table_path(images.device)))
 
 
+def use_rank_0_table(device: torch.device) -> None:
+    """In a process group (DDP/FSDP), every rank takes rank 0's table for ``device`` and measures
+    nothing more, so all ranks run the same kernels. Call it on every rank after rank 0 tuned (before
+    FSDP shards the model: ``tune`` runs the model on rank 0 alone). A no-op outside a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    box = [tuning_table.export(device) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    tuning_table.install(device, box[0])
+    tuning_table.freeze()
+
+
 def before_training(model: torch.nn.Module, runtime, batch_size: int, mask_generator, amp_dtype: Optional[torch.dtype]
                     ) -> None:
     """``simmim-fast pretrain``'s tune, before the first step and before torch.compile traces.
 
     Rank 0 tunes (on CUDA, unless ``SIMMIM_FAST_TUNE=0``) at the run's batch size and autocast with
-    synthetic images (no data is consumed, no RNG advanced); under DDP/FSDP every rank then takes rank
-    0's table and tunes nothing more, so all ranks run the same kernels.
+    synthetic images (no data is consumed, no RNG advanced); then every rank takes rank 0's table.
     """
-    from .train import distributed
-
     device = runtime.device
     if runtime.is_main and device.type in tuning_table.LAZY_DEVICE_TYPES and tuning_table.tuning_enabled():
         generator = torch.Generator(device).manual_seed(0)
@@ -319,7 +331,4 @@ def before_training(model: torch.nn.Module, runtime, batch_size: int, mask_gener
         print(f"kernel tuning: {report.summary()}", file=sys.stderr)
         for line in report.failure_lines():
             print(f"kernel tuning: {line}", file=sys.stderr)
-    if runtime.distributed:
-        entries = distributed.broadcast_from_main(tuning_table.export(device) if runtime.is_main else None, runtime)
-        tuning_table.install(device, entries)
-        tuning_table.freeze()
+    use_rank_0_table(device)

@@ -367,6 +367,25 @@ def test_pretrain_hook_tunes_once_before_training(fakes, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
+def test_pretrain_tunes_before_its_first_step(fakes, monkeypatch, tmp_path, capsys):
+    from simmim_fast.train import pretrain
+    from simmim_fast.train.scenes import render_scene
+    from tests.test_train_run import options
+
+    monkeypatch.setattr(tuning_table, "LAZY_DEVICE_TYPES", ("cpu",))  # what CUDA gets
+    data = tmp_path / "images"
+    data.mkdir()
+    for index in range(8):
+        render_scene(index, 72).save(data / f"{index}.png")
+    summary = pretrain(options(tmp_path / "run", data, batch_size=4, steps=2, save_every=2, picture_count=2))
+    assert len(summary["losses"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("kernel tuning: 1 op shape(s), 1 measured") == 1
+    assert "tuned attention [q 4x" not in err  # the steps (batch 4) found their signature measured already
+    assert CALLED.count("fast") > CALLED.count("slow")  # the steps ran the measured choice
+
+
 def test_info_prints_the_table(fakes):
     tuning_table.record(CPU, tuning_table.signature("attention", attention_args()),
                         {"backend": "fast", "times_ms": {"fast": 2.0, "slow": 5.0}, "failures": {"off_output": "x"}})

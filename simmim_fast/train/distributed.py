@@ -98,15 +98,6 @@ def sum_across(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return value
 
 
-def broadcast_from_main(value, runtime: Runtime):
-    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself in one process."""
-    if not runtime.distributed:
-        return value
-    box = [value if runtime.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
