@@ -64,7 +64,7 @@ def tuning_lines(device: torch.device) -> List[str]:
     """The measured choices for ``device`` (its cache file), one line per op signature."""
     path = tuning_table.table_path(device)
     entries = tuning_table.table(device)
-    lines = [f"tuned choices on {device} ({path}{'' if path.exists() else ': none yet'}):"]
+    lines = [f"tuned choices on {device} ({path}{'' if path.exists() else ', not written yet'}):"]
     if not entries:
         lines.append("  none: auto takes the first backend of AUTO_ORDER that can run each op "
                      f"({', '.join(dispatch.AUTO_ORDER.get(device.type, dispatch.DEFAULT_ORDER))})")
