@@ -100,11 +100,16 @@ def install_fakes(monkeypatch, tune_dir, lazy=False):
     CALLED.clear()
 
 
+@pytest.fixture(autouse=True)
+def forget_tables():
+    yield
+    tuning_table.forget()  # no test's table outlives it
+
+
 @pytest.fixture
 def fakes(monkeypatch, tmp_path):
     install_fakes(monkeypatch, tmp_path / "tuning")
-    yield tmp_path / "tuning"
-    tuning_table.forget()
+    return tmp_path / "tuning"
 
 
 def tiny_vit():
