@@ -22,6 +22,12 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_count(name: str, value, minimum: int) -> None:
+    """A setting that counts things (steps, images, workers): an int (not a bool) of at least ``minimum``."""
+    require(not isinstance(value, bool) and isinstance(value, int) and value >= minimum,
+            f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def check_floating(name: str, t: torch.Tensor) -> None:
     require(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (float32/float16/bfloat16), got {t.dtype}")
 
