@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from .backends import ALL_OPS, Backend, device_types, registry
 
@@ -112,5 +112,5 @@ def select(op: str, args: Mapping[str, object]) -> Backend:
     raise BackendError(f"no backend can run {op} on these inputs ({details})")
 
 
-def call(op: str, args: Dict[str, object]):
+def call(op: str, args: Dict[str, object]) -> Any:
     return select(op, args).implementation(op)(**args)
