@@ -84,6 +84,8 @@ BAD_PRETRAIN_FLAGS = [
     (["--data", "{root}/missing"], "missing"),
     (["--backend", "tritonn"], "unknown backend 'tritonn'"),
     (["--fsdp"], "--fsdp needs several processes"),
+    (["--compile=yes"], "argument --compile: ignored explicit argument 'yes'"),
+    (["--grad-checkpoint=1"], "argument --grad-checkpoint: ignored explicit argument '1'"),
     (["--optimizer", "apex-fused-adam"], "--optimizer apex-fused-adam needs NVIDIA apex"),
     (["--resume", "{root}/missing.pth"], "missing.pth: no such checkpoint file"),
     (["--resume", "{root}/a_file.txt"], "a_file.txt is not a readable checkpoint"),
@@ -142,6 +144,14 @@ BAD_RECONSTRUCT_FLAGS = [
     (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--device", "gpu9"], "--device"),
     (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--preset", "vit-tiny", "--images", "{root}/empty"],
      "no image files"),
+    (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--images", "{root}/missing"], "missing: no such directory"),
+    (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--out", "{root}/a_file.txt/grid.png"],
+     "a_file.txt is a file; give a folder"),
+    (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--out", "{root}/grid.txt"], "not an image file name"),
+    (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--preset", "vit-huge"], "invalid choice: 'vit-huge'"),
+    (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--config", "{root}/malformed.yaml"], "not valid YAML"),
+    (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--seed", "x"], "invalid int value: 'x'"),
+    (["--checkpoint", "{root}/run/ckpt_step_0000003.pth", "--trust-checkpoint=no"], "ignored explicit argument"),
 ]
 
 
@@ -151,6 +161,18 @@ def test_bad_reconstruct_flag_is_one_line_exit_2_and_writes_nothing(extra, expec
     assert main(argv + [arg.format(root=files) for arg in extra]) == 2
     expect_one_line(capsys.readouterr().err, expected)
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_its_own_last_line():
+    from simmim_fast.user_errors import describe
+
+    raised_in_worker = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most "
+                                  "recent call last):\n  File \"data.py\", line 9, in load\n    raise ValueError(x)\n"
+                                  "ValueError: --data /x: every image file is unreadable\n")
+    assert describe(raised_in_worker) == ("--data /x: every image file is unreadable", 2)
+    assert describe(OSError(errno.ENOSPC, "No space left on device", "/run/log.jsonl")) == (
+        "No space left on device: /run/log.jsonl", 1)
+    assert describe(KeyError("bug")) is None  # a bug keeps its traceback
 
 
 def test_debug_shows_the_traceback(files, tmp_path):

@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 
 from .. import dispatch
-from .._checks import check_count
+from .._checks import check_count, check_writable_folder
 from ..config import build_simmim
 from ..masking import MaskGenerator
 from ..models.vit import Block as VitBlock
@@ -89,15 +89,6 @@ def check_config_counts(config) -> None:
         check_count(key, (config[section] if section else config)[leaf], minimum)
 
 
-def check_output_folder(output: Path) -> None:
-    """The run folder must be a folder we can write in (or creatable in one); checked before any work."""
-    existing = next(folder for folder in (output, *output.absolute().parents) if folder.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--output {output}: {existing} is a file; give a folder (created if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {output}: the folder {existing} is not writable")
-
-
 def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype (None = full precision). auto: bf16 on CUDA where supported, else fp16; off elsewhere."""
     if choice == "auto":
@@ -152,7 +143,7 @@ class Pretraining:
         config = self.config
         check_config_counts(config)
         self.output = Path(config.OUTPUT or Path("runs") / config.TAG)
-        check_output_folder(self.output)
+        check_writable_folder("--output", self.output)  # before any work
         self.device = runtime.device
         self.amp_dtype = resolve_amp(options.amp, self.device)
         # The same initial weights on every rank (FSDP shards them, it does not broadcast them), then a

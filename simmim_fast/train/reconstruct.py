@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from .._checks import check_count
+from .._checks import check_count, check_writable_folder
 from ..checkpoint import load_checkpoint, state_dict_of
 from ..config import build_simmim, get_config, merge
 from ..masking import MaskGenerator
@@ -26,6 +26,9 @@ def reconstruct_images(checkpoint: str, images: str, out: str, count: int = 8, s
     (the original's checkpoints hold a yacs config), which runs code from the file: trusted files only.
     """
     check_count("--count", count, 1)
+    check_writable_folder("--out", Path(out).parent)
+    if Path(out).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: not an image file name (e.g. grid.png)")
     try:
         device = torch.device(device)
     except RuntimeError as error:
