@@ -35,7 +35,7 @@ capped() {
 }
 
 section "package from the working tree"
-# simmim_fast.kernels lives in kernels/ (setup.py's package_dir): a folder of links gives the same
+# simmim_fast.kernels lives in kernels/ (pyproject.toml's package-dir): a folder of links gives the same
 # layout without pip. Commands run from that folder, so the repo root (with its bare kernels/ and
 # simmim_fast/ without kernels) is never first on sys.path.
 SHADOW=$(mktemp -d)

@@ -1,4 +1,5 @@
-"""Input validation shared by every backend: bad input is a ValueError naming what was expected.
+"""Input validation shared by every backend and the command line: bad input is a ValueError naming
+what was expected.
 
 Shape, dtype and device checks are free (metadata only). The 0/1 check on mask *values* reads
 the data, so it runs only for masks on the CPU (where the data loader makes them) and not while
@@ -6,6 +7,8 @@ torch.compile traces: on an accelerator it would force a host sync every step.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -20,6 +23,20 @@ def _shape(t: torch.Tensor) -> str:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def check_count(name: str, value, minimum: int) -> None:
+    """A setting that counts things (steps, images, workers): an int (not a bool) of at least ``minimum``."""
+    require(not isinstance(value, bool) and isinstance(value, int) and value >= minimum,
+            f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_writable_folder(flag: str, folder) -> None:
+    """An output folder (``flag`` names it) must be a folder we can write in, or creatable in one."""
+    folder = Path(folder)
+    existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
+    require(existing.is_dir(), f"{flag} {folder}: {existing} is a file; give a folder (created if missing)")
+    require(os.access(existing, os.W_OK | os.X_OK), f"{flag} {folder}: the folder {existing} is not writable")
 
 
 def check_floating(name: str, t: torch.Tensor) -> None:

@@ -2,35 +2,81 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
+import secrets
+import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
+PathLike = Union[str, os.PathLike]
 
-def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves a
-    truncated file at ``path`` (the rename is atomic on POSIX)."""
+
+class CheckpointReadError(ValueError):
+    """A file that cannot be read as a checkpoint (truncated, corrupt, not a torch file, pickled objects)."""
+
+
+def _os_error_in_chain(error: BaseException) -> Optional[OSError]:
+    """The OSError behind ``error``: torch.save reports a full disk as a RuntimeError from its zip writer
+    ("[enforce fail at inline_container.cc]") with the real cause only in the chained exception."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def save_atomic(obj: Any, path: PathLike) -> Path:
+    """torch.save to a hidden temp file in the same folder, fsync, then rename: a crash never leaves a
+    truncated file at ``path`` (the rename is atomic on POSIX). The file gets the umask's usual mode (as
+    every other output); a failed write removes its temp file and, when the system refused it (a full
+    disk, a read-only folder), raises that OSError naming ``path`` instead of torch's RuntimeError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(handle, "wb") as file:
+        # os.open with 0o666 applies the umask (mkstemp would force 0600).
+        with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        os.replace(temp, path)
+    except BaseException as error:
+        temp.unlink(missing_ok=True)
+        cause = _os_error_in_chain(error)
+        if isinstance(error, RuntimeError) and cause is not None:
+            raise OSError(cause.errno, f"{os.strerror(cause.errno)} (writing {path})") from error
         raise
     return path
 
 
-def load_checkpoint(path: Union[str, Path], map_location="cpu") -> Any:
-    """``torch.load`` with weights_only=True (tensors, numbers, strings, containers only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(path: PathLike, map_location="cpu", trust_checkpoint: bool = False) -> Any:
+    """``torch.load`` with weights_only=True (tensors, numbers, strings, containers only) unless
+    ``trust_checkpoint``, which unpickles any object (the original trainer's checkpoints hold a yacs
+    config) and so runs code from the file: trusted files only. A file that is not a readable
+    checkpoint raises ``CheckpointReadError`` (a ValueError) naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trust_checkpoint)
+    except pickle.UnpicklingError as error:
+        refused_object = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if refused_object is None or trust_checkpoint:
+            raise CheckpointReadError(f"{path} is not a readable checkpoint (not a torch.save file, or torn)") from None
+        raise CheckpointReadError(
+            f"{path} holds pickled Python objects besides tensors ({refused_object.group(1)}; the original "
+            "SimMIM's checkpoints keep a yacs config); if you trust the file, load it with trust_checkpoint=True "
+            "(on the command line --trust-checkpoint)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, AttributeError, ImportError) as error:
+        # A truncated or foreign file: torch reports it as any of these, depending on where it breaks.
+        raise CheckpointReadError(f"{path} is not a readable checkpoint ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def state_dict_of(checkpoint: Any) -> Mapping[str, torch.Tensor]:
@@ -42,9 +88,14 @@ def state_dict_of(checkpoint: Any) -> Mapping[str, torch.Tensor]:
     raise ValueError("expected a state_dict or a checkpoint dict with a 'model' entry")
 
 
-def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True):
-    """Load an original SimMIM checkpoint (or a state_dict) into ``model``; strict by default."""
+def load_pretrained(model: nn.Module, path_or_state_dict: Union[PathLike, Mapping[str, Any]], strict: bool = True,
+                    trust_checkpoint: bool = False) -> Any:
+    """Load an original SimMIM checkpoint (or a state_dict) into ``model``; strict by default.
+
+    Files are read with weights_only=True; the original trainer's checkpoints pickle a yacs config and
+    need ``trust_checkpoint=True``, which runs code from the file (trusted files only).
+    """
     source = path_or_state_dict
-    if isinstance(source, (str, Path)):
-        source = load_checkpoint(source)
+    if isinstance(source, (str, os.PathLike)):
+        source = load_checkpoint(source, trust_checkpoint=trust_checkpoint)
     return model.load_state_dict(state_dict_of(source), strict=strict)

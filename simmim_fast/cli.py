@@ -6,6 +6,7 @@ import sys
 from typing import List, Optional
 
 from .config import PRESETS
+from .user_errors import CommandLineParser, parse_arguments, run_reporting_errors
 
 
 def _pretrain_parser(commands) -> None:
@@ -66,7 +67,7 @@ def _reconstruct_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simmim-fast", description=__doc__)
+    parser = CommandLineParser(prog="simmim-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(commands)
     _reconstruct_parser(commands)
@@ -74,24 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .dispatch import BackendError
-    from .train import NonFiniteLossError, PretrainOptions, pretrain, reconstruct_images
+    """Run one subcommand; a mistake is one line on stderr and exit status 2 (``--debug``: the traceback)."""
+    args, exit_status = parse_arguments(build_parser(), argv)
+    if args is None:
+        return exit_status
+    return run_reporting_errors(args.command, lambda: _run(args), debug=getattr(args, "debug", False))
 
-    try:
-        if args.command == "pretrain":
-            options = vars(args).copy()
-            del options["command"]
-            pretrain(PretrainOptions(**options))
-        else:
-            path = reconstruct_images(args.checkpoint, args.images, args.out, count=args.count, seed=args.seed,
-                                      preset=args.preset, config_file=args.config, device=args.device,
-                                      trust_checkpoint=args.trust_checkpoint)
-            print(f"wrote {path}")
-    except (ValueError, FileNotFoundError, NonFiniteLossError, BackendError) as error:
-        print(f"simmim-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+def _run(args: argparse.Namespace) -> None:
+    from .train import PretrainOptions, pretrain, reconstruct_images
+
+    if args.command == "pretrain":
+        options = vars(args).copy()
+        del options["command"]
+        options.pop("debug", None)
+        pretrain(PretrainOptions(**options))
+    else:
+        path = reconstruct_images(args.checkpoint, args.images, args.out, count=args.count, seed=args.seed,
+                                  preset=args.preset, config_file=args.config, device=args.device,
+                                  trust_checkpoint=args.trust_checkpoint)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """The original SimMIM config layout (MODEL / DATA / TRAIN ...), presets for the published recipes,
 and ``build_simmim(config)``.
 
-A config is a nested dict or any attribute object (yacs CfgNode, SimpleNamespace); ``Config`` is ours:
-a dict that also reads as attributes. Unknown keys are errors that list the valid ones.
+A config is a nested dict or any attribute object (yacs CfgNode, SimpleNamespace), complete or a partial
+override of the defaults (as the original YAML files are); ``Config`` is ours: a dict that also reads as
+attributes. Unknown keys are errors that list the valid ones; a value of another type than the default's
+is a "type mismatch" error, as in the original's yacs.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch.nn as nn
 
@@ -29,7 +31,7 @@ DEFAULTS: Dict[str, Any] = {
             "WINDOW_SIZE": 7, "MLP_RATIO": 4.0, "QKV_BIAS": True, "QK_SCALE": None, "APE": False, "PATCH_NORM": True,
         },
         "VIT": {
-            "PATCH_SIZE": 16, "IN_CHANS": 3, "EMBED_DIM": 768, "DEPTH": 12, "NUM_HEADS": 12, "MLP_RATIO": 4,
+            "PATCH_SIZE": 16, "IN_CHANS": 3, "EMBED_DIM": 768, "DEPTH": 12, "NUM_HEADS": 12, "MLP_RATIO": 4.0,
             "QKV_BIAS": True, "INIT_VALUES": 0.1, "USE_APE": False, "USE_RPB": False, "USE_SHARED_RPB": True,
             "USE_MEAN_POOLING": False,
         },
@@ -55,7 +57,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "DATA": {"IMG_SIZE": 224, "MASK_PATCH_SIZE": 32, "MASK_RATIO": 0.6},
         "TRAIN": {"EPOCHS": 800, "WARMUP_EPOCHS": 10, "BASE_LR": 1e-4, "WARMUP_LR": 5e-7, "WEIGHT_DECAY": 0.05,
                   "LR_SCHEDULER": {"NAME": "multistep", "GAMMA": 0.1, "MULTISTEPS": [700]}},
-        "PRINT_FREQ": 100, "SAVE_FREQ": 20, "TAG": "simmim_pretrain__vit_base__img224__800ep",
+        "PRINT_FREQ": 100, "SAVE_FREQ": 5, "TAG": "simmim_pretrain__vit_base__img224__800ep",
     },
     "swin-base-192-w6": {
         "MODEL": {"TYPE": "swin", "NAME": "simmim_pretrain", "DROP_PATH_RATE": 0.0,
@@ -115,8 +117,34 @@ def to_config(tree: Mapping) -> Config:
     return Config({key: to_config(value) if isinstance(value, Mapping) else value for key, value in tree.items()})
 
 
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def checked_value(default: Any, value: Any, where: str) -> Any:
+    """``value`` for a key whose default is ``default``: the same type (an int for a float widens, a
+    list and a tuple are interchangeable, None goes either way as in yacs), else a ValueError."""
+    if default is None or value is None:  # e.g. QK_SCALE (None: the default scale), INIT_VALUES=None (off)
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        matches = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        if default:  # the elements must match the default's elements (DEPTHS=[2, 'a'] is refused)
+            value = [checked_value(default[0], item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return type(default)(value)
+    else:
+        matches = type(value) is type(default)
+    if not matches:
+        raise ValueError(f"type mismatch for config key {where!r}: expected {_type_name(default)} "
+                         f"(like the default {default!r}), got {_type_name(value)} {value!r}")
+    return value
+
+
 def merge(base: Mapping, overrides: Mapping, path: str = "") -> Config:
-    """``base`` updated by ``overrides``; a key that ``base`` lacks is a ValueError listing valid keys."""
+    """``base`` updated by ``overrides``; a key that ``base`` lacks or a value of another type than
+    ``base``'s is a ValueError naming the key and what is allowed."""
     merged = to_config(copy.deepcopy(dict(base)))
     for key, value in overrides.items():
         where = f"{path}{key}"
@@ -127,7 +155,7 @@ def merge(base: Mapping, overrides: Mapping, path: str = "") -> Config:
                 raise ValueError(f"config key {where!r} is a section; got {value!r}")
             merged[key] = merge(merged[key], value, where + ".")
         else:
-            merged[key] = value
+            merged[key] = checked_value(merged[key], value, where)
     return merged
 
 
@@ -154,35 +182,53 @@ def get_config(preset: Optional[str] = None, overrides: Iterable[Mapping] = ()) 
     return config
 
 
-def _read(config, dotted_key: str):
-    node = config
-    for part in dotted_key.split("."):
-        node = node[part] if isinstance(node, Mapping) else getattr(node, part)
-    return node
+# Sections of the original's full config that do not shape the model (its fine-tuning augmentations and
+# test crop, and the list of base files): a complete original config passes build_simmim with them.
+_ORIGINAL_SECTIONS_OUTSIDE_THE_MODEL = ("BASE", "AUG", "TEST")
 
 
-def build_encoder(config) -> nn.Module:
-    model_type = _read(config, "MODEL.TYPE")
-    img_size = _read(config, "DATA.IMG_SIZE")
-    if model_type == "swin":
-        swin = lambda key: _read(config, f"MODEL.SWIN.{key}")  # noqa: E731
+def _as_tree(config: Any) -> Dict[str, Any]:
+    """A mapping or an attribute object (yacs CfgNode, SimpleNamespace), as nested dicts."""
+    if isinstance(config, Mapping):
+        items = config.items()
+    elif hasattr(config, "__dict__"):
+        items = vars(config).items()
+    else:
+        raise ValueError(f"a config must be a mapping, an attribute object or a preset name "
+                         f"({', '.join(PRESETS)}), got {_type_name(config)}")
+    return {key: _as_tree(value) if isinstance(value, Mapping) or hasattr(value, "__dict__") else value
+            for key, value in items}
+
+
+def complete_config(config: Any) -> Config:
+    """``config`` (complete, or a partial override like the original YAMLs) merged onto the defaults."""
+    tree = _as_tree(config)
+    for section in _ORIGINAL_SECTIONS_OUTSIDE_THE_MODEL:
+        tree.pop(section, None)
+    return merge(to_config(DEFAULTS), tree)
+
+
+def build_encoder(config: Any) -> nn.Module:
+    config = complete_config(config)
+    model, drop_rate, drop_path_rate = config.MODEL, config.MODEL.DROP_RATE, config.MODEL.DROP_PATH_RATE
+    if model.TYPE == "swin":
+        swin = model.SWIN
         return SwinTransformerForSimMIM(
-            img_size=img_size, patch_size=swin("PATCH_SIZE"), in_chans=swin("IN_CHANS"), num_classes=0,
-            embed_dim=swin("EMBED_DIM"), depths=list(swin("DEPTHS")), num_heads=list(swin("NUM_HEADS")),
-            window_size=swin("WINDOW_SIZE"), mlp_ratio=swin("MLP_RATIO"), qkv_bias=swin("QKV_BIAS"),
-            qk_scale=swin("QK_SCALE"), drop_rate=_read(config, "MODEL.DROP_RATE"),
-            drop_path_rate=_read(config, "MODEL.DROP_PATH_RATE"), ape=swin("APE"), patch_norm=swin("PATCH_NORM"),
-            use_checkpoint=_read(config, "TRAIN.USE_CHECKPOINT"))
-    if model_type == "vit":
-        vit = lambda key: _read(config, f"MODEL.VIT.{key}")  # noqa: E731
+            img_size=config.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS, num_classes=0,
+            embed_dim=swin.EMBED_DIM, depths=list(swin.DEPTHS), num_heads=list(swin.NUM_HEADS),
+            window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, ape=swin.APE, patch_norm=swin.PATCH_NORM,
+            use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+    if model.TYPE == "vit":
+        vit = model.VIT
         return VisionTransformerForSimMIM(
-            img_size=img_size, patch_size=vit("PATCH_SIZE"), in_chans=vit("IN_CHANS"), num_classes=0,
-            embed_dim=vit("EMBED_DIM"), depth=vit("DEPTH"), num_heads=vit("NUM_HEADS"), mlp_ratio=vit("MLP_RATIO"),
-            qkv_bias=vit("QKV_BIAS"), drop_rate=_read(config, "MODEL.DROP_RATE"),
-            drop_path_rate=_read(config, "MODEL.DROP_PATH_RATE"), norm_layer=vit_norm_layer(1e-6),
-            init_values=vit("INIT_VALUES"), use_abs_pos_emb=vit("USE_APE"), use_rel_pos_bias=vit("USE_RPB"),
-            use_shared_rel_pos_bias=vit("USE_SHARED_RPB"), use_mean_pooling=vit("USE_MEAN_POOLING"))
-    raise ValueError(f"MODEL.TYPE must be 'vit' or 'swin', got {model_type!r}")
+            img_size=config.DATA.IMG_SIZE, patch_size=vit.PATCH_SIZE, in_chans=vit.IN_CHANS, num_classes=0,
+            embed_dim=vit.EMBED_DIM, depth=vit.DEPTH, num_heads=vit.NUM_HEADS, mlp_ratio=vit.MLP_RATIO,
+            qkv_bias=vit.QKV_BIAS, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            norm_layer=vit_norm_layer(1e-6), init_values=vit.INIT_VALUES, use_abs_pos_emb=vit.USE_APE,
+            use_rel_pos_bias=vit.USE_RPB, use_shared_rel_pos_bias=vit.USE_SHARED_RPB,
+            use_mean_pooling=vit.USE_MEAN_POOLING)
+    raise ValueError(f"MODEL.TYPE must be 'vit' or 'swin', got {model.TYPE!r}")
 
 
 def encoder_stride(encoder: nn.Module) -> int:
@@ -191,10 +237,11 @@ def encoder_stride(encoder: nn.Module) -> int:
     return encoder.patch_size * 2 ** (getattr(encoder, "num_layers", 1) - 1)
 
 
-def build_simmim(config) -> SimMIM:
+def build_simmim(config: Union[str, Mapping, Any]) -> SimMIM:
     """The original ``build_simmim``: encoder from the config; stride 16 for ViT-B/16, 32 for Swin.
 
-    ``config`` may also be a preset name (``build_simmim("vit-base-224")``).
+    ``config`` is a preset name (``build_simmim("vit-base-224")``), or a nested config, complete or partial
+    (missing keys take the defaults; a misspelled key is an "unknown config key" error).
     """
     if isinstance(config, str):
         config = get_config(config)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -147,7 +147,7 @@ def recording(callback: Callable[[str, Dict[str, object]], None]) -> Iterator[No
         _recorders.remove(callback)
 
 
-def call(op: str, args: Dict[str, object]):
+def call(op: str, args: Dict[str, object]) -> Any:
     if _recorders:
         _recorders[-1](op, args)
     return select(op, args).implementation(op)(**args)

@@ -17,13 +17,15 @@ class MaskGenerator:
     from a ``torch.Generator``. Both mask exactly ``mask_count`` coarse cells per sample.
     """
 
-    def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
+    def __init__(self, input_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
+                 mask_ratio: float = 0.6):
         if input_size % mask_patch_size != 0:
             raise ValueError(f"input_size {input_size} must be a multiple of mask_patch_size {mask_patch_size}")
         if mask_patch_size % model_patch_size != 0:
             raise ValueError(f"mask_patch_size {mask_patch_size} must be a multiple of model_patch_size {model_patch_size}")
-        if not 0.0 <= mask_ratio <= 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
+        if not 0.0 < mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio (DATA.MASK_RATIO) must be in (0, 1], got {mask_ratio}: the SimMIM loss is "
+                             "over masked patches only, so masking none trains on a loss of exactly 0")
         self.input_size = input_size
         self.mask_patch_size = mask_patch_size
         self.model_patch_size = model_patch_size

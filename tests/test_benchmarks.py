@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # benchmarks/ is a top-level folder of the checkout, not installed. Appended, never prepended: the
-# checkout's simmim_fast/ lacks simmim_fast.kernels (setup.py maps it), so it must not shadow the
+# checkout's simmim_fast/ lacks simmim_fast.kernels (pyproject.toml maps it), so it must not shadow the
 # installed package or gpu_check.sh's linked one.
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))

@@ -73,3 +73,84 @@ def test_ops_reject_bad_inputs():
         ops.masked_patch_embed(image, mask, weight, None, token, torch.zeros(1, 5, 6))
     with pytest.raises(ValueError, match="decoder.0, a 1x1 conv"):
         ops.masked_decoder_loss(torch.randn(2, 4, 1, 1), mask, torch.randn(768, 5, 1, 1), None, image, 16, 8, 3)
+
+
+# ---- configs, checkpoints and constructors: the library's side of issue #13 ------------------------------
+
+def test_set_values_are_typed_by_the_defaults():
+    from simmim_fast.train.configs import build_config
+
+    for assignment, expected in [("DATA.BATCH_SIZE=abc", "expected int (like the default 32), got str 'abc'"),
+                                 ("TRAIN.BASE_LR=fast", "expected float (like the default 0.016), got str 'fast'"),
+                                 ("DATA.IMG_SIZE=64.0", "expected int (like the default 64), got float 64.0"),
+                                 ("DATA.PIN_MEMORY=1", "expected bool"),
+                                 ("MODEL.VIT.DEPTH=true", "expected int (like the default 4), got bool True"),
+                                 ("MODEL.SWIN.DEPTHS=[2, 'a']", r"'MODEL.SWIN.DEPTHS\[1\]': expected int")]:
+        with pytest.raises(ValueError, match="type mismatch for config key .*" + expected.replace("(", r"\(")
+                           .replace(")", r"\)")):
+            build_config("vit-tiny", None, [assignment])
+    config = build_config("vit-tiny", None, ["TRAIN.BASE_LR=1", "MODEL.SWIN.DEPTHS=(2, 2)",
+                                             "MODEL.VIT.INIT_VALUES=null", "MODEL.SWIN.QK_SCALE=0.5"])
+    assert config.TRAIN.BASE_LR == 1.0 and isinstance(config.TRAIN.BASE_LR, float)  # an int widens to float
+    assert config.MODEL.SWIN.DEPTHS == [2, 2] and config.MODEL.VIT.INIT_VALUES is None
+    assert config.MODEL.SWIN.QK_SCALE == 0.5  # a None default takes any type, as in yacs
+
+
+def test_partial_nested_config_merges_onto_the_defaults():
+    """The original YAMLs are partial overrides; build_simmim takes them (and complete original configs)."""
+    from types import SimpleNamespace
+
+    from simmim_fast.config import DEFAULTS, merge
+
+    partial = {"MODEL": {"TYPE": "vit", "VIT": {"DEPTH": 1, "EMBED_DIM": 48, "NUM_HEADS": 2, "PATCH_SIZE": 8}},
+               "DATA": {"IMG_SIZE": 64}}
+    model = sf.build_simmim(partial)
+    assert model.encoder.patch_size == 8 and len(model.encoder.blocks) == 1
+    assert model.encoder.blocks[0].mlp.fc1.out_features == 4 * 48  # MLP_RATIO from the defaults
+    complete = merge(DEFAULTS, partial).to_dict()
+    complete.update(BASE=[""], AUG={"MIXUP": 0.8}, TEST={"CROP": True})  # the original's fine-tuning sections
+    as_attributes = SimpleNamespace(**{key: SimpleNamespace(**value) if isinstance(value, dict) else value
+                                       for key, value in complete.items()})
+    assert sf.build_simmim(as_attributes).state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match=r"unknown config key 'MODEL.VIT.PATCH_SIZ'; valid keys here: .*PATCH_SIZE"):
+        sf.build_simmim({"MODEL": {"TYPE": "vit", "VIT": {"PATCH_SIZ": 8}}})
+    with pytest.raises(ValueError, match=r"unknown config key 'MODLE'"):
+        sf.build_simmim({"MODLE": {"TYPE": "vit"}})
+
+
+def test_swin_image_size_the_window_does_not_divide_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"stage token grids 12x12, 6x6, 3x3, 1x1; stage 1 \(12x12\) does not split "
+                                         r"into 7x7 windows: use e.g. an img_size that is a multiple of 224"):
+        sf.SwinTransformerForSimMIM(img_size=48, patch_size=4, num_classes=0, window_size=7)
+    with pytest.raises(ValueError, match=r"stage 2 \(9x9\) does not split into 2x2 windows"):
+        sf.SwinTransformerForSimMIM(img_size=72, patch_size=4, num_classes=0, embed_dim=8, window_size=2,
+                                    num_heads=[1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"img_size \(66, 66\) must be a multiple of patch_size \(4, 4\)"):
+        sf.SwinTransformerForSimMIM(img_size=66, patch_size=4, num_classes=0)
+    with pytest.raises(ValueError, match="does not split into 7x7 windows"):
+        sf.build_simmim({"MODEL": {"SWIN": {"PATCH_SIZE": 2, "WINDOW_SIZE": 7}}, "DATA": {"IMG_SIZE": 64}})
+    with pytest.raises(ValueError, match=r"stage 3 \(3x3\) cannot halve into the next stage"):
+        sf.SwinTransformerForSimMIM(img_size=48, patch_size=4, num_classes=0, window_size=6)
+    # A stage no larger than the window is one window (here 24, 12, 6, then 3 tokens in a 3x3 window).
+    assert sf.SwinTransformerForSimMIM(img_size=96, patch_size=4, num_classes=0, embed_dim=8, window_size=6,
+                                       num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1])
+
+
+class OriginalTrainerConfig:
+    """Stands in for the yacs CfgNode the original trainer pickles into its checkpoints."""
+
+    TAG = "simmim_pretrain"
+
+
+def test_load_pretrained_reads_the_original_trainers_checkpoints_when_trusted(tmp_path):
+    model = sf.build_simmim("vit-tiny")
+    path = tmp_path / "ckpt_epoch_99.pth"
+    torch.save({"model": model.state_dict(), "config": OriginalTrainerConfig(), "epoch": 99}, path)
+    target = sf.build_simmim("vit-tiny")
+    with pytest.raises(ValueError, match=r"OriginalTrainerConfig.*trust_checkpoint=True"):
+        sf.load_pretrained(target, path)
+    sf.load_pretrained(target, path, trust_checkpoint=True)
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), model.state_dict().values()))
+    (tmp_path / "torn.pth").write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="torn.pth is not a readable checkpoint"):
+        sf.load_pretrained(target, tmp_path / "torn.pth")

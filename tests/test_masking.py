@@ -36,8 +36,10 @@ def test_batched_masks_are_deterministic_and_differ_per_sample():
 
 
 def test_ratio_extremes_and_bad_arguments():
-    assert MaskGenerator(64, 16, 8, 0.0).generate(2).sum() == 0
     assert MaskGenerator(64, 16, 8, 1.0).generate(2).float().mean() == 1
+    assert MaskGenerator(64, 16, 8, 0.01).generate(2).sum() == 2 * 4  # at least one 2x2 cell per sample
+    with pytest.raises(ValueError, match=r"mask_ratio \(DATA.MASK_RATIO\) must be in \(0, 1\].*loss of exactly 0"):
+        MaskGenerator(64, 16, 8, 0.0)  # no masked patch: SimMIM's loss would be 0 and nothing would train
     with pytest.raises(ValueError, match="multiple of mask_patch_size"):
         MaskGenerator(100, 32, 4)
     with pytest.raises(ValueError, match="multiple of model_patch_size"):

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77"  # pyproject.toml: PEP 639 licence
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q "numpy<2.4" "triton==3.6.0" pytest pillow pyyaml tqdm nvidia-ml-py matplotlib
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .

@@ -1,6 +1,8 @@
 """SimMIM: an encoder, a 1x1-conv + PixelShuffle decoder, and the masked L1 loss on raw pixels."""
 from __future__ import annotations
 
+from typing import Set
+
 import torch
 import torch.nn as nn
 
@@ -35,12 +37,12 @@ class SimMIM(nn.Module):
         """The decoder's full (B, 3, H, W) reconstruction, in the normalised pixel space of ``x``."""
         return self.decoder(self.encoder(x, mask))
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> Set[str]:
         if hasattr(self.encoder, "no_weight_decay"):
             return {"encoder." + name for name in self.encoder.no_weight_decay()}
         return set()
 
-    def no_weight_decay_keywords(self):
+    def no_weight_decay_keywords(self) -> Set[str]:
         if hasattr(self.encoder, "no_weight_decay_keywords"):
             return {"encoder." + name for name in self.encoder.no_weight_decay_keywords()}
         return set()

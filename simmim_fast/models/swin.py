@@ -6,6 +6,7 @@ Window attention and the masked patch embedding (with the patch LayerNorm) go th
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -179,11 +180,38 @@ class PatchEmbed(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
+def check_stage_geometry(img_size: Tuple[int, int], patch_size: Tuple[int, int], window_size: int,
+                         num_layers: int) -> None:
+    """Every stage's token grid must split into whole windows (a stage no larger than the window is one
+    window) and halve evenly into the next stage; else a ValueError naming the sizes that fit."""
+    if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
+        raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+    grid = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+    stages = [(grid[0] // 2 ** i, grid[1] // 2 ** i) for i in range(num_layers)]
+    for index, (height, width) in enumerate(stages):
+        window = min(height, width) if min(height, width) <= window_size else window_size
+        if height % window or width % window:
+            problem = f"does not split into {window}x{window} windows"
+        elif index < num_layers - 1 and (height % 2 or width % 2):
+            problem = "cannot halve into the next stage"
+        else:
+            continue
+        fitting = patch_size[0] * window_size * 2 ** (num_layers - 1)
+        raise ValueError(
+            f"img_size {img_size} with patch_size {patch_size} gives stage token grids "
+            f"{', '.join(f'{h}x{w}' for h, w in stages)}; stage {index + 1} ({height}x{width}) {problem}: use "
+            f"e.g. an img_size that is a multiple of {fitting} (patch_size x window_size x 2^(stages-1)) or "
+            "another window_size")
+
+
 class SwinTransformer(nn.Module):
-    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
-                 num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0,
-                 attn_drop_rate=0.0, drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
-                 use_checkpoint=False, **kwargs):
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, ape: bool = False, patch_norm: bool = True,
+                 use_checkpoint: bool = False, **kwargs):
         super().__init__()
         self.num_classes = num_classes
         self.num_layers = len(depths)
@@ -194,6 +222,7 @@ class SwinTransformer(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.in_chans = in_chans
         self.patch_size = patch_size
+        check_stage_geometry(to_2tuple(img_size), to_2tuple(patch_size), window_size, self.num_layers)
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                                       norm_layer=norm_layer if self.patch_norm else None)
         num_patches = self.patch_embed.num_patches
@@ -218,10 +247,10 @@ class SwinTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(partial(init_weights, weight_init=trunc_normal_))
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> Set[str]:
         return {"absolute_pos_embed"}
 
-    def no_weight_decay_keywords(self):
+    def no_weight_decay_keywords(self) -> Set[str]:
         return {"relative_position_bias_table"}
 
 
@@ -236,7 +265,7 @@ class SwinTransformerForSimMIM(SwinTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         trunc_normal_(self.mask_token, mean=0.0, std=0.02)
 
-    def forward(self, x, mask):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         embed = self.patch_embed
         _checks.check_encoder_inputs(x, mask, self.in_chans, embed.img_size, embed.patch_size)
         norm = embed.norm
@@ -252,5 +281,5 @@ class SwinTransformerForSimMIM(SwinTransformer):
         height, width = (res // 2 ** (self.num_layers - 1) for res in self.patches_resolution)
         return x.transpose(1, 2).reshape(batch, channels, height, width)
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> Set[str]:
         return super().no_weight_decay() | {"mask_token"}

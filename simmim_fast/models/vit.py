@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -137,10 +137,13 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
-                 num_heads=12, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.0, norm_layer=nn.LayerNorm, init_values=None, use_abs_pos_emb=True,
-                 use_rel_pos_bias=False, use_shared_rel_pos_bias=False, use_mean_pooling=True, init_scale=0.001):
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, init_values: Optional[float] = None,
+                 use_abs_pos_emb: bool = True, use_rel_pos_bias: bool = False, use_shared_rel_pos_bias: bool = False,
+                 use_mean_pooling: bool = True, init_scale: float = 0.001):
         super().__init__()
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
@@ -182,7 +185,7 @@ class VisionTransformer(nn.Module):
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> Set[str]:
         return {"pos_embed", "cls_token"}
 
     def get_num_layers(self):
@@ -199,7 +202,7 @@ class VisionTransformerForSimMIM(VisionTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         vit_trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, x, mask):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         embed = self.patch_embed
         _checks.check_encoder_inputs(x, mask, self.in_chans, embed.img_size, embed.patch_size)
         pos_embed = self.pos_embed

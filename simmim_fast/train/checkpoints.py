@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, save_atomic
+from ..checkpoint import CheckpointReadError, load_checkpoint, save_atomic
 
 CHECKPOINT_FORMAT = "simmim_fast.pretrain/1"
 CHECKPOINT_PATTERN = re.compile(r"^ckpt_step_(\d+)\.pth$")
+PARTIAL_WRITE_GLOB = ".ckpt_step_*.pth.*.tmp"  # what a process killed inside save_atomic leaves behind
 # Settings a checkpoint cannot be continued with once changed: the model and what its input is.
 RESUME_MUST_MATCH = ("MODEL", "DATA.IMG_SIZE", "DATA.MASK_PATCH_SIZE", "DATA.MASK_RATIO")
 
@@ -27,6 +29,14 @@ def list_checkpoints(output: Path) -> List[Path]:
     found = [(int(match.group(1)), path) for path in Path(output).glob("ckpt_step_*.pth")
              if (match := CHECKPOINT_PATTERN.match(path.name))]
     return [path for _, path in sorted(found)]
+
+
+def remove_partial_writes(output: Path) -> List[Path]:
+    """Delete the temp files of checkpoint writes that were killed (they are never complete checkpoints)."""
+    found = sorted(Path(output).glob(PARTIAL_WRITE_GLOB))
+    for partial in found:
+        partial.unlink(missing_ok=True)
+    return found
 
 
 def keep_last(output: Path, count: int) -> None:
@@ -82,6 +92,25 @@ def find_resume_checkpoint(resume: Optional[str], output: Path) -> Optional[Path
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
     return path
+
+
+def read_resume_checkpoint(resume: Optional[str], output: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """(path, state) to resume from, or (None, None) to start fresh. With ``auto`` an unreadable newest
+    checkpoint (a torn copy, a bad disk) is skipped with a warning for the previous one; a --resume path
+    that is not a readable checkpoint is an error naming it (continuing from another one would surprise)."""
+    if resume != "auto":
+        path = find_resume_checkpoint(resume, output)
+        return (path, read_checkpoint(path)) if path is not None else (None, None)
+    found = list_checkpoints(output)
+    for path in reversed(found):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointReadError as error:
+            print(f"warning: skipping {error}; trying the previous checkpoint", file=sys.stderr)
+    if found:  # starting over here would mix a new run with the old run's files
+        raise ValueError(f"none of the {len(found)} checkpoint(s) in {output} is readable; give another --output "
+                         "to start over, or --resume a good copy")
+    return None, None
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:

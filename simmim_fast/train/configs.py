@@ -24,15 +24,29 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def read_yaml_config(path) -> Dict[str, Any]:
-    """A config YAML as nested dicts; files named in its BASE list (relative to it) come first."""
+def _load_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load``; malformed YAML is a one-line ValueError saying where (not PyYAML's report)."""
     import yaml
 
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{what}: not valid YAML ({problem}{where})") from None
+
+
+def read_yaml_config(path) -> Dict[str, Any]:
+    """A config YAML as nested dicts; files named in its BASE list (relative to it) come first."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
-    with open(path) as file:
-        tree = yaml.safe_load(file) or {}
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not a text file (expected a YAML config)") from None
+    tree = _load_yaml(text, f"--config {path}") or {}
     if not isinstance(tree, Mapping):
         raise ValueError(f"--config {path}: expected a mapping of config keys, got {type(tree).__name__}")
     merged: Dict[str, Any] = {}
@@ -53,12 +67,10 @@ def _deep_update(target: Dict[str, Any], source: Mapping) -> None:
 
 def parse_assignment(text: str):
     """'TRAIN.BASE_LR=1e-4' -> ('TRAIN.BASE_LR', 0.0001): the value is read as YAML, then as yacs would."""
-    import yaml
-
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set expects KEY=VALUE (e.g. TRAIN.BASE_LR=1e-4), got {text!r}")
-    return key.strip(), _decode(yaml.safe_load(raw) if raw.strip() else "")
+    return key.strip(), _decode(_load_yaml(raw, f"--set {text}") if raw.strip() else "")
 
 
 def build_config(preset: Optional[str], config_file: Optional[str], assignments: Iterable[str] = (),

@@ -31,12 +31,15 @@ class Runtime:
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
     if choice == "xla":
-        import torch_xla  # imported only here: an optional dependency
+        try:
+            import torch_xla  # imported only here: an optional dependency
+        except ImportError as error:
+            raise ValueError(f"--device xla needs torch_xla ({error}); use --device auto, cpu or cuda") from None
 
         return torch_xla.device()
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but torch sees no CUDA device")
+            raise ValueError("--device cuda but torch sees no CUDA device; use --device auto or cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if choice not in ("auto", "cpu"):

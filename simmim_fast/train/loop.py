@@ -21,6 +21,7 @@ import torch
 import torch.utils.checkpoint
 
 from .. import dispatch, tuning
+from .._checks import check_count, check_writable_folder
 from ..config import build_simmim
 from ..masking import MaskGenerator
 from ..models.vit import Block as VitBlock
@@ -28,7 +29,7 @@ from . import checkpoints, distributed, pictures
 from .configs import build_config
 from .data import PretrainDataset, SimMIMTransform, build_loader, open_image_source
 from .monitor import Monitor
-from .optim import build_optimizer, build_schedule, scaled_lrs
+from .optim import LRSchedule, build_optimizer, build_schedule, scaled_lrs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,6 +65,28 @@ class PretrainOptions:
     picture_count: int = 8
     optimizer: str = "adamw"
     max_nonfinite: int = 10
+
+
+# Options that count things, and the smallest value each allows (None: the config's value).
+COUNT_OPTIONS = {"steps": 1, "epochs": 1, "batch_size": 1, "accum_steps": 1, "num_workers": 0, "log_every": 1,
+                 "save_every": 1, "picture_every": 1, "keep_last": 0, "picture_count": 1, "max_nonfinite": 1}
+# The same for the config keys the loop reads (they also come from --config and --set).
+COUNT_CONFIG_KEYS = {"TRAIN.EPOCHS": 1, "TRAIN.WARMUP_EPOCHS": 0, "TRAIN.ACCUMULATION_STEPS": 0,
+                     "DATA.BATCH_SIZE": 1, "DATA.NUM_WORKERS": 0, "SAVE_FREQ": 1, "PRINT_FREQ": 1}
+
+
+def check_options(options: PretrainOptions) -> None:
+    """Refuse counts out of range up front (``--steps 0`` is not "unset", ``--accum-steps -2`` not 1)."""
+    for name, minimum in COUNT_OPTIONS.items():
+        value = getattr(options, name)
+        if value is not None:
+            check_count("--" + name.replace("_", "-"), value, minimum)
+
+
+def check_config_counts(config) -> None:
+    for key, minimum in COUNT_CONFIG_KEYS.items():
+        section, _, leaf = key.rpartition(".")
+        check_count(key, (config[section] if section else config)[leaf], minimum)
 
 
 def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
@@ -109,6 +132,7 @@ class Pretraining:
     """The state of one run; ``run()`` trains to the last step and returns a summary dict."""
 
     def __init__(self, options: PretrainOptions, runtime: distributed.Runtime):
+        check_options(options)
         self.options = options
         self.runtime = runtime
         self.config = build_config(options.preset, options.config, options.set, flags={
@@ -117,7 +141,9 @@ class Pretraining:
             "TRAIN.ACCUMULATION_STEPS": options.accum_steps, "SEED": options.seed,
             "TRAIN.USE_CHECKPOINT": True if options.grad_checkpoint else None, "OUTPUT": options.output})
         config = self.config
+        check_config_counts(config)
         self.output = Path(config.OUTPUT or Path("runs") / config.TAG)
+        check_writable_folder("--output", self.output)  # before any work
         self.device = runtime.device
         self.amp_dtype = resolve_amp(options.amp, self.device)
         # The same initial weights on every rank (FSDP shards them, it does not broadcast them), then a
@@ -151,8 +177,12 @@ class Pretraining:
         if self.steps_per_epoch == 0:
             raise ValueError(f"an epoch has {micro_batches_per_epoch} batches, fewer than --accum-steps "
                              f"{self.accumulation}; lower it or add images")
-        self.total_steps = options.steps or config.TRAIN.EPOCHS * self.steps_per_epoch
-        schedule_epoch = self.total_steps / config.TRAIN.EPOCHS if options.steps else self.steps_per_epoch
+        if options.steps is not None:  # the whole schedule, compressed into --steps
+            self.total_steps = options.steps
+            schedule_epoch = self.total_steps / config.TRAIN.EPOCHS
+        else:
+            self.total_steps = config.TRAIN.EPOCHS * self.steps_per_epoch
+            schedule_epoch = self.steps_per_epoch
 
         lrs = scaled_lrs(config, self.batch_size * runtime.world_size, self.accumulation)
         self.optimizer = build_optimizer(self.model, config, lrs["base"], options.optimizer, self.device.type)
@@ -212,10 +242,9 @@ class Pretraining:
     def resume(self) -> Optional[Path]:
         # As the original: with TRAIN.AUTO_RESUME (on by default) a run continues from its output folder.
         resume = self.options.resume or ("auto" if self.config.TRAIN.AUTO_RESUME else None)
-        path = checkpoints.find_resume_checkpoint(resume, self.output)
+        path, state = checkpoints.read_resume_checkpoint(resume, self.output)
         if path is None:
             return None
-        state = checkpoints.read_checkpoint(path)
         changes = checkpoints.check_resumable(state, self.config.to_dict(), path)
         if self.options.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -246,7 +275,20 @@ class Pretraining:
             if not exact:
                 print("the processes or batch size changed: the run continues, but not sample-for-sample",
                       file=sys.stderr)
+            self._report_schedule_change(state.get("lr_scheduler"))
         return path
+
+    def _report_schedule_change(self, saved: Optional[Dict[str, Any]]) -> None:
+        """A resumed run follows the schedule of its current settings (a longer --steps stretches it):
+        say so, with the learning rate it jumps to, rather than change it silently."""
+        current = self.schedule.state_dict()
+        if not saved or saved == current:
+            return
+        changed = ", ".join(f"{key} {saved.get(key)!r} -> {value!r}" for key, value in current.items()
+                            if saved.get(key) != value)
+        print(f"warning: the learning-rate schedule differs from the checkpoint's ({changed}): the LR of step "
+              f"{self.step + 1} is {self.schedule(self.step):.3e} instead of {LRSchedule(**saved)(self.step):.3e}",
+              file=sys.stderr)
 
     # ---- one optimizer step ------------------------------------------------------------------------
 
@@ -340,9 +382,10 @@ class Pretraining:
         return path
 
     def run(self) -> Dict[str, Any]:
+        self.resume()  # before anything is written: a checkpoint that cannot be continued leaves no trace
         if self.runtime.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-        self.resume()
+            checkpoints.remove_partial_writes(self.output)
         monitor = Monitor(self.output, self.total_steps, self.step, self.device, enabled=self.runtime.is_main)
         monitor.message(self.describe())
         picture_batch = pictures.picture_batch(self.dataset, self.options.picture_count)

@@ -46,7 +46,7 @@ def build_optimizer(model: nn.Module, config, lr: float, kind: str = "adamw", de
         try:
             from apex.optimizers import FusedAdam
         except ImportError:
-            raise RuntimeError("--optimizer apex-fused-adam needs NVIDIA apex built with its CUDA extensions "
+            raise ValueError("--optimizer apex-fused-adam needs NVIDIA apex built with its CUDA extensions "
                                "(apex.optimizers.FusedAdam); the PyPI package 'apex' is a different project") from None
         return FusedAdam(groups, lr=lr, betas=tuple(settings.BETAS), eps=settings.EPS,
                          weight_decay=config.TRAIN.WEIGHT_DECAY, adam_w_mode=True)
