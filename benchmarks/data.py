@@ -4,7 +4,10 @@ and the output distribution each produces.
 Paths (all from the same ImageNet-like folder of JPEGs, 400x300 to 1024x768, quality 90):
   original   the pre-#15 pipeline: full decode, crop, float normalisation and a mask per sample on the CPU
   fast       ``FastCrop``: draft JPEG decode, reducing resize, uint8 out (normalisation and masks on the device)
-  prepared   ``FastCrop`` reading a ``prepare-data`` store (longer side ``lossless_max_side(224)``)
+  prepared   ``FastCrop`` reading a ``prepare-data`` store whose longer side is ``lossless_max_side(size)``
+             (313 for 192, 365 for 224: every crop is still a downscale)
+  prepared-small  the same with the longer side at ``SMALL_MAX_SIDE`` (224 for 192, 256 for 224, the
+             "resize 256" of ImageNet evaluation): crops are upsampled, cheaper to decode
   gpu-decode file bytes and the crop geometry from the CPU, JPEG decode + crop + flip on CUDA (torchvision)
 
 Per core: each path runs ``dataset[key]`` in this process (one thread), interleaved with the others
@@ -38,10 +41,11 @@ from simmim_fast.train.prepared import PreparedImages, lossless_max_side, prepar
 
 from .report import error_reason, write_csv
 
-PATHS = ("original", "fast", "prepared", "gpu-decode")
+PATHS = ("original", "fast", "prepared", "prepared-small", "gpu-decode")
+SMALL_MAX_SIDE = {192: 224, 224: 256}
 SIZES = (192, 224)
 DATA_COLUMNS = (
-    "path", "img_size", "status", "reason", "images_per_s_per_core", "images_per_cpu_s", "speedup_vs_original",
+    "path", "img_size", "max_side", "status", "reason", "images_per_s_per_core", "images_per_cpu_s", "speedup_vs_original",
     "rounds", "samples_per_round", "loader_workers", "loader_images_per_s", "loader_images_per_s_per_worker",
     "crop_area_mean", "crop_log_aspect_mean", "flip_fraction", "pixel_mean", "pixel_std", "psnr_vs_original_db",
     "source_megapixels_mean", "crop_stats_match",
@@ -166,25 +170,27 @@ def run_data_suite(folder: Optional[Path], work: Path, plan: DataPlan, workers: 
     folder = Path(folder) if folder else make_imagenet_like(work / "imagenet-like", plan)
     files = ImageFiles(find_images(folder), folder)
     print(f"  {len(files)} images from {folder}")
-    max_side = lossless_max_side(max(SIZES))
     with tempfile.TemporaryDirectory(dir=work) as scratch:
-        start = time.perf_counter()
-        prepare(str(folder), str(Path(scratch) / "prepared"), max_side=max_side, progress=False)
-        print(f"  prepare-data --max-side {max_side}: {len(files) / (time.perf_counter() - start):.1f} images/s")
-        store = PreparedImages(Path(scratch) / "prepared")
+
+        def store(max_side: int) -> PreparedImages:
+            start = time.perf_counter()
+            prepare(str(folder), str(Path(scratch) / f"prepared-{max_side}"), max_side=max_side, progress=False)
+            print(f"  prepare-data --max-side {max_side}: {len(files) / (time.perf_counter() - start):.1f} images/s")
+            return PreparedImages(Path(scratch) / f"prepared-{max_side}")
         rows: List[Dict] = []
         for size in SIZES:
-            rows += _measure_size(size, files, store, plan, workers, device)
+            stores = {"prepared": store(lossless_max_side(size)), "prepared-small": store(SMALL_MAX_SIDE[size])}
+            rows += _measure_size(size, files, stores, plan, workers, device)
             after_each(rows)
     return rows
 
 
-def _measure_size(size: int, files: ImageFiles, store: PreparedImages, plan: DataPlan, workers: int,
+def _measure_size(size: int, files: ImageFiles, stores: Dict[str, PreparedImages], plan: DataPlan, workers: int,
                   device: torch.device) -> List[Dict]:
     masks = MaskGenerator(size, 32, 16 if size == 224 else 4, 0.6)
     datasets = {"original": PretrainDataset(files, SimMIMTransform(size, masks), seed=0),
-                "fast": PretrainDataset(files, FastCrop(size), seed=0),
-                "prepared": PretrainDataset(store, FastCrop(size), seed=0)}
+                "fast": PretrainDataset(files, FastCrop(size), seed=0)}
+    datasets.update({name: PretrainDataset(store, FastCrop(size), seed=0) for name, store in stores.items()})
     gpu = GpuJpegCrop(size, device)
     gpu_reason = gpu_decode_unavailable_reason(device)
     if gpu_reason is None:
@@ -212,7 +218,8 @@ def _measure_size(size: int, files: ImageFiles, store: PreparedImages, plan: Dat
     reference_stats, reference_images = _distribution(datasets["original"], keys, _sizes(files, keys), None)
     rows = []
     for name in PATHS:
-        row = {"path": name, "img_size": size, "samples_per_round": samples, "loader_workers": workers}
+        row = {"path": name, "img_size": size, "samples_per_round": samples, "loader_workers": workers,
+               "max_side": stores[name].manifest["max_side"] if name in stores else None}
         if name == "gpu-decode" and gpu_reason is not None:
             rows.append(row | {"status": "skipped", "reason": gpu_reason})
             print(f"  {size}px {name}: skipped ({gpu_reason})")
@@ -258,17 +265,21 @@ def data_markdown(rows: List[Dict], environment: Dict, settings: Dict) -> str:
              "|" + "---|" * 11]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['path']} | {row['img_size']} | {row['status']}: {row.get('reason', '')} |" + " |" * 8)
+            lines.append(f"| {_label(row)} | {row['img_size']} | {row['status']}: {row.get('reason', '')} |" + " |" * 8)
             continue
         psnr = row.get("psnr_vs_original_db")
         lines.append(
-            f"| {row['path']} | {row['img_size']} | {row['images_per_s_per_core']:.1f} | {row['images_per_cpu_s']:.1f} | "
+            f"| {_label(row)} | {row['img_size']} | {row['images_per_s_per_core']:.1f} | {row['images_per_cpu_s']:.1f} | "
             f"{row['speedup_vs_original']:.2f}× | {row['loader_images_per_s']:.1f} "
             f"({row['loader_images_per_s_per_worker']:.1f}) | {_cell(row, 'crop_area_mean', '.3f')} | "
             f"{_cell(row, 'flip_fraction', '.2f')} | {_cell(row, 'pixel_mean', '.3f')} / {_cell(row, 'pixel_std', '.3f')} | "
             f"{'–' if psnr is None else ('∞' if math.isinf(psnr) else f'{psnr:.1f}')} | "
             f"{'–' if 'crop_stats_match' not in row else ('yes' if row['crop_stats_match'] else 'NO')} |")
     return "\n".join(lines) + "\n"
+
+
+def _label(row: Dict) -> str:
+    return row["path"] if row.get("max_side") is None else f"{row['path']} (side ≤ {row['max_side']})"
 
 
 def _cell(row: Dict, key: str, spec: str) -> str:

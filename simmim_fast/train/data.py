@@ -152,6 +152,13 @@ def _randint(generator: torch.Generator, high: int) -> int:
     return int(torch.randint(high, (), generator=generator))
 
 
+def _offset(generator: torch.Generator, slack: int) -> int:
+    """Uniform in 0..slack, as torchvision's randint(0, slack + 1), but from one uniform float: the
+    same draw gives the same relative position in a larger or smaller copy of the image (the
+    prepared store), so its samples stay comparable one for one with the original files'."""
+    return min(int(_uniform(generator, 0.0, slack + 1.0)), slack)
+
+
 def random_resized_crop_box(width: int, height: int, generator: torch.Generator, scale=(0.67, 1.0),
                             ratio=(3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
     """(left, top, crop width, crop height): torchvision's RandomResizedCrop sampling rule, 10 tries
@@ -164,7 +171,7 @@ def random_resized_crop_box(width: int, height: int, generator: torch.Generator,
         crop_w = int(round(math.sqrt(target_area * aspect)))
         crop_h = int(round(math.sqrt(target_area / aspect)))
         if 0 < crop_w <= width and 0 < crop_h <= height:
-            return _randint(generator, width - crop_w + 1), _randint(generator, height - crop_h + 1), crop_w, crop_h
+            return _offset(generator, width - crop_w), _offset(generator, height - crop_h), crop_w, crop_h
     in_ratio = width / height
     if in_ratio < min(ratio):
         crop_w, crop_h = width, int(round(width / min(ratio)))
