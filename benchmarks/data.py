@@ -51,10 +51,14 @@ DATA_COLUMNS = (
     "source_megapixels_mean", "crop_stats_match",
 )
 FOLDER_SEED = 1234
-# Crop statistics of two paths "match" within these: the prepared store draws on a smaller image, so
-# integer rounding of the crop box moves the area fraction a little.
+# Crop statistics of two paths "match" within these. Every path draws from the same per-sample seeds,
+# so the original and fast paths agree exactly; on a prepared store's smaller image, integer rounding
+# moves a crop a little and can make one of the 10 tries fail or succeed differently, which shifts a
+# few samples' later draws (their flip): a few percent of flips, far inside the 2-sigma band of a
+# fair coin over ~100 samples (0.1).
 AREA_TOLERANCE = 0.01
-FLIP_TOLERANCE = 0.0
+LOG_ASPECT_TOLERANCE = 0.01
+FLIP_TOLERANCE = 0.05
 
 
 @dataclass
@@ -245,8 +249,10 @@ def _measure_size(size: int, files: ImageFiles, stores: Dict[str, PreparedImages
     for row in (row for row in rows if row["status"] == "ok"):
         row["speedup_vs_original"] = row["images_per_s_per_core"] / original["images_per_s_per_core"]
         if "crop_area_mean" in row:
-            row["crop_stats_match"] = (abs(row["crop_area_mean"] - reference_stats["crop_area_mean"]) <= AREA_TOLERANCE
-                                       and abs(row["flip_fraction"] - reference_stats["flip_fraction"]) <= FLIP_TOLERANCE)
+            row["crop_stats_match"] = all(
+                abs(row[key] - reference_stats[key]) <= tolerance for key, tolerance in (
+                    ("crop_area_mean", AREA_TOLERANCE), ("crop_log_aspect_mean", LOG_ASPECT_TOLERANCE),
+                    ("flip_fraction", FLIP_TOLERANCE)))
         print(f"  {size}px {row['path']}: {row['images_per_s_per_core']:.1f} images/s per core "
               f"({row['images_per_cpu_s']:.1f} per CPU second, {row['speedup_vs_original']:.2f}x original); "
               f"{row['loader_images_per_s']:.1f}/s with {workers} worker(s)")

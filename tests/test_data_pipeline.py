@@ -193,3 +193,40 @@ def test_pretrain_reads_a_prepared_store_and_logs_the_data_wait(tmp_path):
     rows = read_log(tmp_path / "run" / "log.jsonl")
     assert summary["steps"] == 2 and len(rows) == 2
     assert all(0 < row["data_wait_fraction"] < 1 for row in rows)
+
+
+def test_gpu_decode_falls_back_with_a_reason_off_cuda(tmp_path):
+    from simmim_fast.train.gpu_decode import EncodedCrop, gpu_decode_unavailable_reason
+
+    reason = gpu_decode_unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "CUDA" in reason
+    # The CPU half still runs anywhere: the file's bytes and the same crop and flip as FastCrop.
+    folder = write_jpegs(tmp_path / "jpg", [(300, 200)])
+    source = ImageFiles(find_images(folder), folder)
+    sample = PretrainDataset(source, EncodedCrop(), seed=4)[(0, 0)]
+    assert bytes(sample["jpeg"].numpy()) == (folder / "0.jpg").read_bytes()
+    from simmim_fast.train.data import crop_and_flip, sample_seed
+
+    generator = torch.Generator().manual_seed(sample_seed(4, 0, 0))
+    box, flip = crop_and_flip(300, 200, generator)
+    assert sample["box"].tolist() == list(box) and bool(sample["flip"]) == flip
+
+
+@pytest.mark.gpu
+def test_gpu_decode_matches_the_cpu_crop(tmp_path):
+    from simmim_fast.train.gpu_decode import GpuJpegCrop, gpu_decode_unavailable_reason
+
+    device = torch.device("cuda")
+    reason = gpu_decode_unavailable_reason(device)
+    if reason is not None:
+        pytest.skip(reason)
+    folder = write_jpegs(tmp_path / "jpg", [(640, 480), (300, 400), (1024, 768)])
+    source = ImageFiles(find_images(folder), folder)
+    gpu = GpuJpegCrop(96, device)
+    encoded = gpu.dataset(source, seed=2)
+    cpu = PretrainDataset(source, FastCrop(96, draft=False, reducing_gap=None), seed=2)
+    keys = [(0, index) for index in range(3)]
+    on_gpu = gpu.crops([encoded[key] for key in keys]).cpu().float()
+    on_cpu = torch.stack([cpu[key]["image"] for key in keys]).float()
+    # nvJPEG's IDCT and upsampling, and torch's antialiased bilinear vs Pillow's: a few grey levels.
+    assert on_gpu.shape == on_cpu.shape and (on_gpu - on_cpu).abs().mean() < 3
