@@ -1,17 +1,19 @@
-"""Pretraining data: any folder of images (or the embedded scenes), the original SimMIM transform
-and masks, and a resumable, distributed sampling order.
+"""Pretraining data: any folder of images, a ``prepare-data`` store or the embedded scenes; the
+original SimMIM transform (the reference) and the training one (``FastCrop``: uint8, draft JPEG
+decoding); and a resumable, distributed sampling order.
 
-Every random choice for a sample (crop, flip, mask, replacement of an unreadable file) comes from a
+Every random choice for a sample (crop, flip, replacement of an unreadable file) comes from a
 generator seeded by (seed, epoch, index), so a sample is the same whatever the worker count, the
 process count or an interruption: this is what makes resumes bit-exact and a 2-process run see
-the same global batches as a 1-process run.
+the same global batches as a 1-process run. The training masks are drawn on the device per step
+(``device_batches``), keyed the same way.
 """
 from __future__ import annotations
 
 import math
 import os
 import warnings
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -121,7 +123,8 @@ def require_readable(source, probes: int = 16) -> None:
     """ValueError naming the folder and the count when no image of ``source`` can be decoded.
     A few files spread over the list are tried first; all of them only when those all fail."""
     spread = np.unique(np.linspace(0, len(source) - 1, min(probes, len(source))).astype(int)).tolist()
-    for index in spread + [i for i in range(len(source)) if i not in set(spread)]:
+    probed = set(spread)
+    for index in chain(spread, (i for i in range(len(source)) if i not in probed)):
         try:
             with source.open(index) as image:
                 decode(image)
