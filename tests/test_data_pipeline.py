@@ -136,6 +136,9 @@ def test_prepared_store_round_trip_and_cli(tmp_path, capsys):
     assert isinstance(store, PreparedImages) and len(store) == 3
     manifest = json.loads((tmp_path / "prepared" / "prepared.json").read_text())
     assert manifest["unreadable"] == 1 and manifest["max_side"] == 200
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "prepared").stat().st_mode & 0o777 == 0o777 & ~umask
     sizes = [store.open(index).size for index in range(3)]
     assert sizes == [(200, 150), (120, 90), (120, 200)]  # aspect kept, small images untouched
     assert "class_a/1.jpg" in store.describe(1)

@@ -8,6 +8,7 @@ run equal to a 1-process run with the same global batch.
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
@@ -18,11 +19,17 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, sample_seed
 MASK_STREAM = 1  # keeps the mask seeds apart from the per-sample seeds (seed, epoch, index)
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_and_std(device: torch.device):
+    """Made once per device: no host-to-device copy per batch."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> ToTensor + Normalize(ImageNet mean, std) float32, on the tensor's device;
     the same operations in the same order as ``data.to_normalized_tensor``, so the same values."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+    mean, std = _mean_and_std(pixels.device)
     return (pixels.float().div_(255) - mean) / std
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import mmap
+import os
 import shutil
 import sys
 import tempfile
@@ -83,6 +84,9 @@ def prepare(source: str, destination: str, max_side: int, quality: int = 90, wor
     root = Path(source)
     paths = find_images(root)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the renamed folder private
     try:
         manifest = _write_store(root, paths, staging, max_side, quality, workers, progress)
         staging.rename(destination)
