@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ PATHS = ("original", "fast", "prepared", "prepared-small", "gpu-decode")
 SMALL_MAX_SIDE = {192: 224, 224: 256}
 SIZES = (192, 224)
 DATA_COLUMNS = (
-    "path", "img_size", "max_side", "status", "reason", "images_per_s_per_core", "images_per_cpu_s", "speedup_vs_original",
+    "path", "img_size", "max_side", "status", "reason", "images_per_s_per_core", "images_per_cpu_s",
+    "speedup_vs_original",
     "rounds", "samples_per_round", "loader_workers", "loader_images_per_s", "loader_images_per_s_per_worker",
     "crop_area_mean", "crop_log_aspect_mean", "flip_fraction", "pixel_mean", "pixel_std", "psnr_vs_original_db",
     "source_megapixels_mean", "crop_stats_match",
@@ -125,7 +126,7 @@ def _normalised(sample: Dict) -> torch.Tensor:
 
 
 def _distribution(dataset, keys, sizes, reference: Optional[List[torch.Tensor]],
-                  decode: Callable[[Dict], torch.Tensor] = _normalised) -> Dict:
+                  decode: Callable[[Dict], torch.Tensor] = _normalised) -> Tuple[Dict, List[torch.Tensor]]:
     """Crop geometry replayed from the samples' seeds, pixel statistics, PSNR against ``reference``;
     ``decode`` turns a sample into its normalised CPU image."""
     areas, log_aspects, flips, images = [], [], [], []
@@ -139,7 +140,8 @@ def _distribution(dataset, keys, sizes, reference: Optional[List[torch.Tensor]],
     stacked = torch.stack(images)
     stats = {"crop_area_mean": float(np.mean(areas)), "crop_log_aspect_mean": float(np.mean(log_aspects)),
              "flip_fraction": float(np.mean(flips)), "pixel_mean": float(stacked.mean()),
-             "pixel_std": float(stacked.std()), "source_megapixels_mean": float(np.mean([w * h for w, h in sizes]) / 1e6)}
+             "pixel_std": float(stacked.std()),
+             "source_megapixels_mean": float(np.mean([width * height for width, height in sizes]) / 1e6)}
     if reference is not None:
         # PSNR on [0, 1] pixels: normalised units times the mean std.
         error = ((stacked - torch.stack(reference)) * 0.226).pow(2).mean()
@@ -275,10 +277,12 @@ def data_markdown(rows: List[Dict], environment: Dict, settings: Dict) -> str:
             continue
         psnr = row.get("psnr_vs_original_db")
         lines.append(
-            f"| {_label(row)} | {row['img_size']} | {row['images_per_s_per_core']:.1f} | {row['images_per_cpu_s']:.1f} | "
+            f"| {_label(row)} | {row['img_size']} | {row['images_per_s_per_core']:.1f} | "
+            f"{row['images_per_cpu_s']:.1f} | "
             f"{row['speedup_vs_original']:.2f}× | {row['loader_images_per_s']:.1f} "
             f"({row['loader_images_per_s_per_worker']:.1f}) | {_cell(row, 'crop_area_mean', '.3f')} | "
-            f"{_cell(row, 'flip_fraction', '.2f')} | {_cell(row, 'pixel_mean', '.3f')} / {_cell(row, 'pixel_std', '.3f')} | "
+            f"{_cell(row, 'flip_fraction', '.2f')} | "
+            f"{_cell(row, 'pixel_mean', '.3f')} / {_cell(row, 'pixel_std', '.3f')} | "
             f"{'–' if psnr is None else ('∞' if math.isinf(psnr) else f'{psnr:.1f}')} | "
             f"{'–' if 'crop_stats_match' not in row else ('yes' if row['crop_stats_match'] else 'NO')} |")
     return "\n".join(lines) + "\n"

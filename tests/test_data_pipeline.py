@@ -45,9 +45,10 @@ def test_draft_decoding_stays_a_downscale_close_to_the_original(tmp_path):
     folder = write_jpegs(tmp_path / "jpg", [(1024, 768), (900, 700), (800, 1000)])
     reference, fast = datasets(folder, 96)
     for index in range(3):
-        image = Image.open(folder / f"{index}.jpg")
-        left, top, width, height = 0, 0, *image.size
-        scale = FastCrop(96)._draft_scale(image, width, height)
+        with Image.open(folder / f"{index}.jpg") as image:  # a whole-image crop
+            width, height = image.size
+            scale = FastCrop(96)._draft_scale(image, width, height)
+            assert image.width == -(-width // scale)  # decoded at that scale
         assert scale in (2.0, 4.0, 8.0) and min(width, height) / scale >= 96  # drafted, still >= the output
         expected = reference[(0, index)]["image"]
         got = normalize(fast[(0, index)]["image"][None])[0]
@@ -150,7 +151,8 @@ def test_prepared_store_round_trip_and_cli(tmp_path, capsys):
     # Mistakes: one line, exit 2, nothing written.
     for argv, message in [([str(source), str(tmp_path / "prepared"), "--max-side", "200"], "already exists"),
                           ([str(source), str(tmp_path / "other"), "--max-side", "4"], "--max-side"),
-                          ([str(tmp_path / "missing"), str(tmp_path / "other"), "--max-side", "64"], "no such directory")]:
+                          ([str(tmp_path / "missing"), str(tmp_path / "other"), "--max-side", "64"],
+                           "no such directory")]:
         assert main(["prepare-data"] + argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
