@@ -9,8 +9,8 @@ written last: a folder without it is not a prepared dataset).
 Why a memory-mapped store rather than tar shards read in sequence: it is indexed like the folder, so
 the same ``EpochSampler`` (a full per-epoch shuffle split across ranks), exact mid-epoch resume and the
 1-process = N-process equivalence carry over unchanged, with no shuffle buffer to approximate a
-shuffle; and at ~25 KB per image (ImageNet-1k at --max-side 365: ~30 GB) the store stays in the page
-cache of a training server after the first epoch, where random reads cost what sequential ones do.
+shuffle; and at 20-30 KB per image (ImageNet-1k at --max-side 365: 25-40 GB) the store stays in the
+page cache of a training server after the first epoch, where random reads cost what sequential ones do.
 Tar shards remain the better format for object stores and network file systems without a page cache.
 """
 from __future__ import annotations
