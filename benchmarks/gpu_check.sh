@@ -67,6 +67,9 @@ section "kernel tests natively on CUDA (SIMMIM_FAST_BACKEND=triton, -m interpret
 capped 110 "kernel tests on CUDA" env -u TRITON_INTERPRET SIMMIM_FAST_BACKEND=triton \
   "$PY" -m pytest -q -p no:cacheprovider -m interpreter "$REPO/tests"
 
+section "input pipeline (--suite data: CPU paths, and GPU JPEG decode when torchvision can; owner: data)"
+capped 120 "data benchmark" "$PY" -m benchmarks.run --suite data --data-workers 4 ${OUT:+--out "$OUT/data-benchmark"}
+
 section "benchmarks (--suite all)"
 left=$(( TOTAL_CAP_S - $(elapsed) - 15 ))
 # Each suite stops starting new measurements after its budget; the rest of the time absorbs the one

@@ -3,6 +3,7 @@
     python -m benchmarks.run --suite {kernels,e2e,all} [--smoke] [--ops OP ...] [--providers NAME ...]
                              [--dtype bf16|fp32] [--flush-l2] [--out DIR] [--compare OLD_DIR]
     python -m benchmarks.run --compare OLD_DIR --against NEW_DIR     (no run: compare two folders)
+    python -m benchmarks.run --suite data [--smoke] [--data-folder DIR] [--data-workers N]   (input pipeline)
 
 Results go to benchmarks/results/<device-slug>/<date>-<commit>/ (``--smoke``: runs/benchmarks-smoke/,
 which git ignores: smoke numbers are not benchmark results). ``--compare`` prints every measurement
@@ -37,7 +38,8 @@ SMOKE_LEAVES_OUT = "compile providers left out of --smoke: a cold torch.compile 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("kernels", "e2e", "all"), default="all")
+    parser.add_argument("--suite", choices=("kernels", "e2e", "all", "data"), default="all",
+                        help="all = kernels + e2e; data (the input pipeline, benchmarks/data.py) runs alone")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 reps: checks that every path runs")
     parser.add_argument("--ops", nargs="+", choices=ALL_OPS, help="kernel suite: only these ops")
     parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS,
@@ -50,6 +52,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="stop starting kernel measurements after this long (the rest are recorded as skipped)")
     parser.add_argument("--e2e-budget-s", type=float, default=float("inf"), help="the same for the e2e suite")
     parser.add_argument("--out", type=Path, help="results folder (default: see above)")
+    parser.add_argument("--data-folder", type=Path, help="data suite: a folder of JPEGs (default: a generated "
+                                                        "ImageNet-like one, kept under runs/benchmarks-data/)")
+    parser.add_argument("--data-workers", type=int, default=1, help="data suite: DataLoader processes")
     parser.add_argument("--compare", type=Path, metavar="OLD_DIR", help="report > 5%% regressions against OLD_DIR")
     parser.add_argument("--against", type=Path, metavar="NEW_DIR",
                         help="with --compare: compare this existing results folder instead of running")
@@ -88,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     env = environment(device)
+    if args.suite == "data":
+        return run_data(args, device, env)
     print(f"benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"commit {env['git_commit']}{' dirty' if env['git_dirty'] else ''})")
     ceilings = measure_ceilings(device, env["device"], args.smoke)
@@ -127,6 +134,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"results: {folder} ({', '.join(path.name for path in written)})")
     if args.compare is not None:
         return compare(args.compare, results)
+    return 0
+
+
+def run_data(args: argparse.Namespace, device: torch.device, env: Dict) -> int:
+    import os
+
+    import PIL
+
+    from . import data
+
+    folder = args.out or results_folder(device, args.smoke)
+    plan = data.DataPlan.for_run(args.smoke)
+    work = Path("runs") / "benchmarks-data" / ("smoke" if args.smoke else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    settings = dict(suite="data", smoke=args.smoke, workers=args.data_workers, pillow=PIL.__version__,
+                    cpu_count=os.cpu_count(), folder=str(args.data_folder or work / "imagenet-like"), plan=vars(plan))
+    print(f"data suite on {os.cpu_count()} CPU(s), Pillow {PIL.__version__}, device {device}:")
+    results = dict(environment=env, settings=settings, data=[])
+
+    def save(rows: List[Dict]) -> None:
+        results["data"] = rows
+        settings["images"] = len(data.find_images(settings["folder"]))
+        data.write_data_results(folder, results)
+    data.run_data_suite(args.data_folder, work, plan, args.data_workers, device, after_each=save)
+    print(f"results: {folder} (data.json, data.csv, data.md)")
     return 0
 
 

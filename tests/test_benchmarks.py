@@ -81,6 +81,30 @@ def test_smoke_run_writes_every_file_with_the_expected_columns(smoke_results):
     assert "not GPU results" in summary and "| op | case | mode |" in summary and "images/s" in summary
 
 
+@pytest.mark.slow
+def test_data_suite_smoke_measures_every_cpu_path_with_equal_crop_statistics(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "benchmarks.run", "--suite", "data", "--smoke", "--device", "cpu",
+               "--out", str(tmp_path)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                               timeout=SMOKE_TIMEOUT_S)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    from benchmarks.data import DATA_COLUMNS
+
+    columns, rows = _csv(tmp_path / "data.csv")
+    assert columns == list(DATA_COLUMNS)
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert {(row["path"], row["img_size"]) for row in ok} == {
+        (path, size) for path in ("original", "fast", "prepared", "prepared-small") for size in ("192", "224")}
+    assert all(float(row["images_per_s_per_core"]) > 0 and float(row["loader_images_per_s"]) > 0 for row in ok)
+    assert all(row["crop_stats_match"] == "True" for row in ok)
+    skipped = [row for row in rows if row["status"] == "skipped"]
+    assert [row["path"] for row in skipped] == ["gpu-decode"] * 2 and "CUDA" in skipped[0]["reason"]
+    assert "| fast | 224 |" in (tmp_path / "data.md").read_text()
+    assert {row["max_side"] for row in ok if row["path"].startswith("prepared")} == {"224", "256", "313", "365"}
+    assert json.loads((tmp_path / "data.json").read_text())["settings"]["suite"] == "data"
+
+
 def _tiny_simmim_vit():
     encoder = VisionTransformerForSimMIM(img_size=8, patch_size=4, in_chans=3, num_classes=0, embed_dim=8, depth=1,
                                          num_heads=2, mlp_ratio=4, qkv_bias=True, use_abs_pos_emb=False,

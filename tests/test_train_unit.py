@@ -12,7 +12,7 @@ from simmim_fast.checkpoint import load_checkpoint, save_atomic
 from simmim_fast.masking import MaskGenerator
 from simmim_fast.train import checkpoints
 from simmim_fast.train.configs import build_config, parse_assignment, read_yaml_config
-from simmim_fast.train.data import (EpochSampler, ImageFiles, PretrainDataset, SimMIMTransform, find_images,
+from simmim_fast.train.data import (EpochSampler, FastCrop, ImageFiles, PretrainDataset, SimMIMTransform, find_images,
                                     random_resized_crop_box)
 from simmim_fast.train.optim import LRSchedule, build_optimizer, build_schedule, param_groups, scaled_lrs
 from simmim_fast.train.scenes import render_scene
@@ -223,20 +223,20 @@ def test_transform_shapes_normalisation_and_mask():
     image = render_scene(3)
     mask_generator = MaskGenerator(224, 32, 16, 0.6)  # ViT-224: 14 x 14 tokens
     transform = SimMIMTransform(224, mask_generator)
-    tensor, mask = transform(image, torch.Generator().manual_seed(1))
+    sample = transform(image, torch.Generator().manual_seed(1))
+    tensor, mask = sample["image"], sample["mask"]
     assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32
     assert tensor.min() < -0.5 and tensor.max() > 0.5  # normalised, not [0, 1]
     assert mask.shape == (14, 14) and int(mask.sum()) == math.ceil(49 * 0.6) * 4
-    swin_mask = SimMIMTransform(192, MaskGenerator(192, 32, 4, 0.6))(image, torch.Generator())[1]
+    swin_mask = SimMIMTransform(192, MaskGenerator(192, 32, 4, 0.6))(image, torch.Generator())["mask"]
     assert swin_mask.shape == (48, 48)
 
 
 def test_samples_are_a_function_of_seed_epoch_and_index(tmp_path):
     write_images(tmp_path, 4)
-    dataset = PretrainDataset(ImageFiles(find_images(tmp_path)), SimMIMTransform(64, MaskGenerator(64, 16, 8, 0.6)),
-                              seed=5)
+    dataset = PretrainDataset(ImageFiles(find_images(tmp_path)), FastCrop(64), seed=5)
     first, again, other_epoch = dataset[(0, 2)], dataset[(0, 2)], dataset[(1, 2)]
-    assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+    assert torch.equal(first["image"], again["image"])
     assert not torch.equal(first["image"], other_epoch["image"])
 
 
@@ -245,7 +245,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
     (tmp_path / "class_0" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (tmp_path / "class_1" / "empty.png").write_bytes(b"")
     files = find_images(tmp_path)
-    dataset = PretrainDataset(ImageFiles(files), SimMIMTransform(64, MaskGenerator(64, 16, 8, 0.6)), seed=0)
+    dataset = PretrainDataset(ImageFiles(files), FastCrop(64), seed=0)
     bad = {index for index, path in enumerate(files) if path.name in ("truncated.jpg", "empty.png")}
     seen = set()
     with pytest.warns(UserWarning, match="skipping unreadable image"):
@@ -258,9 +258,8 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
 
 def test_only_unreadable_files_is_a_clear_error(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"junk")
-    dataset = PretrainDataset(ImageFiles(find_images(tmp_path)), SimMIMTransform(64, MaskGenerator(64, 16, 8, 0.6)),
-                              seed=0)
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="unreadable images in a row"):
+    dataset = PretrainDataset(ImageFiles(find_images(tmp_path)), FastCrop(64), seed=0)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="unreadable images in a row"):
         dataset[(0, 0)]
 
 

@@ -27,7 +27,8 @@ from ..masking import MaskGenerator
 from ..models.vit import Block as VitBlock
 from . import checkpoints, distributed, pictures
 from .configs import build_config
-from .data import PretrainDataset, SimMIMTransform, build_loader, open_image_source
+from .data import FastCrop, PretrainDataset, build_loader, open_image_source
+from .device_batches import StepMasks, normalize
 from .monitor import Monitor
 from .optim import LRSchedule, build_optimizer, build_schedule, scaled_lrs
 
@@ -165,13 +166,17 @@ class Pretraining:
         if options.compile:
             self.train_model = torch.compile(self.train_model)
 
-        self.dataset = PretrainDataset(open_image_source(config.DATA.DATA_PATH),
-                                       SimMIMTransform(config.DATA.IMG_SIZE, mask_generator), seed=config.SEED)
+        self.mask_generator = mask_generator
+        self.dataset = PretrainDataset(open_image_source(config.DATA.DATA_PATH), FastCrop(config.DATA.IMG_SIZE),
+                                       seed=config.SEED)
         self.batch_size = config.DATA.BATCH_SIZE
         self.loader = build_loader(self.dataset, self.batch_size, runtime.world_size, runtime.rank, config.SEED,
                                    config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY and self.device.type == "cuda")
         self.accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
         self.images_per_step = self.batch_size * runtime.world_size * self.accumulation
+        self.step_masks = StepMasks(mask_generator, self.device, config.SEED, runtime.world_size, runtime.rank,
+                                    self.batch_size, self.accumulation)
+        self.data_wait_fraction = 0.0  # of the last logged interval's time, spent waiting for batches
         micro_batches_per_epoch = self.loader.sampler.samples_per_epoch // self.batch_size
         self.steps_per_epoch = micro_batches_per_epoch // self.accumulation
         if self.steps_per_epoch == 0:
@@ -311,9 +316,9 @@ class Pretraining:
         Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``)."""
         lr = self.schedule.apply(self.optimizer, self.step)
         loss_sum = torch.zeros((), device=self.device)
-        for index, batch in enumerate(batches):
-            images = batch["image"].to(self.device, non_blocking=True)
-            masks = batch["mask"].to(self.device, non_blocking=True)
+        step_masks = self.step_masks.for_step(self.epoch, self.samples_into_epoch // self.images_per_step)
+        for index, (batch, masks) in enumerate(zip(batches, step_masks)):
+            images = normalize(batch["image"].to(self.device, non_blocking=True))
             with self._micro_batch_context(last=index == len(batches) - 1), self._autocast():
                 loss = self.train_model(images, masks)
             scaled = loss.float() / len(batches)
@@ -388,16 +393,19 @@ class Pretraining:
             checkpoints.remove_partial_writes(self.output)
         monitor = Monitor(self.output, self.total_steps, self.step, self.device, enabled=self.runtime.is_main)
         monitor.message(self.describe())
-        picture_batch = pictures.picture_batch(self.dataset, self.options.picture_count)
+        picture_batch = pictures.picture_batch(self.dataset, self.options.picture_count, self.mask_generator)
         consecutive_nonfinite = 0
         batches = self._batches()
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        first_window = True
         pending: List[Dict[str, Any]] = []  # XLA: steps whose values are still on the device
         latest = self.output / "pictures" / "reconstruction_latest.png"
         last_picture = latest if latest.exists() else None  # a resumed, already finished run
         try:
             while self.step < self.total_steps:
+                wait_start = time.perf_counter()
                 micro = [next(batches) for _ in range(self.accumulation)]
+                window_wait += time.perf_counter() - wait_start
                 self._record_unreadable(micro)
                 result = self.train_step(micro)
                 if self.runtime.is_xla:
@@ -412,10 +420,14 @@ class Pretraining:
                 else:
                     elapsed = time.perf_counter() - window_start
                     rate = window_steps * self.images_per_step / max(elapsed, 1e-9)
+                    self.data_wait_fraction = window_wait / max(elapsed, 1e-9)
+                    if not first_window:  # the first one includes the workers' start
+                        monitor.warn_data_wait(self.data_wait_fraction, self.step)
+                    first_window = False
                     for row in pending:
                         consecutive_nonfinite = self._log(row, rate, monitor, consecutive_nonfinite)
                     pending.clear()
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
                 if self.step % self.save_every == 0 or self.step == self.total_steps:
                     self.save()
                 if self.step % self.picture_every == 0 or self.step == self.total_steps:
@@ -444,14 +456,16 @@ class Pretraining:
         self.history["loss"].append(loss)
         row = {"step": result["step"], "epoch": result["epoch"], "loss": loss, "lr": result["lr"],
                "grad_norm": float(result["grad_norm"]), "images_per_s": rate, "time": time.time(),
-               "nonfinite_skipped": self.nonfinite_skipped, "unreadable_files": len(self.unreadable)}
+               "nonfinite_skipped": self.nonfinite_skipped, "unreadable_files": len(self.unreadable),
+               "data_wait_fraction": self.data_wait_fraction}
         if self.scaler is not None:
             row["loss_scale"] = self.scaler.get_scale()
         on_schedule = result["step"] % self.log_every == 0
         monitor.step(row, with_device_stats=on_schedule)
         if on_schedule and not sys.stderr.isatty():
             monitor.message(f"step {row['step']}/{self.total_steps} epoch {row['epoch']} loss {loss:.4f} "
-                            f"lr {row['lr']:.3e} grad_norm {row['grad_norm']:.3f} {rate:.1f} img/s")
+                            f"lr {row['lr']:.3e} grad_norm {row['grad_norm']:.3f} {rate:.1f} img/s "
+                            f"data wait {self.data_wait_fraction:.0%}")
         return 0
 
     def describe(self) -> str:

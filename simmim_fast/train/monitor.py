@@ -38,6 +38,12 @@ class GpuStats:
                 "torch_max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30}
 
 
+# Above this fraction of an interval spent waiting for batches, the accelerator is starved.
+DATA_WAIT_WARNING = 0.10
+STARVATION_ADVICE = ("more loader processes (--num-workers) or a prepared copy of the data "
+                     "(simmim-fast prepare-data SRC DST --max-side N, then --data DST; README: Input pipeline)")
+
+
 class Monitor:
     def __init__(self, output: Path, total_steps: int, start_step: int, device: torch.device, enabled: bool):
         self.enabled = enabled
@@ -86,6 +92,13 @@ class Monitor:
         """Move the bar without a row (XLA steps between logged ones)."""
         if self.enabled:
             self.bar.update(step - self.bar.n)
+
+    def warn_data_wait(self, fraction: float, step: int) -> None:
+        """A line when the last interval waited for data more than ``DATA_WAIT_WARNING`` of its time."""
+        if fraction > DATA_WAIT_WARNING:
+            self.message(f"warning: step {step}: {fraction:.0%} of the last interval was spent waiting for data "
+                         f"(over {DATA_WAIT_WARNING:.0%}); the input pipeline is the bottleneck: try "
+                         + STARVATION_ADVICE)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data import denormalize
+from .device_batches import normalize
 
 COLUMNS = ("original", "masked input", "reconstruction", "visible + reconstructed")
 MIN_TILE = 128  # small images are enlarged (nearest) so the patches stay visible
@@ -89,9 +90,11 @@ def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path) -
 PICTURE_EPOCH = 2 ** 31 - 1  # an epoch number training never reaches: picture samples are their own
 
 
-def picture_batch(dataset, count: int):
-    """The same ``count`` samples (images, masks) for every picture of a run, so the grids show progress."""
+def picture_batch(dataset, count: int, mask_generator):
+    """The same ``count`` samples (normalised images, masks) for every picture of a run, so the grids
+    show progress; ``dataset`` gives uint8 images (``data.FastCrop``)."""
     count = min(count, len(dataset))
     spread = np.linspace(0, len(dataset) - 1, count).astype(int)
-    samples = [dataset[(PICTURE_EPOCH, int(index))] for index in spread]
-    return torch.stack([s["image"] for s in samples]), torch.stack([s["mask"] for s in samples])
+    images = torch.stack([dataset[(PICTURE_EPOCH, int(index))]["image"] for index in spread])
+    masks = mask_generator.generate(count, generator=torch.Generator().manual_seed(dataset.seed))
+    return normalize(images), masks

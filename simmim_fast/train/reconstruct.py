@@ -12,7 +12,7 @@ from ..checkpoint import load_checkpoint, state_dict_of
 from ..config import build_simmim, get_config, merge
 from ..masking import MaskGenerator
 from .configs import build_config
-from .data import UNREADABLE_ERRORS, center_view, find_images
+from .data import UNREADABLE_ERRORS, as_rgb, center_view, find_images
 from .pictures import reconstruction_panels, save_grid
 
 
@@ -46,7 +46,7 @@ def reconstruct_images(checkpoint: str, images: str, out: str, count: int = 8, s
     for path in image_paths:
         try:
             with Image.open(path) as image:
-                pictures.append(center_view(image.convert("RGB"), config.DATA.IMG_SIZE))
+                pictures.append(center_view(as_rgb(image), config.DATA.IMG_SIZE))
         except UNREADABLE_ERRORS:
             continue
         if len(pictures) == count:
