@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -32,6 +32,14 @@ from .backends import registry, tensors_of
 WARMUP_CALLS = 3
 TIMED_CALLS = 10
 GRAD_OUTPUT_SEED = 0
+
+
+class Clock(Protocol):
+    """What tune() times with: ``elapsed(start())`` is the seconds between the two calls."""
+
+    def start(self) -> Any: ...
+
+    def elapsed(self, started: Any) -> float: ...
 
 
 class PerfCounterClock:
@@ -59,7 +67,7 @@ class CudaEventClock:
         return started.elapsed_time(finished) / 1e3
 
 
-def clock_for(device: torch.device):
+def clock_for(device: torch.device) -> Clock:
     """The clock that times work on ``device`` (tests replace this to inject timings)."""
     return CudaEventClock() if device.type == "cuda" else PerfCounterClock()
 
@@ -274,7 +282,7 @@ def record_calls(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tenso
     return list(calls.values())
 
 
-def tune(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, *, clock=None,
+def tune(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, *, clock: Optional[Clock] = None,
          warmup: Optional[int] = None, repeats: Optional[int] = None, retune: bool = False) -> TuneReport:
     """Measure every backend that can take each op of ``model(images, mask)`` at these shapes, dtypes and
     the caller's autocast, and record the fastest that passes the numerics in the tuning table.
