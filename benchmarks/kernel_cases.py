@@ -11,7 +11,7 @@ reach 100% and one that does not cannot. FLOPs are 2 per multiply-add of the mat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -187,8 +187,11 @@ def _decoder_loss_case(shape) -> Case:
                 ("features", "weight", "bias"))
 
 
-def all_cases(smoke: bool) -> List[Case]:
+def all_cases(smoke: bool, batch: Optional[int] = None) -> List[Case]:
+    """Every op at the two recipes' shapes (or the smoke ones), at their batch or at ``batch``."""
     vit, swin = (SMOKE_VIT, SMOKE_SWIN) if smoke else (REAL_VIT, REAL_SWIN)
+    if batch is not None:
+        vit, swin = replace(vit, batch=batch), replace(swin, batch=batch)
     cases = [_blend_case(vit), _blend_case(swin),
              _patch_embed_case(vit, layer_norm=False), _patch_embed_case(swin, layer_norm=True),
              _attention_case(vit)]

@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import types
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Tuple
 from unittest import mock
 
 import torch
@@ -31,7 +31,10 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from simmim_fast import MaskGenerator, build_simmim, dispatch
+from simmim_fast.backends import registry
 from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
+from simmim_fast.config import get_config
 
 # Shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
@@ -89,18 +92,46 @@ def _resources(kernel) -> KernelResources:
                            tensor_cores="mma" in kernel.asm["ptx"])
 
 
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    grid: Tuple[int, int, int]
+    arguments: Dict[str, object]  # every argument by name: tensors, integers, constexprs
+    compiled: object  # Triton's CompiledKernel (its .asm holds the TTIR)
+
+
+class CompileLog(list):
+    """The resources of every kernel compiled, in compile order (one entry per compile: a launch the
+    in-process cache already holds adds none), and ``launches``: every launch, with its grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches: List[Launch] = []
+
+
+def _grid(grid, arguments) -> Tuple[int, int, int]:
+    grid = tuple(grid(arguments) if callable(grid) else grid)
+    return tuple(int(size) for size in grid) + (1,) * (3 - len(grid))
+
+
 @contextlib.contextmanager
-def compile_only(capability: int = 90) -> Iterator[List[KernelResources]]:
-    """Within it Triton launches compile for ``sm_<capability>`` and run nothing; yields the list
-    the compiled kernels' resources are appended to. Output tensors of launches stay uninitialised."""
-    compiled: List[KernelResources] = []
+def compile_only(capability: int = 90) -> Iterator[CompileLog]:
+    """Within it Triton launches compile for ``sm_<capability>`` and run nothing; yields the log the
+    compiled kernels' resources and the launches are appended to. Output tensors of launches stay
+    uninitialised."""
+    log = CompileLog()
     touched = set()
     jit_run = JITFunction.run
+    compiled_before = set()
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         touched.add(self)
-        compiled.append(_resources(kernel))
+        if id(kernel) not in compiled_before:  # a new specialisation: Triton compiled it for this launch
+            compiled_before.add(id(kernel))
+            log.append(_resources(kernel))
+        arguments = dict(zip(self.arg_names, args), **kwargs)
+        log.launches.append(Launch(kernel.metadata.name, _grid(grid, arguments), arguments, kernel))
         return kernel
 
     def compile_every_config(self, *args, **kwargs):
@@ -116,23 +147,61 @@ def compile_only(capability: int = 90) -> Iterator[List[KernelResources]]:
         with mock.patch.object(JITFunction, "run", compile_instead), \
                 mock.patch.object(Autotuner, "run", compile_every_config), \
                 mock.patch.object(torch.cuda, "get_device_properties", lambda *_: device):
-            yield compiled
+            yield log
     finally:
         driver.set_active(previous_driver)
         for function in touched:  # drop kernels compiled for the absent device from the in-process caches
             function.device_caches.clear()
 
 
-def compile_case(case, dtype: torch.dtype, capability: int = 90, seed: int = 0) -> List[KernelResources]:
-    """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, compile only."""
+# Inputs whose gradient training never asks for, but a user may: their backward kernels exist too.
+OPTIONAL_GRADS = ("image", "target")
+
+
+def run_case(case, dtype: torch.dtype, seed: int = 0, optional_grads: bool = False) -> None:
+    """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, on CPU tensors;
+    with ``optional_grads`` also the gradients of OPTIONAL_GRADS."""
     module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
     op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
     args = case.build(torch.device("cpu"), dtype, seed)
-    for name in case.grad_names:
+    for name in case.grad_names + (tuple(name for name in OPTIONAL_GRADS if name in args) if optional_grads else ()):
         args[name].requires_grad_()
+    out = op(**args)
+    out.backward(torch.ones_like(out))
+
+
+def compile_case(case, dtype: torch.dtype, capability: int = 90, seed: int = 0) -> CompileLog:
+    """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, compile only."""
     with compile_only(capability) as compiled:
-        out = op(**args)
-        out.backward(torch.ones_like(out))
+        run_case(case, dtype, seed)
+    return compiled
+
+
+@contextlib.contextmanager
+def triton_everywhere():
+    """Every op of the dispatch on the triton backend whatever the tensors' device: compile-only runs
+    the launchers on CPU tensors, which the backend otherwise refuses without a GPU."""
+    triton_backend = registry()["triton"]
+    with mock.patch.object(dispatch, "select", lambda op, args: triton_backend):
+        yield
+
+
+def compile_training_step(preset: str, batch: int = 2, capability: int = 90) -> CompileLog:
+    """A first training step of ``preset`` (simmim_fast.config) as it trains: fp32 parameters and
+    images, forward under bf16 autocast, backward, every op on the triton kernels, compile only.
+    Everything but the kernels runs on the CPU for real, so the batch is small; it names no tuning key
+    (kernels/_autotune.py), so the kernels compiled are those of any batch."""
+    config = get_config(preset)
+    torch.manual_seed(0)
+    model = build_simmim(config)
+    size = config.DATA.IMG_SIZE
+    images = torch.randn(batch, 3, size, size)
+    masks = MaskGenerator(size, config.DATA.MASK_PATCH_SIZE, model.patch_size, config.DATA.MASK_RATIO)
+    mask = masks.generate(batch, generator=torch.Generator().manual_seed(0))
+    with compile_only(capability) as compiled, triton_everywhere():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(images, mask)
+        loss.backward()
     return compiled
 
 
