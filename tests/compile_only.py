@@ -18,10 +18,11 @@ import importlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import types
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, Iterator, List, Optional, Tuple
 from unittest import mock
 
 import torch
@@ -31,10 +32,12 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from benchmarks.kernel_cases import SwinShape, VitShape, recipe_cases
 from simmim_fast import MaskGenerator, build_simmim, dispatch
 from simmim_fast.backends import registry
 from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 from simmim_fast.config import get_config
+from tests.int32_ranges import int32_overflows
 
 # Shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
@@ -97,7 +100,7 @@ class Launch:
     kernel: str
     grid: Tuple[int, int, int]
     arguments: Dict[str, object]  # every argument by name: tensors, integers, constexprs
-    compiled: object  # Triton's CompiledKernel (its .asm holds the TTIR)
+    compiled: Optional[object]  # Triton's CompiledKernel (its .asm holds the TTIR); None: not compiled
 
 
 class CompileLog(list):
@@ -115,10 +118,11 @@ def _grid(grid, arguments) -> Tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def compile_only(capability: int = 90) -> Iterator[CompileLog]:
+def compile_only(capability: int = 90, every_config: bool = True) -> Iterator[CompileLog]:
     """Within it Triton launches compile for ``sm_<capability>`` and run nothing; yields the log the
     compiled kernels' resources and the launches are appended to. Output tensors of launches stay
-    uninitialised."""
+    uninitialised. An autotuned launch compiles every config its pruning keeps, or with
+    ``every_config=False`` the first one only (the others' launches are logged, not compiled)."""
     log = CompileLog()
     touched = set()
     jit_run = JITFunction.run
@@ -136,8 +140,12 @@ def compile_only(capability: int = 90) -> Iterator[CompileLog]:
 
     def compile_every_config(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
-        for config in self.prune_configs(kwargs):
-            self.fn.run(*args, **kwargs, **config.all_kwargs())
+        for index, config in enumerate(self.prune_configs(kwargs)):
+            if every_config or index == 0:
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+            else:
+                arguments = dict(self.nargs, **kwargs, **config.all_kwargs())
+                log.launches.append(Launch(self.fn.__name__, _grid(kwargs["grid"], arguments), arguments, None))
         self.nargs = None
 
     device = types.SimpleNamespace(multi_processor_count=SM_COUNT[capability])
@@ -205,7 +213,117 @@ def compile_training_step(preset: str, batch: int = 2, capability: int = 90) -> 
     return compiled
 
 
-def _main() -> None:
+# ---- every op at the largest batch of every published recipe (python -m tests.compile_only --max-batch) --
+
+MAX_BATCH = 4096
+MAX_BATCH_RECIPES = {
+    "ViT-B 224": VitShape(batch=MAX_BATCH, image=224, patch=16, dim=768, heads=12, mask_patch=32),
+    "ViT-B 384": VitShape(batch=MAX_BATCH, image=384, patch=16, dim=768, heads=12, mask_patch=32),
+    "Swin-B 192 w6": SwinShape(batch=MAX_BATCH, image=192, patch=4, dim=128, heads=(4, 8, 16, 32), window=6,
+                               mask_patch=32),
+    "Swin-B 224 w7": SwinShape(batch=MAX_BATCH, image=224, patch=4, dim=128, heads=(4, 8, 16, 32), window=7,
+                               mask_patch=32),
+    "Swin-L 192 w12": SwinShape(batch=MAX_BATCH, image=192, patch=4, dim=192, heads=(6, 12, 24, 48), window=12,
+                                mask_patch=32),
+}
+# CUDA's grid limits: x up to 2**31 - 1 blocks, y and z up to 65535.
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+def _meta_arguments(case_at_batch, batch: int, dtype: torch.dtype) -> Dict[str, object]:
+    """The case's arguments at ``batch`` images as meta tensors (contiguous; nothing is allocated):
+    every dimension that grows with the batch is found by building the case at 1 and 2 images."""
+    one, two = case_at_batch(1).build(torch.device("cpu"), dtype, 0), case_at_batch(2).build(torch.device("cpu"), dtype, 0)
+    arguments = {}
+    for name, value in one.items():
+        if isinstance(value, torch.Tensor):
+            shape = [a + (b - a) * (batch - 1) for a, b in zip(value.shape, two[name].shape)]
+            value = torch.empty(shape, dtype=value.dtype, device="meta")
+        arguments[name] = value
+    return arguments
+
+
+@contextlib.contextmanager
+def _custom_ops_launch_on_meta():
+    """A torch.library custom op runs its fake implementation on meta tensors; here it runs its real
+    one, so its launchers compile their kernels at shapes no host could allocate."""
+    from torch._library.custom_ops import CustomOpDef
+
+    ops = {op for module, _ in KERNEL_ENTRY_POINTS.values()
+           for op in vars(importlib.import_module(f"simmim_fast.kernels.{module}")).values()
+           if isinstance(op, CustomOpDef)}
+    with contextlib.ExitStack() as stack:
+        for op in ops:
+            stack.enter_context(mock.patch.object(op, "_abstract_fn", op._init_fn))
+        yield
+
+
+@contextlib.contextmanager
+def _meta_autocast(dtype: torch.dtype):
+    """torch has no autocast for the meta device; the launchers ask whether it is on for their
+    tensors' device: here it is, to ``dtype``, as in training."""
+    is_enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+    with mock.patch.object(torch, "is_autocast_enabled",
+                           lambda *device: True if device == ("meta",) else is_enabled(*device)), \
+            mock.patch.object(torch, "get_autocast_dtype",
+                              lambda device: dtype if device == "meta" else get_dtype(device)):
+        yield
+
+
+def compile_at_max_batch(recipe: str, capability: int = 90):
+    """[(case, CompileLog)] of every op's forward and backward at MAX_BATCH images of ``recipe`` in
+    the training configuration (fp32 tensors, bf16 autocast), on meta tensors. Autotuned kernels
+    compile their first config; every config's grid is logged."""
+    shape = MAX_BATCH_RECIPES[recipe]
+    results = []
+    for index, case in enumerate(recipe_cases(shape)):
+        arguments = _meta_arguments(lambda batch: recipe_cases(replace(shape, batch=batch))[index], MAX_BATCH,
+                                    torch.float32)
+        module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
+        op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
+        for name in case.grad_names:
+            arguments[name].requires_grad_()
+        with compile_only(capability, every_config=False) as compiled, _custom_ops_launch_on_meta(), \
+                _meta_autocast(torch.bfloat16):
+            out = op(**arguments)
+            out.backward(torch.ones_like(out))
+        results.append((case, compiled))
+    return results
+
+
+def grid_breaches(launches: List[Launch]) -> List[str]:
+    return [f"{launch.kernel}: grid {launch.grid} exceeds {GRID_LIMITS}" for launch in launches
+            if any(size > limit for size, limit in zip(launch.grid, GRID_LIMITS))]
+
+
+def int32_breaches(launches: List[Launch]) -> List[str]:
+    """Every i32 operation of a compiled launch that can wrap at its arguments (tests/int32_ranges.py)."""
+    breaches = []
+    for launch in launches:
+        if launch.compiled is None:
+            continue
+        tensors = [value for value in launch.arguments.values() if isinstance(value, torch.Tensor)]
+        integers = {name: value for name, value in launch.arguments.items()
+                    if isinstance(value, int) and not isinstance(value, bool)}
+        index_tensors = [tensor for tensor in tensors if not tensor.is_floating_point()] or tensors
+        largest_index = max((tensor.numel() for tensor in index_tensors), default=0)
+        for problem in int32_overflows(launch.compiled.asm["ttir"], integers, launch.grid, largest_index):
+            breaches.append(f"{launch.kernel}: {problem}")
+    return list(dict.fromkeys(breaches))
+
+
+def _print_max_batch() -> None:
+    for recipe in MAX_BATCH_RECIPES:
+        for case, compiled in compile_at_max_batch(recipe):
+            largest = max((launch.grid for launch in compiled.launches), key=lambda grid: grid[0] * grid[1] * grid[2])
+            breaches = grid_breaches(compiled.launches) + int32_breaches(compiled.launches)
+            print(f"{recipe:15} {case.op + ' ' + case.name:60} {len(compiled.launches):3} launches, "
+                  f"largest grid {largest}: {'ok' if not breaches else 'FAILS'}")
+            for breach in breaches:
+                print(f"    {breach}")
+
+
+def _print_resources() -> None:
     from benchmarks.kernel_cases import all_cases
 
     header = (f"{'op / case':58} {'dtype':9} {'kernel':38} {'warps':>5} {'stages':>6} {'regs':>4} {'smem KiB':>8} "
@@ -220,4 +338,9 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    if sys.argv[1:] == ["--max-batch"]:
+        _print_max_batch()
+    elif sys.argv[1:]:
+        sys.exit("usage: python -m tests.compile_only [--max-batch]")
+    else:
+        _print_resources()

@@ -208,3 +208,54 @@ def test_autotune_off_binds_one_config_per_kernel():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---- batch 4096 at every published recipe: grids within CUDA's limits, no i32 offset that wraps ----
+
+@functools.lru_cache(maxsize=None)
+def _launches_at_max_batch(recipe):
+    return [launch for _, compiled in compile_only.compile_at_max_batch(recipe) for launch in compiled.launches]
+
+
+@pytest.mark.parametrize("recipe", list(compile_only.MAX_BATCH_RECIPES))
+def test_max_batch_grids_fit_the_device(recipe):
+    """Every op's forward and backward at 4096 images (meta tensors, compile only): every config's grid
+    within x < 2**31, y and z <= 65535."""
+    launches = _launches_at_max_batch(recipe)
+    assert launches
+    breaches = compile_only.grid_breaches(launches)
+    assert not breaches, "\n".join(dict.fromkeys(breaches))
+
+
+@pytest.mark.parametrize("recipe", list(compile_only.MAX_BATCH_RECIPES))
+def test_max_batch_offsets_do_not_wrap_in_int32(recipe):
+    """At 4096 images some tensors pass 2**31 elements: every offset that can get there must be
+    computed in int64. Each compiled kernel's i32 arithmetic, bounded by interval analysis at the
+    launch's arguments and grid (tests/int32_ranges.py), stays within i32."""
+    launches = _launches_at_max_batch(recipe)
+    assert any(launch.compiled is not None for launch in launches)
+    breaches = compile_only.int32_breaches(launches)
+    assert not breaches, "\n".join(breaches)
+
+
+def test_int32_analysis_finds_a_wrapping_offset_and_passes_its_int64_fix():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy_rows_kernel(src_ptr, dst_ptr, row_stride, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        if WIDE:
+            row = row.to(tl.int64)
+        offsets = row * row_stride + tl.arange(0, BLOCK)
+        tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets))
+
+    src = torch.empty(2 ** 20, 2 ** 12, device="meta")
+    with compile_only.compile_only(90) as compiled:
+        for wide in (False, True):
+            _copy_rows_kernel[(src.shape[0],)](src, torch.empty_like(src), src.stride(0), WIDE=wide, BLOCK=64)
+    narrow, wide = compile_only.int32_breaches(compiled.launches[:1]), compile_only.int32_breaches(compiled.launches[1:])
+    assert len(narrow) == 1 and "arith.muli" in narrow[0] and "2**32.0" in narrow[0], narrow
+    assert wide == []
+    assert compile_only.grid_breaches(compiled.launches) == []
+    assert compile_only.grid_breaches([compile_only.Launch("k", (1, 65536, 1), {}, None)])
