@@ -194,23 +194,58 @@ def triton_everywhere():
         yield
 
 
-def compile_training_step(preset: str, batch: int = 2, capability: int = 90) -> CompileLog:
+@contextlib.contextmanager
+def _custom_ops_launch_on_meta():
+    """A torch.library custom op runs its fake implementation on meta tensors; here it runs its real
+    one, so its launchers compile their kernels at shapes no host could allocate."""
+    from torch._library.custom_ops import CustomOpDef
+
+    ops = {op for module, _ in KERNEL_ENTRY_POINTS.values()
+           for op in vars(importlib.import_module(f"simmim_fast.kernels.{module}")).values()
+           if isinstance(op, CustomOpDef)}
+    with contextlib.ExitStack() as stack:
+        for op in ops:
+            stack.enter_context(mock.patch.object(op, "_abstract_fn", op._init_fn))
+        yield
+
+
+@contextlib.contextmanager
+def _meta_autocast(dtype: torch.dtype):
+    """torch has no autocast for the meta device; the launchers ask whether it is on for their
+    tensors' device: here it is, to ``dtype``, as in training."""
+    is_enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+    with mock.patch.object(torch, "is_autocast_enabled",
+                           lambda *device: True if device == ("meta",) else is_enabled(*device)), \
+            mock.patch.object(torch, "get_autocast_dtype",
+                              lambda device: dtype if device == "meta" else get_dtype(device)):
+        yield
+
+
+def compile_training_step(preset: str, capability: int = 90) -> CompileLog:
     """A first training step of ``preset`` (simmim_fast.config) as it trains: fp32 parameters and
-    images, forward under bf16 autocast, backward, every op on the triton kernels, compile only.
-    Everything but the kernels runs on the CPU for real, so the batch is small; it names no tuning key
-    (kernels/_autotune.py), so the kernels compiled are those of any batch."""
+    images, forward under bf16 autocast, backward, every op on the triton kernels, compile only, at
+    the preset's batch. On meta tensors: nothing between the kernels computes. Autocast has no meta
+    device, so the launchers are told it is on (their one question); the layers between them then
+    hand them fp32 where autocast would give bf16, which the launchers cast as autocast would (the
+    attention operands) or take as fp32 anyway (LayerNorm outputs, images): cross-checked, the same
+    kernels compile as in a step on CPU tensors under CPU autocast."""
+    with compile_only(capability) as compiled:
+        training_step_on_meta(preset)
+    return compiled
+
+
+def training_step_on_meta(preset: str, batch: Optional[int] = None) -> None:
+    """compile_training_step's step, at ``batch`` images (default: the preset's), inside a compile_only()."""
     config = get_config(preset)
     torch.manual_seed(0)
-    model = build_simmim(config)
-    size = config.DATA.IMG_SIZE
-    images = torch.randn(batch, 3, size, size)
+    model = build_simmim(config).to("meta")
+    batch, size = batch or config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE
+    images = torch.empty(batch, 3, size, size, device="meta")
     masks = MaskGenerator(size, config.DATA.MASK_PATCH_SIZE, model.patch_size, config.DATA.MASK_RATIO)
-    mask = masks.generate(batch, generator=torch.Generator().manual_seed(0))
-    with compile_only(capability) as compiled, triton_everywhere():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(images, mask)
+    mask = masks.generate(batch).to("meta")
+    with triton_everywhere(), _custom_ops_launch_on_meta(), _meta_autocast(torch.bfloat16):
+        loss = model(images, mask)
         loss.backward()
-    return compiled
 
 
 # ---- every op at the largest batch of every published recipe (python -m tests.compile_only --max-batch) --
@@ -241,33 +276,6 @@ def _meta_arguments(case_at_batch, batch: int, dtype: torch.dtype) -> Dict[str, 
             value = torch.empty(shape, dtype=value.dtype, device="meta")
         arguments[name] = value
     return arguments
-
-
-@contextlib.contextmanager
-def _custom_ops_launch_on_meta():
-    """A torch.library custom op runs its fake implementation on meta tensors; here it runs its real
-    one, so its launchers compile their kernels at shapes no host could allocate."""
-    from torch._library.custom_ops import CustomOpDef
-
-    ops = {op for module, _ in KERNEL_ENTRY_POINTS.values()
-           for op in vars(importlib.import_module(f"simmim_fast.kernels.{module}")).values()
-           if isinstance(op, CustomOpDef)}
-    with contextlib.ExitStack() as stack:
-        for op in ops:
-            stack.enter_context(mock.patch.object(op, "_abstract_fn", op._init_fn))
-        yield
-
-
-@contextlib.contextmanager
-def _meta_autocast(dtype: torch.dtype):
-    """torch has no autocast for the meta device; the launchers ask whether it is on for their
-    tensors' device: here it is, to ``dtype``, as in training."""
-    is_enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
-    with mock.patch.object(torch, "is_autocast_enabled",
-                           lambda *device: True if device == ("meta",) else is_enabled(*device)), \
-            mock.patch.object(torch, "get_autocast_dtype",
-                              lambda device: dtype if device == "meta" else get_dtype(device)):
-        yield
 
 
 def compile_at_max_batch(recipe: str, capability: int = 90):

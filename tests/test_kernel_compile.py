@@ -259,3 +259,4 @@ def test_int32_analysis_finds_a_wrapping_offset_and_passes_its_int64_fix():
     assert wide == []
     assert compile_only.grid_breaches(compiled.launches) == []
     assert compile_only.grid_breaches([compile_only.Launch("k", (1, 65536, 1), {}, None)])
+
