@@ -200,14 +200,15 @@ def triton_everywhere():
 
 
 @contextlib.contextmanager
-def _custom_ops_launch_on_meta():
-    """A torch.library custom op runs its fake implementation on meta tensors; here it runs its real
-    one, so its launchers compile their kernels at shapes no host could allocate."""
+def custom_ops_launch_on_meta(modules=None):
+    """A torch.library custom op runs its fake implementation on meta tensors; here the custom ops of
+    ``modules`` (default: simmim_fast.kernels') run their real one, so their launchers compile their
+    kernels at shapes no host could allocate."""
     from torch._library.custom_ops import CustomOpDef
 
-    ops = {op for module, _ in KERNEL_ENTRY_POINTS.values()
-           for op in vars(importlib.import_module(f"simmim_fast.kernels.{module}")).values()
-           if isinstance(op, CustomOpDef)}
+    if modules is None:
+        modules = [importlib.import_module(f"simmim_fast.kernels.{module}") for module, _ in KERNEL_ENTRY_POINTS.values()]
+    ops = {op for module in modules for op in vars(module).values() if isinstance(op, CustomOpDef)}
     with contextlib.ExitStack() as stack:
         for op in ops:
             stack.enter_context(mock.patch.object(op, "_abstract_fn", op._init_fn))
@@ -248,7 +249,7 @@ def training_step_on_meta(preset: str, batch: Optional[int] = None) -> None:
     images = torch.empty(batch, 3, size, size, device="meta")
     masks = MaskGenerator(size, config.DATA.MASK_PATCH_SIZE, model.patch_size, config.DATA.MASK_RATIO)
     mask = masks.generate(batch).to("meta")
-    with triton_everywhere(), _custom_ops_launch_on_meta(), _meta_autocast(torch.bfloat16):
+    with triton_everywhere(), custom_ops_launch_on_meta(), _meta_autocast(torch.bfloat16):
         loss = model(images, mask)
         loss.backward()
 
@@ -296,7 +297,7 @@ def compile_at_max_batch(recipe: str, capability: int = 90):
         op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
         for name in case.grad_names:
             arguments[name].requires_grad_()
-        with compile_only(capability, every_config=False) as compiled, _custom_ops_launch_on_meta(), \
+        with compile_only(capability, every_config=False) as compiled, custom_ops_launch_on_meta(), \
                 _meta_autocast(torch.bfloat16):
             out = op(**arguments)
             out.backward(torch.ones_like(out))

@@ -22,6 +22,8 @@ from unittest import mock
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
@@ -105,9 +107,6 @@ def test_attention_envelope_compiles_for_sm90(case):
 def test_compile_only_reads_resources():
     """The harness itself: a kernel that must spill does, one that must not does not, and the
     launch compiled without running (the output stays as allocated)."""
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _scale_by_sum_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
         offsets = tl.arange(0, BLOCK)
@@ -239,9 +238,6 @@ def test_max_batch_offsets_do_not_wrap_in_int32(recipe):
 
 
 def test_int32_analysis_finds_a_wrapping_offset_and_passes_its_int64_fix():
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _copy_rows_kernel(src_ptr, dst_ptr, row_stride, WIDE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
@@ -260,3 +256,33 @@ def test_int32_analysis_finds_a_wrapping_offset_and_passes_its_int64_fix():
     assert compile_only.grid_breaches(compiled.launches) == []
     assert compile_only.grid_breaches([compile_only.Launch("k", (1, 65536, 1), {}, None)])
 
+
+
+@triton.jit
+def _double_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offsets, 2 * tl.load(src_ptr + offsets))
+
+
+@torch.library.custom_op("simmim_fast_compile_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _double_kernel[(1,)](x, out, BLOCK=x.numel())
+    return out
+
+
+@_double.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_meta_tensors_reach_the_launchers_of_custom_ops():
+    """The kernels are torch.library custom ops, whose fake runs on meta tensors: the harness swaps in
+    their real implementation, so a meta launch still compiles (and only inside the harness)."""
+    x = torch.empty(64, device="meta")
+    with compile_only.compile_only(90) as compiled:
+        _double(x)
+        assert compiled.launches == []
+        with compile_only.custom_ops_launch_on_meta([sys.modules[__name__]]):
+            _double(x)
+        assert [launch.kernel for launch in compiled.launches] == ["_double_kernel"]
