@@ -11,7 +11,7 @@ reach 100% and one that does not cannot. FLOPs are 2 per multiply-add of the mat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -187,14 +187,22 @@ def _decoder_loss_case(shape) -> Case:
                 ("features", "weight", "bias"))
 
 
-def all_cases(smoke: bool) -> List[Case]:
+def recipe_cases(shape) -> List[Case]:
+    """Every op a model of ``shape`` (a VitShape or a SwinShape) trains with, forward and backward."""
+    if isinstance(shape, VitShape):
+        cases = [_blend_case(shape), _patch_embed_case(shape, layer_norm=False), _attention_case(shape)]
+    else:
+        cases = [_blend_case(shape), _patch_embed_case(shape, layer_norm=True)]
+        cases += [_window_attention_case(shape, stage) for stage in range(len(shape.heads))]
+    return cases + [_l1_loss_case(shape), _decoder_loss_case(shape)]
+
+
+def all_cases(smoke: bool, batch: Optional[int] = None) -> List[Case]:
+    """Every op at the two recipes' shapes (or the smoke ones), at their batch or at ``batch``."""
     vit, swin = (SMOKE_VIT, SMOKE_SWIN) if smoke else (REAL_VIT, REAL_SWIN)
-    cases = [_blend_case(vit), _blend_case(swin),
-             _patch_embed_case(vit, layer_norm=False), _patch_embed_case(swin, layer_norm=True),
-             _attention_case(vit)]
-    cases += [_window_attention_case(swin, stage) for stage in range(len(swin.heads))]
-    cases += [_l1_loss_case(vit), _l1_loss_case(swin), _decoder_loss_case(vit), _decoder_loss_case(swin)]
-    return cases
+    if batch is not None:
+        vit, swin = replace(vit, batch=batch), replace(swin, batch=batch)
+    return recipe_cases(vit) + recipe_cases(swin)
 
 
 def envelope_cases() -> List[Case]:

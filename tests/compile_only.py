@@ -10,6 +10,11 @@ whether its products run on tensor cores comes from its PTX.
 This catches what the interpreter cannot: code that does not lower for the GPU (tl.dot shapes,
 layouts, dtypes) and tiles that would not fit in its shared memory or registers.
 ``python -m tests.compile_only`` prints the table for the real shapes of benchmarks/kernel_cases.py.
+
+Meta tensors go through too (their data pointer is 0, aligned like a CUDA allocation), so a whole
+training step (``compile_training_step``) and every op at batch 4096 (``compile_at_max_batch``;
+``python -m tests.compile_only --max-batch`` prints its grid and int32 checks) compile without
+computing or allocating anything.
 """
 from __future__ import annotations
 
@@ -18,10 +23,11 @@ import importlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import types
-from dataclasses import dataclass
-from typing import Iterator, List
+from dataclasses import dataclass, replace
+from typing import Dict, Iterator, List, Optional, Tuple
 from unittest import mock
 
 import torch
@@ -31,7 +37,12 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from benchmarks.kernel_cases import SwinShape, VitShape, recipe_cases
+from simmim_fast import MaskGenerator, build_simmim, dispatch
+from simmim_fast.backends import registry
 from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
+from simmim_fast.config import get_config
+from tests.int32_ranges import int32_overflows
 
 # Shared memory one block may opt into, per compute capability (CUDA programming guide, table 21).
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
@@ -89,24 +100,57 @@ def _resources(kernel) -> KernelResources:
                            tensor_cores="mma" in kernel.asm["ptx"])
 
 
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    grid: Tuple[int, int, int]
+    arguments: Dict[str, object]  # every argument by name: tensors, integers, constexprs
+    compiled: Optional[object]  # Triton's CompiledKernel (its .asm holds the TTIR); None: not compiled
+
+
+class CompileLog(list):
+    """The resources of every kernel compiled, in compile order (one entry per compile: a launch the
+    in-process cache already holds adds none), and ``launches``: every launch, with its grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches: List[Launch] = []
+
+
+def _grid(grid, arguments) -> Tuple[int, int, int]:
+    grid = tuple(grid(arguments) if callable(grid) else grid)
+    return tuple(int(size) for size in grid) + (1,) * (3 - len(grid))
+
+
 @contextlib.contextmanager
-def compile_only(capability: int = 90) -> Iterator[List[KernelResources]]:
-    """Within it Triton launches compile for ``sm_<capability>`` and run nothing; yields the list
-    the compiled kernels' resources are appended to. Output tensors of launches stay uninitialised."""
-    compiled: List[KernelResources] = []
+def compile_only(capability: int = 90, every_config: bool = True) -> Iterator[CompileLog]:
+    """Within it Triton launches compile for ``sm_<capability>`` and run nothing; yields the log the
+    compiled kernels' resources and the launches are appended to. Output tensors of launches stay
+    uninitialised. An autotuned launch compiles every config its pruning keeps, or with
+    ``every_config=False`` the first one only (the others' launches are logged, not compiled)."""
+    log = CompileLog()
     touched = set()
     jit_run = JITFunction.run
+    compiled_before = set()
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         touched.add(self)
-        compiled.append(_resources(kernel))
+        if id(kernel) not in compiled_before:  # a new specialisation: Triton compiled it for this launch
+            compiled_before.add(id(kernel))
+            log.append(_resources(kernel))
+        arguments = dict(zip(self.arg_names, args), **kwargs)
+        log.launches.append(Launch(kernel.metadata.name, _grid(grid, arguments), arguments, kernel))
         return kernel
 
     def compile_every_config(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
-        for config in self.prune_configs(kwargs):
-            self.fn.run(*args, **kwargs, **config.all_kwargs())
+        for index, config in enumerate(self.prune_configs(kwargs)):
+            if every_config or index == 0:
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+            else:
+                arguments = dict(self.nargs, **kwargs, **config.all_kwargs())
+                log.launches.append(Launch(self.fn.__name__, _grid(kwargs["grid"], arguments), arguments, None))
         self.nargs = None
 
     device = types.SimpleNamespace(multi_processor_count=SM_COUNT[capability])
@@ -116,27 +160,184 @@ def compile_only(capability: int = 90) -> Iterator[List[KernelResources]]:
         with mock.patch.object(JITFunction, "run", compile_instead), \
                 mock.patch.object(Autotuner, "run", compile_every_config), \
                 mock.patch.object(torch.cuda, "get_device_properties", lambda *_: device):
-            yield compiled
+            yield log
     finally:
         driver.set_active(previous_driver)
         for function in touched:  # drop kernels compiled for the absent device from the in-process caches
             function.device_caches.clear()
 
 
-def compile_case(case, dtype: torch.dtype, capability: int = 90, seed: int = 0) -> List[KernelResources]:
-    """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, compile only."""
+# Inputs whose gradient training never asks for, but a user may: their backward kernels exist too.
+OPTIONAL_GRADS = ("image", "target")
+
+
+def run_case(case, dtype: torch.dtype, seed: int = 0, optional_grads: bool = False) -> None:
+    """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, on CPU tensors;
+    with ``optional_grads`` also the gradients of OPTIONAL_GRADS."""
     module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
     op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
     args = case.build(torch.device("cpu"), dtype, seed)
-    for name in case.grad_names:
+    for name in case.grad_names + (tuple(name for name in OPTIONAL_GRADS if name in args) if optional_grads else ()):
         args[name].requires_grad_()
+    out = op(**args)
+    out.backward(torch.ones_like(out))
+
+
+def compile_case(case, dtype: torch.dtype, capability: int = 90, seed: int = 0) -> CompileLog:
+    """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, compile only."""
     with compile_only(capability) as compiled:
-        out = op(**args)
-        out.backward(torch.ones_like(out))
+        run_case(case, dtype, seed)
     return compiled
 
 
-def _main() -> None:
+@contextlib.contextmanager
+def triton_everywhere():
+    """Every op of the dispatch on the triton backend whatever the tensors' device: compile-only runs
+    the launchers on CPU tensors, which the backend otherwise refuses without a GPU."""
+    triton_backend = registry()["triton"]
+    with mock.patch.object(dispatch, "select", lambda op, args: triton_backend):
+        yield
+
+
+@contextlib.contextmanager
+def custom_ops_launch_on_meta(modules=None):
+    """A torch.library custom op runs its fake implementation on meta tensors; here the custom ops of
+    ``modules`` (default: simmim_fast.kernels') run their real one, so their launchers compile their
+    kernels at shapes no host could allocate."""
+    from torch._library.custom_ops import CustomOpDef
+
+    if modules is None:
+        modules = [importlib.import_module(f"simmim_fast.kernels.{module}") for module, _ in KERNEL_ENTRY_POINTS.values()]
+    ops = {op for module in modules for op in vars(module).values() if isinstance(op, CustomOpDef)}
+    with contextlib.ExitStack() as stack:
+        for op in ops:
+            stack.enter_context(mock.patch.object(op, "_abstract_fn", op._init_fn))
+        yield
+
+
+@contextlib.contextmanager
+def _meta_autocast(dtype: torch.dtype):
+    """torch has no autocast for the meta device; the launchers ask whether it is on for their
+    tensors' device: here it is, to ``dtype``, as in training."""
+    is_enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+    with mock.patch.object(torch, "is_autocast_enabled",
+                           lambda *device: True if device == ("meta",) else is_enabled(*device)), \
+            mock.patch.object(torch, "get_autocast_dtype",
+                              lambda device: dtype if device == "meta" else get_dtype(device)):
+        yield
+
+
+def compile_training_step(preset: str, capability: int = 90) -> CompileLog:
+    """A first training step of ``preset`` (simmim_fast.config) as it trains: fp32 parameters and
+    images, forward under bf16 autocast, backward, every op on the triton kernels, compile only, at
+    the preset's batch. On meta tensors: nothing between the kernels computes. Autocast has no meta
+    device, so the launchers are told it is on (their one question); the layers between them then
+    hand them fp32 where autocast would give bf16, which the launchers cast as autocast would (the
+    attention operands) or take as fp32 anyway (LayerNorm outputs, images): cross-checked, the same
+    kernels compile as in a step on CPU tensors under CPU autocast."""
+    with compile_only(capability) as compiled:
+        training_step_on_meta(preset)
+    return compiled
+
+
+def training_step_on_meta(preset: str, batch: Optional[int] = None) -> None:
+    """compile_training_step's step, at ``batch`` images (default: the preset's), inside a compile_only()."""
+    config = get_config(preset)
+    torch.manual_seed(0)
+    model = build_simmim(config).to("meta")
+    batch, size = batch or config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE
+    images = torch.empty(batch, 3, size, size, device="meta")
+    masks = MaskGenerator(size, config.DATA.MASK_PATCH_SIZE, model.patch_size, config.DATA.MASK_RATIO)
+    mask = masks.generate(batch).to("meta")
+    with triton_everywhere(), custom_ops_launch_on_meta(), _meta_autocast(torch.bfloat16):
+        loss = model(images, mask)
+        loss.backward()
+
+
+# ---- every op at the largest batch of every published recipe (python -m tests.compile_only --max-batch) --
+
+MAX_BATCH = 4096
+MAX_BATCH_RECIPES = {
+    "ViT-B 224": VitShape(batch=MAX_BATCH, image=224, patch=16, dim=768, heads=12, mask_patch=32),
+    "ViT-B 384": VitShape(batch=MAX_BATCH, image=384, patch=16, dim=768, heads=12, mask_patch=32),
+    "Swin-B 192 w6": SwinShape(batch=MAX_BATCH, image=192, patch=4, dim=128, heads=(4, 8, 16, 32), window=6,
+                               mask_patch=32),
+    "Swin-B 224 w7": SwinShape(batch=MAX_BATCH, image=224, patch=4, dim=128, heads=(4, 8, 16, 32), window=7,
+                               mask_patch=32),
+    "Swin-L 192 w12": SwinShape(batch=MAX_BATCH, image=192, patch=4, dim=192, heads=(6, 12, 24, 48), window=12,
+                                mask_patch=32),
+}
+# CUDA's grid limits: x up to 2**31 - 1 blocks, y and z up to 65535.
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+def _meta_arguments(case_at_batch, batch: int, dtype: torch.dtype) -> Dict[str, object]:
+    """The case's arguments at ``batch`` images as meta tensors (contiguous; nothing is allocated):
+    every dimension that grows with the batch is found by building the case at 1 and 2 images."""
+    one, two = case_at_batch(1).build(torch.device("cpu"), dtype, 0), case_at_batch(2).build(torch.device("cpu"), dtype, 0)
+    arguments = {}
+    for name, value in one.items():
+        if isinstance(value, torch.Tensor):
+            shape = [a + (b - a) * (batch - 1) for a, b in zip(value.shape, two[name].shape)]
+            value = torch.empty(shape, dtype=value.dtype, device="meta")
+        arguments[name] = value
+    return arguments
+
+
+def compile_at_max_batch(recipe: str, capability: int = 90):
+    """[(case, CompileLog)] of every op's forward and backward at MAX_BATCH images of ``recipe`` in
+    the training configuration (fp32 tensors, bf16 autocast), on meta tensors. Autotuned kernels
+    compile their first config; every config's grid is logged."""
+    shape = MAX_BATCH_RECIPES[recipe]
+    results = []
+    for index, case in enumerate(recipe_cases(shape)):
+        arguments = _meta_arguments(lambda batch: recipe_cases(replace(shape, batch=batch))[index], MAX_BATCH,
+                                    torch.float32)
+        module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
+        op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
+        for name in case.grad_names:
+            arguments[name].requires_grad_()
+        with compile_only(capability, every_config=False) as compiled, custom_ops_launch_on_meta(), \
+                _meta_autocast(torch.bfloat16):
+            out = op(**arguments)
+            out.backward(torch.ones_like(out))
+        results.append((case, compiled))
+    return results
+
+
+def grid_breaches(launches: List[Launch]) -> List[str]:
+    return [f"{launch.kernel}: grid {launch.grid} exceeds {GRID_LIMITS}" for launch in launches
+            if any(size > limit for size, limit in zip(launch.grid, GRID_LIMITS))]
+
+
+def int32_breaches(launches: List[Launch]) -> List[str]:
+    """Every i32 operation of a compiled launch that can wrap at its arguments (tests/int32_ranges.py)."""
+    breaches = []
+    for launch in launches:
+        if launch.compiled is None:
+            continue
+        tensors = [value for value in launch.arguments.values() if isinstance(value, torch.Tensor)]
+        integers = {name: value for name, value in launch.arguments.items()
+                    if isinstance(value, int) and not isinstance(value, bool)}
+        index_tensors = [tensor for tensor in tensors if not tensor.is_floating_point()] or tensors
+        largest_index = max((tensor.numel() for tensor in index_tensors), default=0)
+        for problem in int32_overflows(launch.compiled.asm["ttir"], integers, launch.grid, largest_index):
+            breaches.append(f"{launch.kernel}: {problem}")
+    return list(dict.fromkeys(breaches))
+
+
+def _print_max_batch() -> None:
+    for recipe in MAX_BATCH_RECIPES:
+        for case, compiled in compile_at_max_batch(recipe):
+            largest = max((launch.grid for launch in compiled.launches), key=lambda grid: grid[0] * grid[1] * grid[2])
+            breaches = list(dict.fromkeys(grid_breaches(compiled.launches) + int32_breaches(compiled.launches)))
+            print(f"{recipe:15} {case.op + ' ' + case.name:60} {len(compiled.launches):3} launches, "
+                  f"largest grid {largest}: {'ok' if not breaches else 'FAILS'}")
+            for breach in breaches:
+                print(f"    {breach}")
+
+
+def _print_resources() -> None:
     from benchmarks.kernel_cases import all_cases
 
     header = (f"{'op / case':58} {'dtype':9} {'kernel':38} {'warps':>5} {'stages':>6} {'regs':>4} {'smem KiB':>8} "
@@ -151,4 +352,9 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    if sys.argv[1:] == ["--max-batch"]:
+        _print_max_batch()
+    elif sys.argv[1:]:
+        sys.exit("usage: python -m tests.compile_only [--max-batch]")
+    else:
+        _print_resources()

@@ -7,12 +7,13 @@
 #   csrc        builds the CUDA extension (csrc/) in .venv-cuda (CUDA torch, no GPU needed), then
 #               tests/test_csrc.py (+ tests/test_gpu_csrc.py where there is a GPU)
 #   xla         the model on torch_xla's CPU device in .venv-xla vs eager (tests/test_xla.py)
+#   gpu-check-dry-run  benchmarks/gpu_check.sh --dry-run: the GPU check's every section on the CPU
 # `bash tests/run.sh plain` (or any list of lanes) runs only those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 PY=.venv/bin/python
-lanes=${*:-plain interpreter compile csrc xla}
+lanes=${*:-plain interpreter compile csrc xla gpu-check-dry-run}
 
 # csrc and xla each get their own venv: a CUDA build of torch there, the torch_xla pin here.
 lane_venv() {  # lane_venv DIR REQUIREMENTS...: the venv with those, and this package without deps
@@ -43,6 +44,7 @@ for lane in $lanes; do
     xla)
       lane_venv .venv-xla "torch==2.9.0" "torch_xla==2.9.0" "numpy<2.4" pytest pillow pyyaml tqdm matplotlib
       PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -q -m xla tests/test_xla.py ;;
+    gpu-check-dry-run) PYTHON=$(pwd)/$PY bash benchmarks/gpu_check.sh --dry-run ;;
     *) echo "unknown lane $lane" >&2; exit 2 ;;
   esac
 done

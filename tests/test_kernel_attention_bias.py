@@ -119,11 +119,11 @@ def test_dbias_is_deterministic():
     assert torch.equal(dbias[0], dbias[1])
 
 
-def test_autocast_output_dtype():
+def test_autocast_output_dtype(device):
     """Under autocast the reference's matmuls, and so its output, are in the autocast dtype."""
     q, k, v = packed_qkv(2, 13, 16)
     bias = make_bias("random", 13)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(device.type, dtype=torch.float16):
         (out, grads), (ref_out, ref_grads) = run_both(q, k, v, bias)
     assert out.dtype == ref_out.dtype == torch.float16
     assert_close_cpu(out, ref_out, "output", dtype=torch.float16)

@@ -10,19 +10,32 @@ the GPU compiler sees:
 - in 16-bit at the recipes' shapes, no config the launchers or the tuner's pruning can pick
   spills registers to local memory beyond a few bytes, and every tl.dot runs on tensor cores.
 """
+import functools
+import importlib
 import os
-from collections import defaultdict
+import subprocess
+import sys
+import textwrap
+from collections import Counter, defaultdict
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 from benchmarks.kernel_cases import all_cases, envelope_cases
+from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 from tests import compile_only
 
 pytestmark = [pytest.mark.compile,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                  reason="compiles for the GPU; the interpreter runs no compiler")]
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 SPILL_BYTES_ALLOWED = 64  # per thread; ptxas spills a few bytes at 255 registers where it costs nothing
 REAL_CASES = all_cases(smoke=False)
 ENVELOPE_CASES = envelope_cases()
@@ -44,18 +57,31 @@ def _check_compiled(case, dtype, capability, max_spill_bytes=None, tensor_cores=
     names = {kernel.kernel for kernel in kernels}
     assert any("_fwd" in name for name in names) and any("_bwd" in name for name in names), \
         f"{case.op}: compiled {sorted(names)}; expected forward and backward kernels"
+    _check_rules(kernels, capability, max_spill_bytes, tensor_cores)
+
+
+def _describe(kernel):
+    return (f"{kernel.kernel} ({kernel.constants}, warps={kernel.num_warps}, stages={kernel.num_stages}): "
+            f"{kernel.registers} regs, {kernel.shared_bytes} B shared, {kernel.spill_bytes} B/thread spilled")
+
+
+def _check_rules(kernels, capability, max_spill_bytes=None, tensor_cores=False):
+    """Every kernel has a config within shared memory; with ``tensor_cores`` every config's dots are
+    MMA; no config within shared memory spills more than ``max_spill_bytes``. Lists every breach."""
     limit = compile_only.MAX_SHARED_BYTES[capability]
+    breaches = []
     for name, variants in _by_kernel(kernels).items():
         fitting = [kernel for kernel in variants if kernel.shared_bytes <= limit]
-        assert fitting, (f"{name}: every config needs more shared memory than sm_{capability}'s {limit} B: "
-                         f"{sorted(kernel.shared_bytes for kernel in variants)}")
+        if not fitting:
+            breaches.append(f"{name}: every config needs more shared memory than sm_{capability}'s {limit} B: "
+                            f"{sorted(kernel.shared_bytes for kernel in variants)}")
         if tensor_cores:
-            assert all(kernel.tensor_cores for kernel in variants if kernel.dots), f"{name}: tl.dot without MMA"
+            breaches += [f"tl.dot without MMA: {_describe(kernel)}" for kernel in variants
+                         if kernel.dots and not kernel.tensor_cores]
         if max_spill_bytes is not None:
-            spilling = [kernel for kernel in fitting if kernel.spill_bytes > max_spill_bytes]
-            assert not spilling, "\n".join(
-                f"{kernel.kernel} ({kernel.constants}, warps={kernel.num_warps}, stages={kernel.num_stages}) "
-                f"spills {kernel.spill_bytes} B/thread" for kernel in spilling)
+            breaches += [f"spills > {max_spill_bytes} B/thread: {_describe(kernel)}" for kernel in fitting
+                         if kernel.spill_bytes > max_spill_bytes]
+    assert not breaches, "\n".join(breaches)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -81,9 +107,6 @@ def test_attention_envelope_compiles_for_sm90(case):
 def test_compile_only_reads_resources():
     """The harness itself: a kernel that must spill does, one that must not does not, and the
     launch compiled without running (the output stays as allocated)."""
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def _scale_by_sum_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
         offsets = tl.arange(0, BLOCK)
@@ -99,3 +122,167 @@ def test_compile_only_reads_resources():
     assert small.kernel == "_scale_by_sum_kernel" and small.spill_bytes == 0 and 0 < small.registers <= 255
     assert not small.dots and not small.tensor_cores
     assert huge.spill_bytes > 0
+
+
+# ---- the training configuration: what a first step compiles at each published recipe ----------
+
+RECIPES = ["vit-base-224", "swin-base-192-w6", "swin-large-192-w12"]
+MAX_COMPILES_PER_RECIPE = 40  # with the ops' backward, ~2 min of ptxas on a host CPU at most
+
+
+@functools.lru_cache(maxsize=None)
+def _first_training_step(preset):
+    return compile_only.compile_training_step(preset)
+
+
+@pytest.mark.parametrize("preset", RECIPES)
+def test_first_training_step_compiles_a_bounded_number_of_kernels(preset, summary_line):
+    """fp32 parameters under bf16 autocast, forward and backward: every compile the autotuners and
+    the launchers trigger, at most MAX_COMPILES_PER_RECIPE (kernels/_autotune.py's policy)."""
+    compiled = _first_training_step(preset)
+    per_kernel = Counter(kernel.kernel for kernel in compiled)
+    summary_line(f"first training step {preset}: {len(compiled)} Triton compiles "
+                 f"({', '.join(f'{name} {count}' for name, count in per_kernel.most_common())})")
+    assert 0 < len(compiled) <= MAX_COMPILES_PER_RECIPE, \
+        f"{preset}: {len(compiled)} compiles > {MAX_COMPILES_PER_RECIPE}: {dict(per_kernel)}"
+
+
+@pytest.mark.parametrize("preset", RECIPES)
+def test_training_specialisation_fits_sm90(preset):
+    """The same rules as at the pure-dtype shapes above, on the kernels training really compiles
+    (fp32 tensors, bf16 autocast dots): a config within shared memory, no fitting config spilling
+    more than SPILL_BYTES_ALLOWED, every dot on tensor cores."""
+    _check_rules(_first_training_step(preset), 90, max_spill_bytes=SPILL_BYTES_ALLOWED, tensor_cores=True)
+
+
+def _kernel_modules():
+    return [importlib.import_module(f"simmim_fast.kernels.{module}") for module, _ in KERNEL_ENTRY_POINTS.values()]
+
+
+def _autotuners():
+    return {f"{module.__name__}.{name}": tuner for module in _kernel_modules()
+            for name, tuner in vars(module).items() if isinstance(tuner, Autotuner)}
+
+
+def _tuning_keys(batch):
+    """{autotuner: [its key values at each launch]} for every op's forward and backward at the smoke
+    shapes with ``batch`` images; the tuners record their keys and launch nothing."""
+    keys = defaultdict(list)
+
+    def record_key(self, *args, **kwargs):
+        named = dict(zip(self.arg_names, args), **kwargs)
+        keys[self].append({name: named[name] for name in self.keys if name in named})
+
+    with compile_only.compile_only(90), mock.patch.object(Autotuner, "run", record_key), \
+            mock.patch.object(JITFunction, "run", lambda *args, **kwargs: None):
+        for case in all_cases(smoke=True, batch=batch):
+            compile_only.run_case(case, torch.bfloat16, optional_grads=True)
+    return keys
+
+
+def test_autotuners_key_on_no_batch_size():
+    """A new batch size must not start another round of compiles and timings: every autotuner's key
+    is the same at 2 and 3 images (and every autotuner of simmim_fast.kernels was launched)."""
+    tuners = _autotuners()
+    two, three = _tuning_keys(2), _tuning_keys(3)
+    names = {tuner: name for name, tuner in tuners.items()}
+    assert set(two) == set(tuners.values()), f"not launched: {sorted(names[t] for t in set(tuners.values()) - set(two))}"
+    varying = {names[tuner]: sorted({key for before, after in zip(two[tuner], three[tuner])
+                                     for key in before if before[key] != after[key]})
+               for tuner in two}
+    assert not any(varying.values()), f"tuning keys that change with the batch: { {k: v for k, v in varying.items() if v} }"
+
+
+def test_autotune_off_binds_one_config_per_kernel():
+    """SIMMIM_FAST_AUTOTUNE=0 (read at import, so in a fresh process): every autotuner of
+    simmim_fast.kernels keeps one config, its default configs[0]."""
+    script = textwrap.dedent("""
+        from tests.test_kernel_compile import _autotuners
+        tuners = _autotuners()
+        assert tuners, "no autotuner found"
+        many = {name: len(tuner.configs) for name, tuner in tuners.items() if len(tuner.configs) != 1}
+        assert not many, f"configs bound with SIMMIM_FAST_AUTOTUNE=0: {many}"
+    """)
+    env = dict(os.environ, SIMMIM_FAST_AUTOTUNE="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---- batch 4096 at every published recipe: grids within CUDA's limits, no i32 offset that wraps ----
+
+@functools.lru_cache(maxsize=None)
+def _launches_at_max_batch(recipe):
+    return [launch for _, compiled in compile_only.compile_at_max_batch(recipe) for launch in compiled.launches]
+
+
+@pytest.mark.parametrize("recipe", list(compile_only.MAX_BATCH_RECIPES))
+def test_max_batch_grids_fit_the_device(recipe):
+    """Every op's forward and backward at 4096 images (meta tensors, compile only): every config's grid
+    within x < 2**31, y and z <= 65535."""
+    launches = _launches_at_max_batch(recipe)
+    assert launches
+    breaches = compile_only.grid_breaches(launches)
+    assert not breaches, "\n".join(dict.fromkeys(breaches))
+
+
+@pytest.mark.parametrize("recipe", list(compile_only.MAX_BATCH_RECIPES))
+def test_max_batch_offsets_do_not_wrap_in_int32(recipe):
+    """At 4096 images some tensors pass 2**31 elements: every offset that can get there must be
+    computed in int64. Each compiled kernel's i32 arithmetic, bounded by interval analysis at the
+    launch's arguments and grid (tests/int32_ranges.py), stays within i32."""
+    launches = _launches_at_max_batch(recipe)
+    assert any(launch.compiled is not None for launch in launches)
+    breaches = compile_only.int32_breaches(launches)
+    assert not breaches, "\n".join(breaches)
+
+
+def test_int32_analysis_finds_a_wrapping_offset_and_passes_its_int64_fix():
+    @triton.jit
+    def _copy_rows_kernel(src_ptr, dst_ptr, row_stride, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        if WIDE:
+            row = row.to(tl.int64)
+        offsets = row * row_stride + tl.arange(0, BLOCK)
+        tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets))
+
+    src = torch.empty(2 ** 20, 2 ** 12, device="meta")
+    with compile_only.compile_only(90) as compiled:
+        for wide in (False, True):
+            _copy_rows_kernel[(src.shape[0],)](src, torch.empty_like(src), src.stride(0), WIDE=wide, BLOCK=64)
+    narrow, wide = compile_only.int32_breaches(compiled.launches[:1]), compile_only.int32_breaches(compiled.launches[1:])
+    assert len(narrow) == 1 and "arith.muli" in narrow[0] and "2**32.0" in narrow[0], narrow
+    assert wide == []
+    assert compile_only.grid_breaches(compiled.launches) == []
+    assert compile_only.grid_breaches([compile_only.Launch("k", (1, 65536, 1), {}, None)])
+
+
+
+@triton.jit
+def _double_kernel(src_ptr, dst_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offsets, 2 * tl.load(src_ptr + offsets))
+
+
+@torch.library.custom_op("simmim_fast_compile_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _double_kernel[(1,)](x, out, BLOCK=x.numel())
+    return out
+
+
+@_double.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_meta_tensors_reach_the_launchers_of_custom_ops():
+    """The kernels are torch.library custom ops, whose fake runs on meta tensors: the harness swaps in
+    their real implementation, so a meta launch still compiles (and only inside the harness)."""
+    x = torch.empty(64, device="meta")
+    with compile_only.compile_only(90) as compiled:
+        _double(x)
+        assert compiled.launches == []
+        with compile_only.custom_ops_launch_on_meta([sys.modules[__name__]]):
+            _double(x)
+        assert [launch.kernel for launch in compiled.launches] == ["_double_kernel"]

@@ -96,11 +96,11 @@ def test_float16_inputs():
     assert_matches_reference(*make_inputs(8, 4, dtype=torch.float16), 4, 8, dtype=torch.float16)
 
 
-def test_autocast_dtypes():
+def test_autocast_dtypes(device):
     """Under autocast l1_loss runs in fp32: a bfloat16 reconstruction against an fp32 target gives fp32."""
     reconstruction, target, mask = make_inputs(8, 8)
     reconstruction = reconstruction.detach().bfloat16().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         loss, grads = fast(reconstruction, target, mask, 8, 8)
         ref_loss, ref_grads = run(reference.masked_l1_loss, reconstruction, target, mask, 8, 8)
     assert loss.dtype == ref_loss.dtype == torch.float32

@@ -9,6 +9,7 @@ import torch
 import simmim_fast
 from simmim_fast import ops, reference
 from simmim_fast.dispatch import BackendError
+from conftest import kernel_device
 from tolerances import assert_close_cpu, assert_within_torch_error
 
 pytestmark = pytest.mark.interpreter
@@ -141,7 +142,7 @@ def assert_float16_within_torch_error(inputs, autocast):
     fp32_inputs = {name: t if t is None or name == "mask" else t.detach().float().requires_grad_(t.requires_grad)
                    for name, t in inputs.items()}
     expected, expected_grads = outputs_and_grads(reference.masked_patch_embed, fp32_inputs, grad_out)
-    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+    with torch.autocast(kernel_device().type, dtype=torch.float16, enabled=autocast):
         out, grads = outputs_and_grads(triton_op, inputs, grad_out.to(expected.dtype if autocast else torch.float16))
         torch_out, torch_grads = outputs_and_grads(reference.masked_patch_embed, inputs, grad_out.to(out.dtype))
     assert out.dtype == torch_out.dtype == (torch.float32 if autocast else torch.float16)

@@ -101,10 +101,10 @@ def test_gradients_are_deterministic():
         assert torch.equal(grad, again)
 
 
-def test_autocast_runs_in_the_autocast_dtype():
+def test_autocast_runs_in_the_autocast_dtype(device):
     """Under autocast the output dtype is the reference's (the autocast dtype), with fp32 q, k, v, bias."""
     qkv, bias, grad_out = make_inputs(2 * 4, 2, 9, 16)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(device.type, dtype=torch.float16):
         assert_matches_reference(qkv, bias, swin_shift_mask(6, 3, 1), grad_out.half(), dtype=torch.float16)
 
 

@@ -31,7 +31,7 @@ def train(preset, backend, steps):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     masks = sf.MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, model.patch_size,
                              config.DATA.MASK_RATIO)
-    data = torch.Generator().manual_seed(1)
+    data = torch.Generator(torch.get_default_device()).manual_seed(1)  # the kernel device (tests/conftest.py)
     losses, first_grads = [], None
     with sf.use_backend(backend):
         for step in range(steps):
