@@ -80,12 +80,13 @@ def _mask_offsets(image, fy, fx, o, stride_b, stride_h, stride_w, STRIDE: tl.con
             + ((i // PATCH) * stride_h + (j // PATCH) * stride_w)[None, :])
 
 
-# Tiles are fixed by the launcher (their order of summation is the result's); the tuner picks warps and stages.
+# Tiles are fixed by the launcher (their order of summation is the result's), and so are the warps of the kernels
+# whose tl.sum reduces over a layout that num_warps sets (the loss partials, d bias): only their stages are tuned.
 _TILE_KEY = ["K", "O", "DOT_DTYPE", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
 
 
-@autotune([triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=4, num_stages=3),
-           triton.Config({}, num_warps=8, num_stages=4)], key=_TILE_KEY + ["STRIDE", "PATCH"])
+@autotune([triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=8, num_stages=4)],
+          key=_TILE_KEY + ["STRIDE", "PATCH"])
 @triton.jit
 def _masked_decoder_loss_fwd_kernel(
     sign_ptr, abs_partial_ptr, count_partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, mask_ptr, order_ptr, num_active_ptr,
@@ -178,8 +179,8 @@ def _masked_decoder_loss_bwd_features_kernel(
              mask=rows_valid[:, None] & k_valid[None, :])
 
 
-@autotune([triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=8, num_stages=3),
-           triton.Config({}, num_warps=4, num_stages=4)], key=_TILE_KEY + ["HAS_BIAS", "GRAD_TARGET"])
+@autotune([triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=4, num_stages=4)],
+          key=_TILE_KEY + ["HAS_BIAS", "GRAD_TARGET"])
 @triton.jit
 def _masked_decoder_loss_bwd_weight_kernel(
     grad_weight_part_ptr, grad_bias_part_ptr, grad_target_ptr, sign_ptr, features_ptr, order_ptr, num_active_ptr,
@@ -311,8 +312,7 @@ def _masked_decoder_loss_backward_op(
     block_m, block_n, block_k = _launch_shapes(out_channels, in_channels)
     common = dict(DOT_DTYPE=_TL_DTYPES[dot_dtype], INPUT_PRECISION=input_precision, BLOCK_M=block_m,
                   BLOCK_K=block_k)
-    not_computed = features.new_empty(0)
-    grad_features = grad_weight = grad_bias = grad_target = not_computed
+    grad_features, grad_weight, grad_bias, grad_target = (features.new_empty(0) for _ in range(4))  # not computed
 
     if grad_features_needed:
         grad_features = torch.empty_like(features)
@@ -333,7 +333,8 @@ def _masked_decoder_loss_backward_op(
         part_bias = (torch.empty((num_splits, out_channels), device=features.device, dtype=torch.float32)
                      if bias is not None else None)
         # Inactive tokens' pixels keep these zeros; active tokens' are all written.
-        grad_target = torch.zeros_like(target) if grad_target_needed else not_computed
+        if grad_target_needed:
+            grad_target = torch.zeros_like(target)
         with on_device_of(features):
             _masked_decoder_loss_bwd_weight_kernel[(*tiles, num_splits)](
                 part_weight, part_bias, grad_target, sign, features, order, num_active, grad_loss, denominator,
@@ -353,11 +354,10 @@ def _masked_decoder_loss_backward_op(
 @_masked_decoder_loss_backward_op.register_fake
 def _(grad_loss, denominator, features, weight, bias, target, order, num_active, sign, encoder_stride, in_chans,
       dot_dtype, input_precision, grad_features_needed, grad_parameters_needed, grad_target_needed):
-    not_computed = features.new_empty(0)
-    return (torch.empty_like(features) if grad_features_needed else not_computed,
-            weight.new_empty(weight.shape) if grad_parameters_needed else not_computed,
-            bias.new_empty(bias.shape) if grad_parameters_needed and bias is not None else not_computed,
-            torch.zeros_like(target) if grad_target_needed else not_computed)
+    return (torch.empty_like(features) if grad_features_needed else features.new_empty(0),
+            weight.new_empty(weight.shape) if grad_parameters_needed else features.new_empty(0),
+            bias.new_empty(bias.shape) if grad_parameters_needed and bias is not None else features.new_empty(0),
+            torch.zeros_like(target) if grad_target_needed else features.new_empty(0))
 
 
 def _save_for_backward(ctx, inputs, output):
