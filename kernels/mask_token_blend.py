@@ -79,8 +79,7 @@ def _blocks(dim: int):
     return _TILE_ELEMENTS // block_d, block_d
 
 
-@torch.library.custom_op("simmim_fast_triton::mask_token_blend", mutates_args=())
-def _mask_token_blend_op(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+def _launch_forward(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
     batch, length, dim = tokens.shape
     num_rows = batch * length
     out = torch.empty((batch, length, dim), device=tokens.device,
@@ -94,13 +93,15 @@ def _mask_token_blend_op(tokens: torch.Tensor, mask: torch.Tensor, mask_token: t
     return out
 
 
-@_mask_token_blend_op.register_fake
+_forward_op = torch.library.custom_op("simmim_fast_triton::mask_token_blend", _launch_forward, mutates_args=())
+
+
+@_forward_op.register_fake
 def _(tokens, mask, mask_token):
     return tokens.new_empty(tokens.shape, dtype=torch.promote_types(tokens.dtype, mask_token.dtype))
 
 
-@torch.library.custom_op("simmim_fast_triton::mask_token_blend_backward", mutates_args=())
-def _mask_token_blend_backward_op(grad_out: torch.Tensor, mask: torch.Tensor, tokens_dtype: torch.dtype,
+def _launch_backward(grad_out: torch.Tensor, mask: torch.Tensor, tokens_dtype: torch.dtype,
                                   mask_token_dtype: torch.dtype, grad_tokens_needed: bool,
                                   grad_mask_token_needed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d tokens, d mask_token); an empty tensor stands for a gradient not needed."""
@@ -125,7 +126,11 @@ def _mask_token_blend_backward_op(grad_out: torch.Tensor, mask: torch.Tensor, to
     return grad_tokens, grad_mask_token
 
 
-@_mask_token_blend_backward_op.register_fake
+_backward_op = torch.library.custom_op("simmim_fast_triton::mask_token_blend_backward", _launch_backward,
+                                       mutates_args=())
+
+
+@_backward_op.register_fake
 def _(grad_out, mask, tokens_dtype, mask_token_dtype, grad_tokens_needed, grad_mask_token_needed):
     dim = grad_out.shape[-1]
     return (grad_out.new_empty(grad_out.shape if grad_tokens_needed else (0,), dtype=tokens_dtype),
@@ -141,14 +146,14 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, grad_out):
     (mask,) = ctx.saved_tensors
     grad_tokens_needed, _, grad_mask_token_needed = ctx.needs_input_grad
-    grad_tokens, grad_mask_token = _mask_token_blend_backward_op(grad_out, mask, *ctx.dtypes, grad_tokens_needed,
-                                                                 grad_mask_token_needed)
+    grad_tokens, grad_mask_token = _backward_op(grad_out, mask, *ctx.dtypes, grad_tokens_needed,
+                                                grad_mask_token_needed)
     return (grad_tokens if grad_tokens_needed else None, None,
             grad_mask_token if grad_mask_token_needed else None)
 
 
-_mask_token_blend_op.register_autograd(_backward, setup_context=_save_for_backward)
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def mask_token_blend(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-    return _mask_token_blend_op(tokens, mask, mask_token)
+    return _forward_op(tokens, mask, mask_token)

@@ -89,7 +89,8 @@ _TILE_KEY = ["K", "O", "DOT_DTYPE", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BL
           key=_TILE_KEY + ["STRIDE", "PATCH"])
 @triton.jit
 def _masked_decoder_loss_fwd_kernel(
-    sign_ptr, abs_partial_ptr, count_partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, mask_ptr, order_ptr, num_active_ptr,
+    sign_ptr, abs_partial_ptr, count_partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, mask_ptr, order_ptr,
+    num_active_ptr,
     tokens_per_image, grid_w, K, O,
     stride_fb, stride_fc, stride_fh, stride_fw, stride_wo, stride_wk,
     stride_tb, stride_tc, stride_th, stride_tw, stride_mb, stride_mh, stride_mw,
@@ -254,8 +255,7 @@ def _weight_grad_splits(num_tokens: int, tiles: int, block_m: int, device: torch
     return max(1, min(triton.cdiv(num_tokens, block_m), triton.cdiv(8 * sm_count(device), tiles)))
 
 
-@torch.library.custom_op("simmim_fast_triton::masked_decoder_loss", mutates_args=())
-def _masked_decoder_loss_op(
+def _launch_forward(
     features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     target: torch.Tensor, encoder_stride: int, patch_size: int, in_chans: int, dot_dtype: torch.dtype,
     out_dtype: torch.dtype, input_precision: str,
@@ -287,7 +287,10 @@ def _masked_decoder_loss_op(
     return loss, denominator, order, num_active, sign
 
 
-@_masked_decoder_loss_op.register_fake
+_forward_op = torch.library.custom_op("simmim_fast_triton::masked_decoder_loss", _launch_forward, mutates_args=())
+
+
+@_forward_op.register_fake
 def _(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans, dot_dtype, out_dtype,
       input_precision):
     num_tokens = features.shape[0] * features.shape[2] * features.shape[3]
@@ -296,8 +299,7 @@ def _(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans
             features.new_empty((num_tokens, weight.shape[0]), dtype=torch.int8))
 
 
-@torch.library.custom_op("simmim_fast_triton::masked_decoder_loss_backward", mutates_args=())
-def _masked_decoder_loss_backward_op(
+def _launch_backward(
     grad_loss: torch.Tensor, denominator: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
     bias: Optional[torch.Tensor], target: torch.Tensor, order: torch.Tensor, num_active: torch.Tensor,
     sign: torch.Tensor, encoder_stride: int, in_chans: int, dot_dtype: torch.dtype, input_precision: str,
@@ -351,7 +353,11 @@ def _masked_decoder_loss_backward_op(
     return grad_features, grad_weight, grad_bias, grad_target
 
 
-@_masked_decoder_loss_backward_op.register_fake
+_backward_op = torch.library.custom_op("simmim_fast_triton::masked_decoder_loss_backward", _launch_backward,
+                                       mutates_args=())
+
+
+@_backward_op.register_fake
 def _(grad_loss, denominator, features, weight, bias, target, order, num_active, sign, encoder_stride, in_chans,
       dot_dtype, input_precision, grad_features_needed, grad_parameters_needed, grad_target_needed):
     return (torch.empty_like(features) if grad_features_needed else features.new_empty(0),
@@ -370,15 +376,14 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_grad_saved_outputs):
     features, weight, bias, target, order, num_active, sign, denominator = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grads = _masked_decoder_loss_backward_op(grad_loss, denominator, features, weight, bias, target, order,
-                                             num_active, sign, *ctx.geometry, needs[0], needs[2] or needs[3],
-                                             needs[4])
+    grads = _backward_op(grad_loss, denominator, features, weight, bias, target, order, num_active, sign,
+                         *ctx.geometry, needs[0], needs[2] or needs[3], needs[4])
     grad_features, grad_weight, grad_bias, grad_target = (grad if need else None for grad, need in
                                                           zip(grads, (needs[0], needs[2], needs[3], needs[4])))
     return grad_features, None, grad_weight, grad_bias, grad_target, None, None, None, None, None, None
 
 
-_masked_decoder_loss_op.register_autograd(_backward, setup_context=_save_for_backward)
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def _dtypes(features, weight, bias, target, mask):
@@ -407,5 +412,5 @@ def masked_decoder_loss(
     in_chans: int,
 ) -> torch.Tensor:
     dot_dtype, out_dtype, input_precision = _dtypes(features, weight, bias, target, mask)
-    return _masked_decoder_loss_op(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
-                                   dot_dtype, out_dtype, input_precision)[0]
+    return _forward_op(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans, dot_dtype,
+                       out_dtype, input_precision)[0]

@@ -176,8 +176,7 @@ def _launch_geometry(target: torch.Tensor, patch_size: int, shuffle_stride: int)
     )
 
 
-@torch.library.custom_op("simmim_fast_triton::masked_l1_loss", mutates_args=())
-def _masked_l1_loss_op(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int,
+def _launch_forward(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int,
                        in_chans: int, shuffle_stride: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """(loss, fp32 denominator that the backward divides by)."""
     launch = _launch_geometry(target, patch_size, shuffle_stride)
@@ -190,13 +189,15 @@ def _masked_l1_loss_op(reconstruction: torch.Tensor, target: torch.Tensor, mask:
     return finish_loss(abs_partials, count_partials, in_chans, out_dtype)
 
 
-@_masked_l1_loss_op.register_fake
+_forward_op = torch.library.custom_op("simmim_fast_triton::masked_l1_loss", _launch_forward, mutates_args=())
+
+
+@_forward_op.register_fake
 def _(reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype):
     return target.new_empty((), dtype=out_dtype), target.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("simmim_fast_triton::masked_l1_loss_backward", mutates_args=())
-def _masked_l1_loss_backward_op(grad_loss: torch.Tensor, denominator: torch.Tensor, reconstruction: torch.Tensor,
+def _launch_backward(grad_loss: torch.Tensor, denominator: torch.Tensor, reconstruction: torch.Tensor,
                                 target: torch.Tensor, mask: torch.Tensor, patch_size: int, in_chans: int,
                                 shuffle_stride: int, grad_rec_needed: bool,
                                 grad_target_needed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +214,10 @@ def _masked_l1_loss_backward_op(grad_loss: torch.Tensor, denominator: torch.Tens
     return grad_rec, grad_target
 
 
-@_masked_l1_loss_backward_op.register_fake
+_backward_op = torch.library.custom_op("simmim_fast_triton::masked_l1_loss_backward", _launch_backward, mutates_args=())
+
+
+@_backward_op.register_fake
 def _(grad_loss, denominator, reconstruction, target, mask, patch_size, in_chans, shuffle_stride, grad_rec_needed,
       grad_target_needed):
     return (reconstruction.new_empty(reconstruction.shape if grad_rec_needed else (0,)),
@@ -229,13 +233,13 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_denominator):
     reconstruction, target, mask, denominator = ctx.saved_tensors
     grad_rec_needed, grad_target_needed = ctx.needs_input_grad[:2]
-    grad_rec, grad_target = _masked_l1_loss_backward_op(grad_loss, denominator, reconstruction, target, mask,
-                                                        *ctx.geometry, grad_rec_needed, grad_target_needed)
+    grad_rec, grad_target = _backward_op(grad_loss, denominator, reconstruction, target, mask, *ctx.geometry,
+                                         grad_rec_needed, grad_target_needed)
     return (grad_rec if grad_rec_needed else None, grad_target if grad_target_needed else None,
             None, None, None, None, None)
 
 
-_masked_l1_loss_op.register_autograd(_backward, setup_context=_save_for_backward)
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def masked_l1_loss(
@@ -247,5 +251,5 @@ def masked_l1_loss(
     shuffle_stride: int = 1,
 ) -> torch.Tensor:
     out_dtype = loss_dtype(reconstruction.dtype, target.dtype, mask.dtype, target.device.type)
-    loss, _ = _masked_l1_loss_op(reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype)
+    loss, _ = _forward_op(reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype)
     return loss

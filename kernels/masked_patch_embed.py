@@ -335,8 +335,7 @@ def _visible_first_order(mask: torch.Tensor):
     return order, num_visible, masked.to(torch.uint8)
 
 
-@torch.library.custom_op("simmim_fast_triton::masked_patch_embed", mutates_args=())
-def _masked_patch_embed_op(
+def _launch_forward(
     image: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
     norm_bias: Optional[torch.Tensor], norm_eps: float, dot_dtype: torch.dtype, norm_dtype: torch.dtype,
@@ -372,7 +371,10 @@ def _masked_patch_embed_op(
     return out, order, num_visible, masked
 
 
-@_masked_patch_embed_op.register_fake
+_forward_op = torch.library.custom_op("simmim_fast_triton::masked_patch_embed", _launch_forward, mutates_args=())
+
+
+@_forward_op.register_fake
 def _(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, norm_eps, dot_dtype, norm_dtype,
       out_dtype):
     batch, _, height, width = image.shape
@@ -386,8 +388,7 @@ def _(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, 
 _GRAD_NAMES = ("image", "weight", "bias", "mask_token", "pos_embed", "norm_weight", "norm_bias")
 
 
-@torch.library.custom_op("simmim_fast_triton::masked_patch_embed_backward", mutates_args=())
-def _masked_patch_embed_backward_op(
+def _launch_backward(
     grad_out: torch.Tensor, image: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
     norm_bias: Optional[torch.Tensor], order: torch.Tensor, num_visible: torch.Tensor, masked: torch.Tensor,
@@ -469,7 +470,11 @@ def _masked_patch_embed_backward_op(
     return tuple(grads)
 
 
-@_masked_patch_embed_backward_op.register_fake
+_backward_op = torch.library.custom_op("simmim_fast_triton::masked_patch_embed_backward", _launch_backward,
+                                       mutates_args=())
+
+
+@_backward_op.register_fake
 def _(grad_out, image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order, num_visible, masked,
       norm_eps, dot_dtype, needs):
     like = (torch.zeros_like(image, memory_format=torch.preserve_format), weight, bias, mask_token, pos_embed,
@@ -489,15 +494,15 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, grad_out, *_grad_saved_outputs):
     image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order, num_visible, masked = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5, 6, 7)]
-    grads = _masked_patch_embed_backward_op(grad_out, image, weight, bias, mask_token, pos_embed, norm_weight,
-                                            norm_bias, order, num_visible, masked, *ctx.settings, needs)
+    grads = _backward_op(grad_out, image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order,
+                         num_visible, masked, *ctx.settings, needs)
     grad_image, grad_weight, grad_bias, grad_mask_token, grad_pos, grad_norm_weight, grad_norm_bias = (
         grad if need else None for grad, need in zip(grads, needs))
     return (grad_image, None, grad_weight, grad_bias, grad_mask_token, grad_pos, grad_norm_weight, grad_norm_bias,
             None, None, None, None)
 
 
-_masked_patch_embed_op.register_autograd(_backward, setup_context=_save_for_backward)
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def _dtypes(image, weight, bias, mask_token, pos_embed, norm_weight):
@@ -521,5 +526,5 @@ def masked_patch_embed(image, mask, weight, bias, mask_token, pos_embed=None, no
                        norm_eps=1e-5):
     """See ``simmim_fast.reference.masked_patch_embed``."""
     dot_dtype, norm_dtype, out_dtype = _dtypes(image, weight, bias, mask_token, pos_embed, norm_weight)
-    return _masked_patch_embed_op(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias,
-                                  norm_eps, dot_dtype, norm_dtype, out_dtype)[0]
+    return _forward_op(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, norm_eps, dot_dtype,
+                       norm_dtype, out_dtype)[0]
