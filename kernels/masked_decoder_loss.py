@@ -128,8 +128,10 @@ def _masked_decoder_loss_fwd_kernel(
     valid = active[:, None] & o_valid[None, :]
     masked = tl.load(mask_ptr + _mask_offsets(image, fy, fx, o, stride_mb, stride_mh, stride_mw, STRIDE, PATCH),
                      mask=valid, other=0) != 0
+    # Masked by the token and channel, not by the pixel's mask entry (loaded data, unknown to the compiler): rows of
+    # STRIDE pixels are then vector loads. Only Swin-like tokens (stride > patch) can hold unmasked pixels it reads.
     target = tl.load(target_ptr + _pixel_offsets(image, fy, fx, o, stride_tb, stride_tc, stride_th, stride_tw, STRIDE),
-                     mask=masked, other=0.0).to(tl.float32)
+                     mask=valid, other=0.0).to(tl.float32)
     diff = tl.where(masked, decoded - target, 0.0)
     sign = tl.where(diff > 0, 1, 0) - tl.where(diff < 0, 1, 0)
     tl.store(sign_ptr + rows.to(tl.int64)[:, None] * O + o[None, :], sign.to(tl.int8), mask=valid)
