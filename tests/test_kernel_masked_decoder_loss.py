@@ -159,7 +159,7 @@ def test_weight_grad_splits_tokens_across_programs():
                                              torch.empty(1, dtype=torch.int32, **meta),
                                              torch.empty(128 * 196, 768, dtype=torch.int8, **meta), 16, 3,
                                              torch.bfloat16, "ieee", False, True, False)
-    (name, grid), = launches
+    (name, grid, _), = launches
     assert name == "_masked_decoder_loss_bwd_weight_kernel" and grid == (12, 12, 8)
 
 
