@@ -101,8 +101,10 @@ __device__ __forceinline__ void store_floats(scalar_t* destination, const float 
 }
 
 // Sum over the block in a fixed order (warp butterflies, then warp 0 over the warp sums), so the
-// result depends only on the values and blockDim, never on timing. Every thread must call it;
-// the total is valid in thread 0.
+// result depends only on the values and blockDim, never on timing. Every thread must call it, with
+// blockDim.x a multiple of 32; the total is valid in thread 0. Two barriers fence the shared array:
+// the warps' writes before warp 0 reads them, and warp 0's reads before a following call (of the
+// same acc_t, which shares the array) overwrites it.
 template <typename acc_t>
 __device__ acc_t block_sum(acc_t value) {
   __shared__ acc_t warp_sums[32];
@@ -118,6 +120,7 @@ __device__ acc_t block_sum(acc_t value) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
   }
+  __syncthreads();
   return value;
 }
 

@@ -6,65 +6,103 @@
 // PixelShuffle(s), (B, C*s*s, H/s, W/s), read in place (no shuffled copy).
 //
 // Work unit: VEC consecutive target pixels of one row. Units whose pixels are all unmasked read
-// nothing but the token mask. Determinism: each block writes one partial sum; one block then adds
-// the partials in index order (no float atomics), so a given device gives bitwise-equal results.
+// nothing but the token mask. Index math: every division is by a size fixed per launch, so when all
+// offsets fit in 31 bits (any realistic batch: 2^31 pixels is 19k images at 192 px) it runs in 32-bit
+// integers through precomputed multiply-shift divisions (fast_divmod.cuh), else through int64 `/`.
+// Determinism: each block writes a partial |diff| sum and an integer count of masked pixels; one
+// block then adds the (at most a few hundred) partials in index order, the count in int64 as the
+// reference's, so a given device gives bitwise-equal results. No float atomics.
 #include "common.cuh"
+#include "fast_divmod.cuh"
 
 namespace simmim_fast {
 namespace {
 
+// Sizes of the target image and the loss's geometry; Div divides by them (FastDivmod or PlainDivmod).
+template <typename Div>
 struct LossGeometry {
-  int64_t channels, height, width;  // of the target image
-  int64_t patch;                    // pixels per token side
-  int64_t stride;                   // PixelShuffle factor of the reconstruction (1: image-shaped)
-  int64_t units;                    // target.numel() / VEC
+  using index_t = typename Div::index_t;
+  Div width, height, channels;
+  Div patch;   // pixels per token side
+  Div stride;  // PixelShuffle factor of the reconstruction (1: image-shaped)
+  index_t tokens_y, tokens_x;          // of the mask
+  index_t rec_height, rec_width;       // of the reconstruction, H/s and W/s
+  index_t units;                       // target.numel() / VEC
 };
 
+template <typename Div>
+LossGeometry<Div> make_geometry(int64_t channels, int64_t height, int64_t width, int64_t patch, int64_t stride,
+                                int64_t units) {
+  using index_t = typename Div::index_t;
+  return {Div(width), Div(height), Div(channels), Div(patch), Div(stride),
+          static_cast<index_t>(height / patch), static_cast<index_t>(width / patch),
+          static_cast<index_t>(height / stride), static_cast<index_t>(width / stride),
+          static_cast<index_t>(units)};
+}
+
+// Calls launch(Div{}) with 32-bit fast division when every offset of the tensors stays below 2^31.
+template <typename Launch>
+void with_index_math(int64_t largest_numel, Launch&& launch) {
+  if (largest_numel <= FastDivmod::kMaxDividend) {
+    launch(FastDivmod{});
+  } else {
+    launch(PlainDivmod{});
+  }
+}
+
+// Where a unit's first pixel is: plane = b * channels + c, row y, column x; b and c of the plane.
+template <typename index_t>
 struct Pixel {
-  int64_t plane;  // b * channels + c
-  int64_t y, x;
+  index_t plane, y, x, batch, channel;
 };
 
-__device__ __forceinline__ Pixel locate(int64_t index, const LossGeometry& g) {
-  const int64_t plane_size = g.height * g.width;
-  const int64_t within = index % plane_size;
-  return {index / plane_size, within / g.width, within % g.width};
-}
-
-__device__ __forceinline__ float token_weight_at(const float* token_weight, const Pixel& p, int64_t x,
-                                                 const LossGeometry& g) {
-  const int64_t batch = p.plane / g.channels;
-  const int64_t tokens_y = g.height / g.patch, tokens_x = g.width / g.patch;
-  return token_weight[(batch * tokens_y + p.y / g.patch) * tokens_x + x / g.patch];
-}
-
-// Where target pixel (plane, y, x) lives in the pre-shuffle reconstruction (PixelShuffle's inverse):
-// channel c*s*s + (y%s)*s + x%s of image b, at (y/s, x/s). b*C*s*s + c*s*s == plane*s*s.
-__device__ __forceinline__ int64_t reconstruction_offset(const Pixel& p, int64_t x, const LossGeometry& g) {
-  const int64_t s = g.stride;
-  const int64_t channel = p.plane * s * s + (p.y % s) * s + x % s;
-  return (channel * (g.height / s) + p.y / s) * (g.width / s) + x / s;
+template <typename Div>
+__device__ __forceinline__ Pixel<typename Div::index_t> locate(typename Div::index_t index,
+                                                               const LossGeometry<Div>& g) {
+  Pixel<typename Div::index_t> p;
+  typename Div::index_t row;
+  g.width.divmod(index, row, p.x);
+  g.height.divmod(row, p.plane, p.y);
+  g.channels.divmod(p.plane, p.batch, p.channel);
+  return p;
 }
 
 // The unit's token weights; false when all are zero (nothing to read or accumulate).
-template <int VEC>
-__device__ __forceinline__ bool unit_weights(const float* token_weight, const Pixel& p, const LossGeometry& g,
-                                             float (&w)[VEC]) {
+template <int VEC, typename Div>
+__device__ __forceinline__ bool unit_weights(const float* token_weight, const Pixel<typename Div::index_t>& p,
+                                             const LossGeometry<Div>& g, float (&w)[VEC]) {
+  const typename Div::index_t token_row = (p.batch * g.tokens_y + g.patch.div(p.y)) * g.tokens_x;
   bool any = false;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    w[i] = token_weight_at(token_weight, p, p.x + i, g);
+    w[i] = token_weight[token_row + g.patch.div(p.x + i)];
     any |= w[i] != 0.f;
   }
   return any;
 }
 
+// Where target pixel (plane, y, x) lives in the pre-shuffle reconstruction (PixelShuffle's inverse):
+// channel plane*s*s + (y%s)*s + x%s, at (y/s, x/s).
+template <typename Div>
+__device__ __forceinline__ typename Div::index_t reconstruction_offset(const Pixel<typename Div::index_t>& p,
+                                                                       typename Div::index_t x,
+                                                                       const LossGeometry<Div>& g) {
+  using index_t = typename Div::index_t;
+  const index_t s = g.stride.divisor;
+  index_t y_block, y_within, x_block, x_within;
+  g.stride.divmod(p.y, y_block, y_within);
+  g.stride.divmod(x, x_block, x_within);
+  const index_t channel = p.plane * s * s + y_within * s + x_within;
+  return (channel * g.rec_height + y_block) * g.rec_width + x_block;
+}
+
 // Image-shaped reconstructions share the target's layout (one vector load); pre-shuffle ones are
 // gathered element by element: consecutive target x lie in different channel planes there.
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void load_reconstruction(const scalar_t* recon, int64_t index, const Pixel& p,
-                                                    const LossGeometry& g, float (&r)[VEC]) {
-  if (g.stride == 1) {
+template <typename scalar_t, int VEC, typename Div>
+__device__ __forceinline__ void load_reconstruction(const scalar_t* recon, typename Div::index_t index,
+                                                    const Pixel<typename Div::index_t>& p,
+                                                    const LossGeometry<Div>& g, float (&r)[VEC]) {
+  if (g.stride.divisor == 1) {
     load_floats<scalar_t, VEC>(recon + index, r);
     return;
   }
@@ -72,10 +110,11 @@ __device__ __forceinline__ void load_reconstruction(const scalar_t* recon, int64
   for (int i = 0; i < VEC; ++i) r[i] = static_cast<float>(recon[reconstruction_offset(p, p.x + i, g)]);
 }
 
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ void store_reconstruction_grad(scalar_t* grad, int64_t index, const Pixel& p,
-                                                          const LossGeometry& g, const float (&values)[VEC]) {
-  if (g.stride == 1) {
+template <typename scalar_t, int VEC, typename Div>
+__device__ __forceinline__ void store_reconstruction_grad(scalar_t* grad, typename Div::index_t index,
+                                                          const Pixel<typename Div::index_t>& p,
+                                                          const LossGeometry<Div>& g, const float (&values)[VEC]) {
+  if (g.stride.divisor == 1) {
     store_floats<scalar_t, VEC>(grad + index, values);
     return;
   }
@@ -83,58 +122,72 @@ __device__ __forceinline__ void store_reconstruction_grad(scalar_t* grad, int64_
   for (int i = 0; i < VEC; ++i) grad[reconstruction_offset(p, p.x + i, g)] = static_cast<scalar_t>(values[i]);
 }
 
-template <typename scalar_t, int VEC>
+// Per block: the |diff| sum over its units' masked pixels, and the masked pixels of channel 0 counted in
+// integers (the reference counts mask_px once per pixel, not per channel).
+template <typename scalar_t, int VEC, typename Div>
 __global__ void __launch_bounds__(kThreads) masked_l1_partials_kernel(
     const scalar_t* __restrict__ recon, const scalar_t* __restrict__ target,
-    const float* __restrict__ token_weight, LossGeometry g, float* __restrict__ partials) {
+    const float* __restrict__ token_weight, LossGeometry<Div> g, float* __restrict__ abs_partials,
+    long long* __restrict__ count_partials) {
+  using index_t = typename Div::index_t;
   float sum = 0.f;
-  for (int64_t unit = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; unit < g.units;
-       unit += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t index = unit * VEC;
-    const Pixel p = locate(index, g);
+  long long count = 0;
+  for (index_t unit = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; unit < g.units;
+       unit += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t index = unit * VEC;
+    const Pixel<index_t> p = locate(index, g);
     float w[VEC];
     if (!unit_weights<VEC>(token_weight, p, g, w)) continue;
     float t[VEC], r[VEC];
     load_floats<scalar_t, VEC>(target + index, t);
     load_reconstruction<scalar_t, VEC>(recon, index, p, g, r);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) sum += fabsf(t[i] - r[i]) * w[i];
+    for (int i = 0; i < VEC; ++i) {
+      sum += fabsf(t[i] - r[i]) * w[i];
+      count += p.channel == 0 && w[i] != 0.f;
+    }
   }
   sum = block_sum(sum);
-  if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+  count = block_sum(count);
+  if (threadIdx.x == 0) {
+    abs_partials[blockIdx.x] = sum;
+    count_partials[blockIdx.x] = count;
+  }
 }
 
-// One block: the partials and the token weights in a fixed order, then the reference's two divisions.
+// One block over the per-block partials, in index order, then the reference's two divisions; the count
+// is rounded to fp32 once, as the reference's int64 count is before + 1e-5.
 __global__ void __launch_bounds__(kThreads) masked_l1_finalize_kernel(
-    const float* __restrict__ partials, int64_t num_partials, const float* __restrict__ token_weight,
-    int64_t num_tokens, int64_t pixels_per_token, int64_t in_chans, float* __restrict__ loss,
-    float* __restrict__ denominator) {
+    const float* __restrict__ abs_partials, const long long* __restrict__ count_partials, int num_partials,
+    int64_t in_chans, float* __restrict__ loss, float* __restrict__ denominator) {
   float numerator = 0.f;
-  for (int64_t i = threadIdx.x; i < num_partials; i += blockDim.x) numerator += partials[i];
-  // Double: the masked pixel count is an integer the reference keeps exactly (int64) until + 1e-5.
-  double masked_tokens = 0.0;
-  for (int64_t i = threadIdx.x; i < num_tokens; i += blockDim.x) masked_tokens += token_weight[i];
+  long long count = 0;
+  for (int i = threadIdx.x; i < num_partials; i += blockDim.x) {
+    numerator += abs_partials[i];
+    count += count_partials[i];
+  }
   numerator = block_sum(numerator);
-  masked_tokens = block_sum(masked_tokens);
+  count = block_sum(count);
   if (threadIdx.x == 0) {
-    const float masked_pixels = static_cast<float>(masked_tokens * static_cast<double>(pixels_per_token));
-    const float denom = masked_pixels + 1e-5f;
+    const float denom = static_cast<float>(count) + 1e-5f;
     *denominator = denom;
     *loss = numerator / denom / static_cast<float>(in_chans);
   }
 }
 
 // d loss / d recon = (grad / in_chans / denominator) * mask * sign(recon - target); zero where unmasked.
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, typename Div>
 __global__ void __launch_bounds__(kThreads) masked_l1_backward_kernel(
     const float* __restrict__ grad_loss, const float* __restrict__ denominator,
     const scalar_t* __restrict__ recon, const scalar_t* __restrict__ target,
-    const float* __restrict__ token_weight, LossGeometry g, int64_t in_chans, scalar_t* __restrict__ grad_recon) {
+    const float* __restrict__ token_weight, LossGeometry<Div> g, int64_t in_chans,
+    scalar_t* __restrict__ grad_recon) {
+  using index_t = typename Div::index_t;
   const float scale = *grad_loss / static_cast<float>(in_chans) / *denominator;
-  for (int64_t unit = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; unit < g.units;
-       unit += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t index = unit * VEC;
-    const Pixel p = locate(index, g);
+  for (index_t unit = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; unit < g.units;
+       unit += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t index = unit * VEC;
+    const Pixel<index_t> p = locate(index, g);
     float w[VEC], grad[VEC];
     if (unit_weights<VEC>(token_weight, p, g, w)) {
       float t[VEC], r[VEC];
@@ -154,7 +207,11 @@ __global__ void __launch_bounds__(kThreads) masked_l1_backward_kernel(
   }
 }
 
-LossGeometry check_loss_inputs(const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mask,
+struct LossSizes {
+  int64_t channels, height, width, patch, stride;
+};
+
+LossSizes check_loss_inputs(const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mask,
                                int64_t patch_size, int64_t shuffle_stride) {
   check_cuda(recon, "reconstruction");
   check_cuda(target, "target");
@@ -172,13 +229,13 @@ LossGeometry check_loss_inputs(const at::Tensor& recon, const at::Tensor& target
               at::IntArrayRef(pre_shuffle), ", got ", recon.sizes());
   TORCH_CHECK(mask.dim() >= 2 && mask.size(0) == batch && mask.numel() == batch * (height / p) * (width / p),
               "mask must be (B, H/p, W/p) = (", batch, ", ", height / p, ", ", width / p, "), got ", mask.sizes());
-  return {channels, height, width, p, s, 0};
+  return {channels, height, width, p, s};
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_l1_loss_cuda(const at::Tensor& reconstruction, const at::Tensor& target,
                                                        const at::Tensor& mask, int64_t patch_size, int64_t in_chans,
                                                        int64_t shuffle_stride) {
-  LossGeometry g = check_loss_inputs(reconstruction, target, mask, patch_size, shuffle_stride);
+  const LossSizes sizes = check_loss_inputs(reconstruction, target, mask, patch_size, shuffle_stride);
   const c10::cuda::CUDAGuard guard(target.device());
   const at::Tensor recon = reconstruction.contiguous();
   const at::Tensor image = target.contiguous();
@@ -190,20 +247,28 @@ std::tuple<at::Tensor, at::Tensor> masked_l1_loss_cuda(const at::Tensor& reconst
 
   SIMMIM_DISPATCH_FLOATS(image.scalar_type(), "masked_l1_loss_cuda", [&] {
     const int wide = kVectorBytes / sizeof(scalar_t);
-    const bool vectors = vectorisable(g.width, wide, {image.data_ptr(), g.stride == 1 ? recon.data_ptr() : nullptr});
+    const bool vectors =
+        vectorisable(sizes.width, wide, {image.data_ptr(), sizes.stride == 1 ? recon.data_ptr() : nullptr});
     with_vector_width<scalar_t>(vectors, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      g.units = image.numel() / VEC;
-      const int64_t blocks = grid_size(g.units);
-      at::Tensor partials = at::empty({blocks}, float_options);
-      masked_l1_partials_kernel<scalar_t, VEC><<<blocks, kThreads, 0, stream>>>(
-          recon.const_data_ptr<scalar_t>(), image.const_data_ptr<scalar_t>(), weights.const_data_ptr<float>(), g,
-          partials.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      masked_l1_finalize_kernel<<<1, kThreads, 0, stream>>>(
-          partials.const_data_ptr<float>(), blocks, weights.const_data_ptr<float>(), weights.numel(),
-          patch_size * patch_size, in_chans, loss.mutable_data_ptr<float>(), denominator.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_math(image.numel(), [&](auto divider) {
+        using Div = decltype(divider);
+        const auto g = make_geometry<Div>(sizes.channels, sizes.height, sizes.width, sizes.patch, sizes.stride,
+                                          image.numel() / VEC);
+        const int64_t blocks = grid_size(image.numel() / VEC);
+        at::Tensor abs_partials = at::empty({blocks}, float_options);
+        at::Tensor count_partials = at::empty({blocks}, image.options().dtype(at::kLong));
+        masked_l1_partials_kernel<scalar_t, VEC, Div><<<blocks, kThreads, 0, stream>>>(
+            recon.const_data_ptr<scalar_t>(), image.const_data_ptr<scalar_t>(), weights.const_data_ptr<float>(), g,
+            abs_partials.mutable_data_ptr<float>(),
+            reinterpret_cast<long long*>(count_partials.mutable_data_ptr<int64_t>()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        masked_l1_finalize_kernel<<<1, kThreads, 0, stream>>>(
+            abs_partials.const_data_ptr<float>(),
+            reinterpret_cast<const long long*>(count_partials.const_data_ptr<int64_t>()), static_cast<int>(blocks),
+            in_chans, loss.mutable_data_ptr<float>(), denominator.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {loss, denominator};
@@ -213,7 +278,7 @@ at::Tensor masked_l1_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
                                         const at::Tensor& reconstruction, const at::Tensor& target,
                                         const at::Tensor& mask, int64_t patch_size, int64_t in_chans,
                                         int64_t shuffle_stride) {
-  LossGeometry g = check_loss_inputs(reconstruction, target, mask, patch_size, shuffle_stride);
+  const LossSizes sizes = check_loss_inputs(reconstruction, target, mask, patch_size, shuffle_stride);
   TORCH_CHECK(grad_loss.numel() == 1 && denominator.numel() == 1, "grad_loss and denominator must be scalars");
   const c10::cuda::CUDAGuard guard(target.device());
   const at::Tensor recon = reconstruction.contiguous();
@@ -227,16 +292,20 @@ at::Tensor masked_l1_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
   SIMMIM_DISPATCH_FLOATS(image.scalar_type(), "masked_l1_loss_backward_cuda", [&] {
     const int wide = kVectorBytes / sizeof(scalar_t);
     const bool vectors = vectorisable(
-        g.width, wide, {image.data_ptr(), g.stride == 1 ? recon.data_ptr() : nullptr,
-                  g.stride == 1 ? grad_recon.data_ptr() : nullptr});
+        sizes.width, wide, {image.data_ptr(), sizes.stride == 1 ? recon.data_ptr() : nullptr,
+                            sizes.stride == 1 ? grad_recon.data_ptr() : nullptr});
     with_vector_width<scalar_t>(vectors, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      g.units = image.numel() / VEC;
-      masked_l1_backward_kernel<scalar_t, VEC><<<grid_size(g.units), kThreads, 0, stream>>>(
-          grad_scalar.const_data_ptr<float>(), denom.const_data_ptr<float>(), recon.const_data_ptr<scalar_t>(),
-          image.const_data_ptr<scalar_t>(), weights.const_data_ptr<float>(), g, in_chans,
-          grad_recon.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_math(image.numel(), [&](auto divider) {
+        using Div = decltype(divider);
+        const auto g = make_geometry<Div>(sizes.channels, sizes.height, sizes.width, sizes.patch, sizes.stride,
+                                          image.numel() / VEC);
+        masked_l1_backward_kernel<scalar_t, VEC, Div><<<grid_size(image.numel() / VEC), kThreads, 0, stream>>>(
+            grad_scalar.const_data_ptr<float>(), denom.const_data_ptr<float>(), recon.const_data_ptr<scalar_t>(),
+            image.const_data_ptr<scalar_t>(), weights.const_data_ptr<float>(), g, in_chans,
+            grad_recon.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return grad_recon;

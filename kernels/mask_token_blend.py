@@ -6,17 +6,27 @@ is a select, which the kernel does: masked tokens are not read (non-finite value
 propagate, where the reference's ``x * 0`` would give NaN). Tokens may have any strides.
 
 Backward: d tokens = g * (1 - w); d mask_token = sum of g over masked tokens, as per-program partials
-over fixed token blocks summed in a fixed order (deterministic).
+over fixed token blocks summed in a fixed order (deterministic: the backward's warps are fixed too,
+since they lay out the tile that tl.sum reduces).
+
+Registered as the custom ops ``simmim_fast_triton::mask_token_blend`` and ``..._backward`` (fake
+implementations, autograd): torch.compile treats them as opaque calls.
 """
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
+from ._launch import on_device_of, sm_count
+
 _TILE_ELEMENTS = 4096
 
 
+@autotune([triton.Config({}, num_warps=8), triton.Config({}, num_warps=4)], key=["dim", "BLOCK_ROWS", "BLOCK_D"])
 @triton.jit
 def _mask_token_blend_fwd_kernel(
     out_ptr, tokens_ptr, mask_ptr, mask_token_ptr,
@@ -69,51 +79,81 @@ def _blocks(dim: int):
     return _TILE_ELEMENTS // block_d, block_d
 
 
-class _MaskTokenBlend(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, mask, mask_token):
-        batch, length, dim = tokens.shape
-        num_rows = batch * length
-        flat_mask = mask.reshape(num_rows).contiguous()
-        out = torch.empty((batch, length, dim), device=tokens.device,
-                          dtype=torch.promote_types(tokens.dtype, mask_token.dtype))
-        block_rows, block_d = _blocks(dim)
+def _launch_forward(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    batch, length, dim = tokens.shape
+    num_rows = batch * length
+    out = torch.empty((batch, length, dim), device=tokens.device,
+                      dtype=torch.promote_types(tokens.dtype, mask_token.dtype))
+    block_rows, block_d = _blocks(dim)
+    with on_device_of(tokens):
         _mask_token_blend_fwd_kernel[(triton.cdiv(num_rows, block_rows), triton.cdiv(dim, block_d))](
-            out, tokens, flat_mask, mask_token.reshape(dim).contiguous(), num_rows, length, dim, *tokens.stride(),
-            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=8,
+            out, tokens, mask.reshape(num_rows).contiguous(), mask_token.reshape(dim).contiguous(), num_rows, length,
+            dim, *tokens.stride(), BLOCK_ROWS=block_rows, BLOCK_D=block_d,
         )
-        ctx.save_for_backward(flat_mask)
-        ctx.dtypes = (tokens.dtype, mask_token.dtype)
-        return out
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (flat_mask,) = ctx.saved_tensors
-        tokens_dtype, mask_token_dtype = ctx.dtypes
-        grad_tokens_needed, _, grad_mask_token_needed = ctx.needs_input_grad
-        grad_out = grad_out.contiguous()
-        batch, length, dim = grad_out.shape
-        num_rows = batch * length
-        block_rows, block_d = _blocks(dim)
-        col_blocks = triton.cdiv(dim, block_d)
-        if grad_out.is_cuda:
-            target_programs = 4 * torch.cuda.get_device_properties(grad_out.device).multi_processor_count
-        else:
-            target_programs = 4
-        row_programs = max(1, min(triton.cdiv(num_rows, block_rows), target_programs // col_blocks))
-        grad_tokens = (torch.empty((batch, length, dim), device=grad_out.device, dtype=tokens_dtype)
-                       if grad_tokens_needed else None)
-        part_mask_token = (torch.empty((row_programs, dim), device=grad_out.device, dtype=torch.float32)
-                           if grad_mask_token_needed else None)
+
+_forward_op = torch.library.custom_op("simmim_fast_triton::mask_token_blend", _launch_forward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(tokens, mask, mask_token):
+    return tokens.new_empty(tokens.shape, dtype=torch.promote_types(tokens.dtype, mask_token.dtype))
+
+
+def _launch_backward(grad_out: torch.Tensor, mask: torch.Tensor, tokens_dtype: torch.dtype,
+                                  mask_token_dtype: torch.dtype, grad_tokens_needed: bool,
+                                  grad_mask_token_needed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d tokens, d mask_token); an empty tensor stands for a gradient not needed."""
+    grad_out = grad_out.contiguous()
+    batch, length, dim = grad_out.shape
+    num_rows = batch * length
+    block_rows, block_d = _blocks(dim)
+    col_blocks = triton.cdiv(dim, block_d)
+    row_programs = max(1, min(triton.cdiv(num_rows, block_rows), 4 * sm_count(grad_out.device) // col_blocks))
+    grad_tokens = (grad_out.new_empty((batch, length, dim), dtype=tokens_dtype) if grad_tokens_needed
+                   else grad_out.new_empty(0, dtype=tokens_dtype))
+    part_mask_token = (grad_out.new_empty((row_programs, dim), dtype=torch.float32) if grad_mask_token_needed
+                       else None)
+    with on_device_of(grad_out):
         _mask_token_blend_bwd_kernel[(row_programs, col_blocks)](
-            grad_tokens, part_mask_token, grad_out, flat_mask, num_rows, dim,
+            grad_tokens, part_mask_token, grad_out, mask.reshape(num_rows).contiguous(), num_rows, dim,
             GRAD_TOKENS=grad_tokens_needed, GRAD_MASK_TOKEN=grad_mask_token_needed,
             BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=8,
         )
-        grad_mask_token = (part_mask_token.sum(0).view(1, 1, dim).to(mask_token_dtype)
-                           if grad_mask_token_needed else None)
-        return grad_tokens, None, grad_mask_token
+    grad_mask_token = (part_mask_token.sum(0).view(1, 1, dim).to(mask_token_dtype) if grad_mask_token_needed
+                       else grad_out.new_empty(0, dtype=mask_token_dtype))
+    return grad_tokens, grad_mask_token
+
+
+_backward_op = torch.library.custom_op("simmim_fast_triton::mask_token_blend_backward", _launch_backward,
+                                       mutates_args=())
+
+
+@_backward_op.register_fake
+def _(grad_out, mask, tokens_dtype, mask_token_dtype, grad_tokens_needed, grad_mask_token_needed):
+    dim = grad_out.shape[-1]
+    return (grad_out.new_empty(grad_out.shape if grad_tokens_needed else (0,), dtype=tokens_dtype),
+            grad_out.new_empty((1, 1, dim) if grad_mask_token_needed else (0,), dtype=mask_token_dtype))
+
+
+def _save_for_backward(ctx, inputs, output):
+    tokens, mask, mask_token = inputs
+    ctx.save_for_backward(mask)
+    ctx.dtypes = (tokens.dtype, mask_token.dtype)
+
+
+def _backward(ctx, grad_out):
+    (mask,) = ctx.saved_tensors
+    grad_tokens_needed, _, grad_mask_token_needed = ctx.needs_input_grad
+    grad_tokens, grad_mask_token = _backward_op(grad_out, mask, *ctx.dtypes, grad_tokens_needed,
+                                                grad_mask_token_needed)
+    return (grad_tokens if grad_tokens_needed else None, None,
+            grad_mask_token if grad_mask_token_needed else None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def mask_token_blend(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-    return _MaskTokenBlend.apply(tokens, mask, mask_token)
+    return _forward_op(tokens, mask, mask_token)

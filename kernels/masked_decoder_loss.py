@@ -16,7 +16,15 @@ program writes its |rec - target| sum, its masked-pixel count, and sign(rec - ta
 
 Backward: d decoded = sign * grad / in_chans / denominator, rounded to the conv's dtype; d features =
 d decoded @ W (zero for inactive tokens), d weight = d decoded^T @ features and d bias = its column
-sums, each tile summing over the active tokens in one fixed order (deterministic, no atomics).
+sums. The active tokens are split across programs (enough (o, k) tiles x splits to fill the device:
+ViT-B's 144 tiles alone would leave a 132-SM GPU one program per SM and a tail of 12): each split
+writes fp32 partials, summed in split order after (deterministic, no atomics; the split count
+depends on the shapes and the SM count, never on timing).
+
+Grids: token blocks and output tiles share grid axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop
+at 65535, which ViT-B's token blocks pass from batch ~21k), neighbouring programs sharing a token
+block. Registered as the custom ops ``simmim_fast_triton::masked_decoder_loss`` and ``..._backward``
+(fake implementations, autograd): torch.compile treats them as opaque calls.
 
 Tokens with no masked pixel are never read, so non-finite features there do not reach the loss (the
 reference's would give NaN); a NaN reconstruction at a masked pixel gives a NaN loss and, as the int8
@@ -29,11 +37,15 @@ must be a multiple of the patch size (ViT: equal; Swin: 32 and 4).
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._compaction import selected_first_order
+from ._launch import on_device_of, sm_count
 from .masked_l1_loss import finish_loss, loss_dtype
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -68,9 +80,17 @@ def _mask_offsets(image, fy, fx, o, stride_b, stride_h, stride_w, STRIDE: tl.con
             + ((i // PATCH) * stride_h + (j // PATCH) * stride_w)[None, :])
 
 
+# Tiles are fixed by the launcher (their order of summation is the result's), and so are the warps of the kernels
+# whose tl.sum reduces over a layout that num_warps sets (the loss partials, d bias): only their stages are tuned.
+_TILE_KEY = ["K", "O", "DOT_DTYPE", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+
+
+@autotune([triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=8, num_stages=4)],
+          key=_TILE_KEY + ["STRIDE", "PATCH"])
 @triton.jit
 def _masked_decoder_loss_fwd_kernel(
-    sign_ptr, partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, mask_ptr, order_ptr, num_active_ptr,
+    sign_ptr, abs_partial_ptr, count_partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, mask_ptr, order_ptr,
+    num_active_ptr,
     tokens_per_image, grid_w, K, O,
     stride_fb, stride_fc, stride_fh, stride_fw, stride_wo, stride_wk,
     stride_tb, stride_tc, stride_th, stride_tw, stride_mb, stride_mh, stride_mw,
@@ -79,8 +99,10 @@ def _masked_decoder_loss_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # The output-channel tiles of one token block are neighbouring programs: its features are re-read from L2.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(O, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
     o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_valid = o < O
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,19 +128,21 @@ def _masked_decoder_loss_fwd_kernel(
     valid = active[:, None] & o_valid[None, :]
     masked = tl.load(mask_ptr + _mask_offsets(image, fy, fx, o, stride_mb, stride_mh, stride_mw, STRIDE, PATCH),
                      mask=valid, other=0) != 0
+    # Masked by the token and channel, not by the pixel's mask entry (loaded data, unknown to the compiler): rows of
+    # STRIDE pixels are then vector loads. Only Swin-like tokens (stride > patch) can hold unmasked pixels it reads.
     target = tl.load(target_ptr + _pixel_offsets(image, fy, fx, o, stride_tb, stride_tc, stride_th, stride_tw, STRIDE),
-                     mask=masked, other=0.0).to(tl.float32)
+                     mask=valid, other=0.0).to(tl.float32)
     diff = tl.where(masked, decoded - target, 0.0)
     sign = tl.where(diff > 0, 1, 0) - tl.where(diff < 0, 1, 0)
     tl.store(sign_ptr + rows.to(tl.int64)[:, None] * O + o[None, :], sign.to(tl.int8), mask=valid)
 
-    part = pid_m * tl.num_programs(0) + pid_n
-    num_parts = tl.num_programs(0) * tl.num_programs(1)
     counted = masked & (o < STRIDE * STRIDE)[None, :]  # the channel-0 outputs count each masked pixel once
-    tl.store(partial_ptr + part, tl.sum(tl.sum(tl.abs(diff), axis=1), axis=0))
-    tl.store(partial_ptr + num_parts + part, tl.sum(tl.sum(counted.to(tl.float32), axis=1), axis=0))
+    tl.store(abs_partial_ptr + pid, tl.sum(tl.sum(tl.abs(diff), axis=1), axis=0))
+    tl.store(count_partial_ptr + pid, tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0))
 
 
+@autotune([triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=4, num_stages=3),
+           triton.Config({}, num_warps=8, num_stages=4)], key=_TILE_KEY)
 @triton.jit
 def _masked_decoder_loss_bwd_features_kernel(
     grad_features_ptr, sign_ptr, weight_ptr, order_ptr, num_active_ptr, grad_loss_ptr, denominator_ptr, in_chans,
@@ -128,8 +152,10 @@ def _masked_decoder_loss_bwd_features_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """d features = d decoded @ W for every token: active ones compute it, inactive ones get zeros."""
-    pid_k = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // num_k
+    pid_k = pid % num_k
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_valid = k < K
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,10 +182,12 @@ def _masked_decoder_loss_bwd_features_kernel(
              mask=rows_valid[:, None] & k_valid[None, :])
 
 
+@autotune([triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=4, num_stages=4)],
+          key=_TILE_KEY + ["HAS_BIAS", "GRAD_TARGET"])
 @triton.jit
 def _masked_decoder_loss_bwd_weight_kernel(
-    grad_weight_ptr, grad_bias_ptr, grad_target_ptr, sign_ptr, features_ptr, order_ptr, num_active_ptr,
-    grad_loss_ptr, denominator_ptr, in_chans,
+    grad_weight_part_ptr, grad_bias_part_ptr, grad_target_ptr, sign_ptr, features_ptr, order_ptr, num_active_ptr,
+    grad_loss_ptr, denominator_ptr, in_chans, num_splits,
     tokens_per_image, grid_w, K, O,
     stride_fb, stride_fc, stride_fh, stride_fw,
     stride_tb, stride_tc, stride_th, stride_tw,
@@ -167,10 +195,12 @@ def _masked_decoder_loss_bwd_weight_kernel(
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Tile (o, k) of d weight = sum over active tokens of d decoded^T @ features, in token order. The
-    programs of the first K tile also write d bias and, if asked, d target = -d decoded (before rounding)."""
+    """Split s of tile (o, k) of d weight: the sum over active token blocks s, s + num_splits, ... of
+    d decoded^T @ features, in token order. The programs of the first K tile also write d bias's partial
+    and, if asked, d target = -d decoded (before rounding)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    split = tl.program_id(2)
     o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_valid = o < O
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -180,7 +210,7 @@ def _masked_decoder_loss_bwd_weight_kernel(
 
     grad_weight = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     grad_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for start in range(0, num_active, BLOCK_M):
+    for start in range(split * BLOCK_M, num_active, num_splits * BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         active = rows < num_active
         image, fy, fx = _token_coordinates(order_ptr, rows, active, tokens_per_image, grid_w)
@@ -198,11 +228,10 @@ def _masked_decoder_loss_bwd_weight_kernel(
             tl.store(grad_target_ptr + offsets, (-grad_decoded).to(grad_target_ptr.dtype.element_ty),
                      mask=active[:, None] & o_valid[None, :] & (pid_k == 0))
 
-    tl.store(grad_weight_ptr + o[:, None] * K + k[None, :],
-             grad_weight.to(DOT_DTYPE).to(grad_weight_ptr.dtype.element_ty), mask=o_valid[:, None] & k_valid[None, :])
+    part_weight = grad_weight_part_ptr + split.to(tl.int64) * O * K
+    tl.store(part_weight + o[:, None] * K + k[None, :], grad_weight, mask=o_valid[:, None] & k_valid[None, :])
     if HAS_BIAS:
-        tl.store(grad_bias_ptr + o, grad_bias.to(DOT_DTYPE).to(grad_bias_ptr.dtype.element_ty),
-                 mask=o_valid & (pid_k == 0))
+        tl.store(grad_bias_part_ptr + split * O + o, grad_bias, mask=o_valid & (pid_k == 0))
 
 
 def _active_first_order(mask: torch.Tensor, encoder_stride: int, patch_size: int):
@@ -216,83 +245,147 @@ def _active_first_order(mask: torch.Tensor, encoder_stride: int, patch_size: int
 
 
 def _launch_shapes(out_channels: int, in_channels: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tokens x output channels x encoder channels."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K): tokens x output channels x encoder channels."""
     block_n = max(16, min(128, triton.next_power_of_2(out_channels)))
     block_k = max(16, min(64, triton.next_power_of_2(in_channels)))
-    return 64, block_n, block_k, 8 if block_n >= 128 else 4
+    return 64, block_n, block_k
 
 
-class _MaskedDecoderLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
-                dot_dtype, out_dtype, input_precision):
-        batch, in_channels, grid_h, grid_w = features.shape
-        tokens_per_image = grid_h * grid_w
-        num_tokens = batch * tokens_per_image
-        weight_2d = weight.reshape(weight.shape[0], in_channels)
-        out_channels = weight_2d.shape[0]
-        order, num_active = _active_first_order(mask, encoder_stride, patch_size)
-        block_m, block_n, block_k, num_warps = _launch_shapes(out_channels, in_channels)
+def _weight_grad_splits(num_tokens: int, tiles: int, block_m: int, device: torch.device) -> int:
+    """Token splits of the weight grad: about 8 waves of programs over the device's SMs with the (o, k) tiles,
+    at most one per token block. From the shapes and the SM count only, so the summation order is fixed."""
+    return max(1, min(triton.cdiv(num_tokens, block_m), triton.cdiv(8 * sm_count(device), tiles)))
 
-        grid = (triton.cdiv(out_channels, block_n), triton.cdiv(num_tokens, block_m))
-        sign = torch.empty((num_tokens, out_channels), device=features.device, dtype=torch.int8)
-        partials = torch.empty((2, grid[0] * grid[1]), device=features.device, dtype=torch.float32)
-        _masked_decoder_loss_fwd_kernel[grid](
-            sign, partials, features, weight_2d, None if bias is None else bias.contiguous(), target, mask, order,
-            num_active,            tokens_per_image, grid_w, in_channels, out_channels,
+
+def _launch_forward(
+    features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    target: torch.Tensor, encoder_stride: int, patch_size: int, in_chans: int, dot_dtype: torch.dtype,
+    out_dtype: torch.dtype, input_precision: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, fp32 denominator, active-first token order, active count, int8 sign(rec - target) * mask per
+    active token and output channel): the loss and what the backward needs."""
+    batch, in_channels, _, grid_w = features.shape
+    tokens_per_image = features.shape[2] * grid_w
+    num_tokens = batch * tokens_per_image
+    weight_2d = weight.reshape(weight.shape[0], in_channels)
+    out_channels = weight_2d.shape[0]
+    order, num_active = _active_first_order(mask, encoder_stride, patch_size)
+    block_m, block_n, block_k = _launch_shapes(out_channels, in_channels)
+
+    num_programs = triton.cdiv(out_channels, block_n) * triton.cdiv(num_tokens, block_m)
+    sign = torch.empty((num_tokens, out_channels), device=features.device, dtype=torch.int8)
+    abs_partials = torch.empty(num_programs, device=features.device, dtype=torch.float32)
+    count_partials = torch.empty(num_programs, device=features.device, dtype=torch.int32)
+    with on_device_of(features):
+        _masked_decoder_loss_fwd_kernel[(num_programs,)](
+            sign, abs_partials, count_partials, features, weight_2d, None if bias is None else bias.contiguous(),
+            target, mask, order, num_active, tokens_per_image, grid_w, in_channels, out_channels,
             *features.stride(), *weight_2d.stride(), *target.stride(), *mask.stride(),
             STRIDE=encoder_stride, PATCH=patch_size, HAS_BIAS=bias is not None,
             DOT_DTYPE=_TL_DTYPES[dot_dtype], INPUT_PRECISION=input_precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         )
-        loss, denominator = finish_loss(partials, in_chans, out_dtype)
-        ctx.save_for_backward(features, weight, bias, order, num_active, sign, denominator)
-        ctx.target_layout = (target.shape, target.dtype)
-        ctx.geometry = (encoder_stride, in_chans, dot_dtype, input_precision)
-        return loss
+    loss, denominator = finish_loss(abs_partials, count_partials, in_chans, out_dtype)
+    return loss, denominator, order, num_active, sign
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        features, weight, bias, order, num_active, sign, denominator = ctx.saved_tensors
-        target_shape, target_dtype = ctx.target_layout
-        encoder_stride, in_chans, dot_dtype, input_precision = ctx.geometry
-        needs = ctx.needs_input_grad
-        batch, in_channels, grid_h, grid_w = features.shape
-        tokens_per_image = grid_h * grid_w
-        num_tokens = batch * tokens_per_image
-        weight_2d = weight.reshape(weight.shape[0], in_channels)
-        out_channels = weight_2d.shape[0]
-        block_m, block_n, block_k, num_warps = _launch_shapes(out_channels, in_channels)
-        common = dict(DOT_DTYPE=_TL_DTYPES[dot_dtype], INPUT_PRECISION=input_precision, BLOCK_M=block_m,
-                      BLOCK_K=block_k, num_stages=3)
-        grad_features = grad_weight = grad_bias = grad_target = None
 
-        if needs[0]:
-            grad_features = torch.empty_like(features)
-            _masked_decoder_loss_bwd_features_kernel[(triton.cdiv(in_channels, block_k),
-                                                      triton.cdiv(num_tokens, block_m))](
+_forward_op = torch.library.custom_op("simmim_fast_triton::masked_decoder_loss", _launch_forward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans, dot_dtype, out_dtype,
+      input_precision):
+    num_tokens = features.shape[0] * features.shape[2] * features.shape[3]
+    return (features.new_empty((), dtype=out_dtype), features.new_empty((), dtype=torch.float32),
+            features.new_empty((num_tokens,), dtype=torch.int32), features.new_empty((1,), dtype=torch.int32),
+            features.new_empty((num_tokens, weight.shape[0]), dtype=torch.int8))
+
+
+def _launch_backward(
+    grad_loss: torch.Tensor, denominator: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor], target: torch.Tensor, order: torch.Tensor, num_active: torch.Tensor,
+    sign: torch.Tensor, encoder_stride: int, in_chans: int, dot_dtype: torch.dtype, input_precision: str,
+    grad_features_needed: bool, grad_parameters_needed: bool, grad_target_needed: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d features, d weight, d bias, d target); an empty tensor stands for a gradient not computed."""
+    batch, in_channels, _, grid_w = features.shape
+    tokens_per_image = features.shape[2] * grid_w
+    num_tokens = batch * tokens_per_image
+    weight_2d = weight.reshape(weight.shape[0], in_channels)
+    out_channels = weight_2d.shape[0]
+    block_m, block_n, block_k = _launch_shapes(out_channels, in_channels)
+    common = dict(DOT_DTYPE=_TL_DTYPES[dot_dtype], INPUT_PRECISION=input_precision, BLOCK_M=block_m,
+                  BLOCK_K=block_k)
+    grad_features, grad_weight, grad_bias, grad_target = (features.new_empty(0) for _ in range(4))  # not computed
+
+    if grad_features_needed:
+        grad_features = torch.empty_like(features)
+        num_programs = triton.cdiv(in_channels, block_k) * triton.cdiv(num_tokens, block_m)
+        with on_device_of(features):
+            _masked_decoder_loss_bwd_features_kernel[(num_programs,)](
                 grad_features, sign, weight_2d, order, num_active, grad_loss, denominator, in_chans,
                 num_tokens, tokens_per_image, grid_w, in_channels, out_channels,
-                *weight_2d.stride(), *grad_features.stride(), BLOCK_N=block_n, num_warps=num_warps, **common,
+                *weight_2d.stride(), *grad_features.stride(), BLOCK_N=block_n, **common,
             )
-        if needs[2] or needs[3] or needs[4]:
-            grad_weight = torch.empty((out_channels, in_channels), device=features.device, dtype=weight.dtype)
-            grad_bias = None if bias is None else torch.empty(bias.shape, device=bias.device, dtype=bias.dtype)
-            # Inactive tokens' pixels keep these zeros; active tokens' are all written.
-            grad_target = torch.zeros(target_shape, device=features.device, dtype=target_dtype) if needs[4] else None
-            # Each (o, k) tile sums over every active token: 64-wide o tiles make 144 programs for ViT-B.
-            weight_block_n = min(block_n, 64)
-            _masked_decoder_loss_bwd_weight_kernel[(triton.cdiv(out_channels, weight_block_n),
-                                                    triton.cdiv(in_channels, block_k))](
-                grad_weight, grad_bias, grad_target, sign, features, order, num_active, grad_loss, denominator,
-                in_chans, tokens_per_image, grid_w, in_channels, out_channels, *features.stride(),
-                *(grad_target.stride() if needs[4] else (0, 0, 0, 0)),
-                STRIDE=encoder_stride, HAS_BIAS=bias is not None, GRAD_TARGET=needs[4], BLOCK_N=weight_block_n,
-                num_warps=4, **common,
+    if grad_parameters_needed or grad_target_needed:
+        # Each (o, k) tile sums over the active tokens of its split: 64-wide o tiles, 144 tiles for ViT-B.
+        weight_block_n = min(block_n, 64)
+        tiles = (triton.cdiv(out_channels, weight_block_n), triton.cdiv(in_channels, block_k))
+        num_splits = _weight_grad_splits(num_tokens, tiles[0] * tiles[1], block_m, features.device)
+        part_weight = torch.empty((num_splits, out_channels, in_channels), device=features.device,
+                                  dtype=torch.float32)
+        part_bias = (torch.empty((num_splits, out_channels), device=features.device, dtype=torch.float32)
+                     if bias is not None else None)
+        # Inactive tokens' pixels keep these zeros; active tokens' are all written.
+        if grad_target_needed:
+            grad_target = torch.zeros_like(target)
+        with on_device_of(features):
+            _masked_decoder_loss_bwd_weight_kernel[(*tiles, num_splits)](
+                part_weight, part_bias, grad_target, sign, features, order, num_active, grad_loss, denominator,
+                in_chans, num_splits, tokens_per_image, grid_w, in_channels, out_channels, *features.stride(),
+                *(grad_target.stride() if grad_target_needed else (0, 0, 0, 0)),
+                STRIDE=encoder_stride, HAS_BIAS=bias is not None, GRAD_TARGET=grad_target_needed,
+                BLOCK_N=weight_block_n, **common,
             )
-            grad_weight = grad_weight.view(weight.shape) if needs[2] else None
-            grad_bias = grad_bias if needs[3] else None
-        return grad_features, None, grad_weight, grad_bias, grad_target, None, None, None, None, None, None
+        if grad_parameters_needed:
+            # Rounded to the conv's dtype once, as the reference's conv weight grad.
+            grad_weight = part_weight.sum(0).to(dot_dtype).to(weight.dtype).view(weight.shape)
+            if bias is not None:
+                grad_bias = part_bias.sum(0).to(dot_dtype).to(bias.dtype)
+    return grad_features, grad_weight, grad_bias, grad_target
+
+
+_backward_op = torch.library.custom_op("simmim_fast_triton::masked_decoder_loss_backward", _launch_backward,
+                                       mutates_args=())
+
+
+@_backward_op.register_fake
+def _(grad_loss, denominator, features, weight, bias, target, order, num_active, sign, encoder_stride, in_chans,
+      dot_dtype, input_precision, grad_features_needed, grad_parameters_needed, grad_target_needed):
+    return (torch.empty_like(features) if grad_features_needed else features.new_empty(0),
+            weight.new_empty(weight.shape) if grad_parameters_needed else features.new_empty(0),
+            bias.new_empty(bias.shape) if grad_parameters_needed and bias is not None else features.new_empty(0),
+            torch.zeros_like(target) if grad_target_needed else features.new_empty(0))
+
+
+def _save_for_backward(ctx, inputs, output):
+    features, _, weight, bias, target, encoder_stride, _, in_chans, dot_dtype, _, input_precision = inputs
+    _, denominator, order, num_active, sign = output
+    ctx.save_for_backward(features, weight, bias, target, order, num_active, sign, denominator)
+    ctx.geometry = (encoder_stride, in_chans, dot_dtype, input_precision)
+
+
+def _backward(ctx, grad_loss, *_grad_saved_outputs):
+    features, weight, bias, target, order, num_active, sign, denominator = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = _backward_op(grad_loss, denominator, features, weight, bias, target, order, num_active, sign,
+                         *ctx.geometry, needs[0], needs[2] or needs[3], needs[4])
+    grad_features, grad_weight, grad_bias, grad_target = (grad if need else None for grad, need in
+                                                          zip(grads, (needs[0], needs[2], needs[3], needs[4])))
+    return grad_features, None, grad_weight, grad_bias, grad_target, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def _dtypes(features, weight, bias, target, mask):
@@ -321,5 +414,5 @@ def masked_decoder_loss(
     in_chans: int,
 ) -> torch.Tensor:
     dot_dtype, out_dtype, input_precision = _dtypes(features, weight, bias, target, mask)
-    return _MaskedDecoderLoss.apply(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
-                                    dot_dtype, out_dtype, input_precision)
+    return _forward_op(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans, dot_dtype,
+                       out_dtype, input_precision)[0]

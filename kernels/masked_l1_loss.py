@@ -13,16 +13,25 @@ Masks are 0/1: pixels with mask 0 are not read at all (40% of a SimMIM batch), s
 there do not reach the loss or the gradients (the reference would give NaN).
 
 Deterministic: each program of a fixed-size grid sums its tiles (a grid-stride loop), then one
-program sums the per-program partials in a fixed order. The backward writes the gradients in one
+program sums the per-program partials in a fixed order. Masked pixels are counted in integers
+(int32 per program, int64 in total), exact as the reference's count: an fp32 count is off by ulps
+above 2^24 masked pixels (a ViT batch of 2048 has 61.6 M). The backward writes the gradients in one
 pass, from the loss's denominator that the forward stored.
+
+Registered as the custom ops ``simmim_fast_triton::masked_l1_loss`` and ``..._backward`` (fake
+implementations, autograd): torch.compile treats them as opaque calls and traces no kernel.
 """
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from simmim_fast.reference import LOSS_EPS
+
+from ._launch import on_device_of, sm_count
 
 # Pixels per tile: 16 per thread at 4 warps; several programs fit on an SM to keep loads in flight.
 _TILE_ELEMENTS = 2048
@@ -62,7 +71,7 @@ def _pixel_offsets(tile, num_rows, height, channels, width, grid_w,
 
 @triton.jit
 def _masked_l1_loss_fwd_kernel(
-    partial_ptr, rec_ptr, target_ptr, mask_ptr,
+    abs_partial_ptr, count_partial_ptr, rec_ptr, target_ptr, mask_ptr,
     num_rows, height, channels, width, grid_w, num_tiles,
     SHUFFLE: tl.constexpr, PATCH: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_WS: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -71,7 +80,7 @@ def _masked_l1_loss_fwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     abs_sum = tl.zeros((BLOCK_ROWS, BLOCK_WS, BLOCK_S), dtype=tl.float32)
-    count = tl.zeros((BLOCK_ROWS, BLOCK_WS, BLOCK_S), dtype=tl.float32)
+    count = tl.zeros((BLOCK_ROWS, BLOCK_WS, BLOCK_S), dtype=tl.int32)
     for tile in range(pid, num_tiles, num_programs):
         rec_offsets, target_offsets, mask_offsets, valid, counted = _pixel_offsets(
             tile, num_rows, height, channels, width, grid_w, SHUFFLE, PATCH, BLOCK_ROWS, BLOCK_WS, BLOCK_S)
@@ -79,23 +88,24 @@ def _masked_l1_loss_fwd_kernel(
         rec = tl.load(rec_ptr + rec_offsets, mask=masked, other=0.0).to(tl.float32)
         target = tl.load(target_ptr + target_offsets, mask=masked, other=0.0).to(tl.float32)
         abs_sum += tl.abs(rec - target)
-        count += (masked & counted).to(tl.float32)
-    tl.store(partial_ptr + pid, tl.sum(tl.sum(tl.sum(abs_sum, axis=2), axis=1), axis=0))
-    tl.store(partial_ptr + num_programs + pid, tl.sum(tl.sum(tl.sum(count, axis=2), axis=1), axis=0))
+        count += (masked & counted).to(tl.int32)
+    tl.store(abs_partial_ptr + pid, tl.sum(tl.sum(tl.sum(abs_sum, axis=2), axis=1), axis=0))
+    tl.store(count_partial_ptr + pid, tl.sum(tl.sum(tl.sum(count, axis=2), axis=1), axis=0))
 
 
 @triton.jit
-def _masked_l1_loss_finish_kernel(loss_ptr, denominator_ptr, partial_ptr, num_partials, in_chans, eps,
-                                  BLOCK: tl.constexpr):
-    """loss = sum(partial abs sums) / (sum(partial counts) + eps) / in_chans, summed in a fixed order."""
+def _masked_l1_loss_finish_kernel(loss_ptr, denominator_ptr, abs_partial_ptr, count_partial_ptr, num_partials,
+                                  in_chans, eps, BLOCK: tl.constexpr):
+    """loss = sum(partial abs sums) / (sum(partial counts) + eps) / in_chans, summed in a fixed order; the count
+    in int64, rounded to fp32 once before + eps as the reference's int64 count is."""
     abs_sum = tl.zeros((BLOCK,), dtype=tl.float32)
-    count = tl.zeros((BLOCK,), dtype=tl.float32)
+    count = tl.zeros((BLOCK,), dtype=tl.int64)
     for start in range(0, num_partials, BLOCK):
         index = start + tl.arange(0, BLOCK)
         valid = index < num_partials
-        abs_sum += tl.load(partial_ptr + index, mask=valid, other=0.0)
-        count += tl.load(partial_ptr + num_partials + index, mask=valid, other=0.0)
-    denominator = tl.sum(count, axis=0) + eps
+        abs_sum += tl.load(abs_partial_ptr + index, mask=valid, other=0.0)
+        count += tl.load(count_partial_ptr + index, mask=valid, other=0).to(tl.int64)
+    denominator = tl.sum(count, axis=0).to(tl.float32) + eps
     tl.store(denominator_ptr, denominator)
     tl.store(loss_ptr, (tl.sum(abs_sum, axis=0) / denominator / in_chans).to(loss_ptr.dtype.element_ty))
 
@@ -124,15 +134,16 @@ def _masked_l1_loss_bwd_kernel(
             tl.store(grad_target_ptr + target_offsets, (-grad).to(grad_target_ptr.dtype.element_ty), mask=valid)
 
 
-def finish_loss(partials: torch.Tensor, in_chans: int, out_dtype: torch.dtype):
-    """(loss in out_dtype, fp32 denominator sum(mask_px) + eps) from (2, P) fp32 partial abs sums and counts.
-    Shared with masked_decoder_loss, whose programs produce the same partials."""
-    loss = torch.empty((), device=partials.device, dtype=out_dtype)
-    denominator = torch.empty((), device=partials.device, dtype=torch.float32)
-    num_partials = partials.shape[1]
+def finish_loss(abs_partials: torch.Tensor, count_partials: torch.Tensor, in_chans: int, out_dtype: torch.dtype):
+    """(loss in out_dtype, fp32 denominator count + eps) from per-program fp32 |diff| sums and int32 masked-pixel
+    counts. Shared with masked_decoder_loss, whose programs produce the same partials."""
+    loss = torch.empty((), device=abs_partials.device, dtype=out_dtype)
+    denominator = torch.empty((), device=abs_partials.device, dtype=torch.float32)
+    num_partials = abs_partials.numel()
     block = max(16, min(1024, triton.next_power_of_2(num_partials)))
-    _masked_l1_loss_finish_kernel[(1,)](loss, denominator, partials, num_partials, in_chans, LOSS_EPS,
-                                        BLOCK=block, num_warps=4)
+    with on_device_of(abs_partials):
+        _masked_l1_loss_finish_kernel[(1,)](loss, denominator, abs_partials, count_partials, num_partials, in_chans,
+                                            LOSS_EPS, BLOCK=block, num_warps=4)
     return loss, denominator
 
 
@@ -157,46 +168,78 @@ def _launch_geometry(target: torch.Tensor, patch_size: int, shuffle_stride: int)
     block_rows = max(1, _TILE_ELEMENTS // (block_ws * block_s))
     num_rows = batch * channels * height
     num_tiles = triton.cdiv(num_rows, block_rows) * triton.cdiv(rec_width, block_ws)
-    if target.is_cuda:
-        max_programs = 8 * torch.cuda.get_device_properties(target.device).multi_processor_count
-    else:
-        max_programs = 4
     return dict(
-        num_programs=min(num_tiles, max_programs),
+        num_programs=min(num_tiles, 8 * sm_count(target.device)),
         args=(num_rows, height, channels, width, width // patch_size, num_tiles),
         meta=dict(SHUFFLE=shuffle_stride, PATCH=patch_size, BLOCK_ROWS=block_rows, BLOCK_WS=block_ws,
                   BLOCK_S=block_s, num_warps=4),
     )
 
 
-class _MaskedL1Loss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype):
-        reconstruction = reconstruction.contiguous()
-        target = target.contiguous()
-        mask = mask.contiguous()
-        launch = _launch_geometry(target, patch_size, shuffle_stride)
-        partials = torch.empty((2, launch["num_programs"]), device=target.device, dtype=torch.float32)
+def _launch_forward(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                       in_chans: int, shuffle_stride: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, fp32 denominator that the backward divides by)."""
+    launch = _launch_geometry(target, patch_size, shuffle_stride)
+    abs_partials = torch.empty(launch["num_programs"], device=target.device, dtype=torch.float32)
+    count_partials = torch.empty(launch["num_programs"], device=target.device, dtype=torch.int32)
+    with on_device_of(target):
         _masked_l1_loss_fwd_kernel[(launch["num_programs"],)](
-            partials, reconstruction, target, mask, *launch["args"], **launch["meta"])
-        loss, denominator = finish_loss(partials, in_chans, out_dtype)
-        ctx.save_for_backward(reconstruction, target, mask, denominator)
-        ctx.geometry = (patch_size, in_chans, shuffle_stride)
-        return loss
+            abs_partials, count_partials, reconstruction.contiguous(), target.contiguous(), mask.contiguous(),
+            *launch["args"], **launch["meta"])
+    return finish_loss(abs_partials, count_partials, in_chans, out_dtype)
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        reconstruction, target, mask, denominator = ctx.saved_tensors
-        patch_size, in_chans, shuffle_stride = ctx.geometry
-        grad_rec_needed, grad_target_needed = ctx.needs_input_grad[:2]
-        grad_rec = torch.empty_like(reconstruction) if grad_rec_needed else None
-        grad_target = torch.empty_like(target) if grad_target_needed else None
-        if grad_rec_needed or grad_target_needed:
-            launch = _launch_geometry(target, patch_size, shuffle_stride)
+
+_forward_op = torch.library.custom_op("simmim_fast_triton::masked_l1_loss", _launch_forward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype):
+    return target.new_empty((), dtype=out_dtype), target.new_empty((), dtype=torch.float32)
+
+
+def _launch_backward(grad_loss: torch.Tensor, denominator: torch.Tensor, reconstruction: torch.Tensor,
+                                target: torch.Tensor, mask: torch.Tensor, patch_size: int, in_chans: int,
+                                shuffle_stride: int, grad_rec_needed: bool,
+                                grad_target_needed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d reconstruction, d target), contiguous; an empty tensor stands for a gradient not needed."""
+    reconstruction, target, mask = reconstruction.contiguous(), target.contiguous(), mask.contiguous()
+    grad_rec = torch.empty_like(reconstruction) if grad_rec_needed else reconstruction.new_empty(0)
+    grad_target = torch.empty_like(target) if grad_target_needed else target.new_empty(0)
+    if grad_rec_needed or grad_target_needed:
+        launch = _launch_geometry(target, patch_size, shuffle_stride)
+        with on_device_of(target):
             _masked_l1_loss_bwd_kernel[(launch["num_programs"],)](
                 grad_rec, grad_target, reconstruction, target, mask, grad_loss, denominator, in_chans,
                 *launch["args"], GRAD_REC=grad_rec_needed, GRAD_TARGET=grad_target_needed, **launch["meta"])
-        return grad_rec, grad_target, None, None, None, None, None
+    return grad_rec, grad_target
+
+
+_backward_op = torch.library.custom_op("simmim_fast_triton::masked_l1_loss_backward", _launch_backward, mutates_args=())
+
+
+@_backward_op.register_fake
+def _(grad_loss, denominator, reconstruction, target, mask, patch_size, in_chans, shuffle_stride, grad_rec_needed,
+      grad_target_needed):
+    return (reconstruction.new_empty(reconstruction.shape if grad_rec_needed else (0,)),
+            target.new_empty(target.shape if grad_target_needed else (0,)))
+
+
+def _save_for_backward(ctx, inputs, output):
+    reconstruction, target, mask, patch_size, in_chans, shuffle_stride, _ = inputs
+    ctx.save_for_backward(reconstruction, target, mask, output[1])
+    ctx.geometry = (patch_size, in_chans, shuffle_stride)
+
+
+def _backward(ctx, grad_loss, _grad_denominator):
+    reconstruction, target, mask, denominator = ctx.saved_tensors
+    grad_rec_needed, grad_target_needed = ctx.needs_input_grad[:2]
+    grad_rec, grad_target = _backward_op(grad_loss, denominator, reconstruction, target, mask, *ctx.geometry,
+                                         grad_rec_needed, grad_target_needed)
+    return (grad_rec if grad_rec_needed else None, grad_target if grad_target_needed else None,
+            None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def masked_l1_loss(
@@ -208,4 +251,5 @@ def masked_l1_loss(
     shuffle_stride: int = 1,
 ) -> torch.Tensor:
     out_dtype = loss_dtype(reconstruction.dtype, target.dtype, mask.dtype, target.device.type)
-    return _MaskedL1Loss.apply(reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype)
+    loss, _ = _forward_op(reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype)
+    return loss

@@ -17,17 +17,28 @@ the reference conv).
 Backward: one kernel over the visible tokens for weight, bias and LayerNorm grads (recomputing the
 conv output for the LayerNorm backward, cheaper than storing it), one streaming pass over grad_out
 for mask_token and pos_embed, and the image grad only when the image requires it. Reductions are
-per-split partials summed in a fixed order (no atomics), so every gradient is deterministic.
+per-split partials summed in a fixed order (no atomics), so every gradient is deterministic. Tuning
+never changes the bits: the tiles are fixed by the launchers (the weight grad's token block fixes its
+summation order), and the warps too wherever they lay out a tile that tl.sum reduces (the LayerNorm,
+the bias and mask-token partials); only the rest tunes warps, and stages everywhere.
+
+Grids: token blocks are on grid axis 0 (axes 1 and 2 stop at 65535: Swin's 48x48 tokens at 192 px
+pass that from batch 1821). The image gradient comes back in the image's memory format
+(channels_last in, channels_last out). Registered as the custom ops
+``simmim_fast_triton::masked_patch_embed`` and ``..._backward`` (fake implementations, autograd):
+torch.compile treats them as opaque calls.
 """
 from __future__ import annotations
 
-import os
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._compaction import selected_first_order
+from ._launch import on_device_of, sm_count
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 # Rows x columns held per program when a full LayerNorm row must fit (64 tokens x 256 channels).
@@ -37,29 +48,25 @@ _TILE_ELEMENTS = 64 * 256
 _RECOMPUTE_BLOCK_K = 16
 
 
-def _schedules(*schedules):
-    """triton.Configs from (meta-parameters, num_warps, num_stages). On CUDA the autotuner times them once per
-    shape and drops any that does not fit in shared memory; the interpreter cannot time, so it runs the first."""
-    configs = [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in schedules]
-    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
+def _configs(*schedules):
+    """triton.Configs from (num_warps, num_stages); the first is the default (tuning off, the interpreter)."""
+    return [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in schedules]
 
 
-def _tiles_fit(configs, named_args, **kwargs):
-    """The weight-grad kernel's token block: keep BLOCK_M x BLOCK_D within _TILE_ELEMENTS, and with patch_norm
-    (whose recompute holds several such fp32 tiles) within 16 values per thread: larger tiles spill on sm_90
-    (tests/test_kernel_compile.py reads the compiled kernels' spills)."""
-    def fits(config):
-        tile = config.kwargs["BLOCK_M"] * kwargs["BLOCK_D"]
-        return tile <= _TILE_ELEMENTS and (not kwargs["HAS_NORM"] or tile <= 16 * 32 * config.num_warps)
-    return [config for config in configs if fits(config)] or configs[-1:]
+def _default_warps_with_norm(configs, named_args, **kwargs):
+    """With patch_norm the LayerNorm's tl.sum reduces over a layout set by num_warps: keep the default's warps so
+    the bits do not depend on the tuner's pick (and 4-warp tiles of a whole 128-channel row spill there)."""
+    if not kwargs["HAS_NORM"]:
+        return configs
+    return [config for config in configs if config.num_warps == configs[0].num_warps]
 
 
-_PROJECTION_SCHEDULES = _schedules(({}, 8, 2), ({}, 4, 2), ({}, 8, 3), ({}, 4, 3))
+_PROJECTION_CONFIGS = _configs((8, 2), (4, 2), (8, 3), (4, 3))
 _PROJECTION_KEY = ["D", "K", "PATCH", "HAS_NORM", "DOT_DTYPE", "BLOCK_M", "BLOCK_D", "BLOCK_K"]
-# Its grid does not depend on BLOCK_M, so the weight-grad kernel also tunes its token block (register pressure
-# of the LayerNorm recompute); the first fits every BLOCK_D up to 256 for the interpreter.
-_WEIGHT_GRAD_SCHEDULES = _schedules(({"BLOCK_M": 64}, 8, 2), ({"BLOCK_M": 64}, 8, 3), ({"BLOCK_M": 32}, 8, 2),
-                                    ({"BLOCK_M": 32}, 4, 2), ({"BLOCK_M": 16}, 4, 2))
+# The weight grad's token block BLOCK_M is its summation order: fixed by the launcher (_weight_grad_block_m), with
+# 8 warps, whose layout the bias and LayerNorm partial sums reduce over; stages alone are tuned.
+_WEIGHT_GRAD_WARPS = 8
+_WEIGHT_GRAD_CONFIGS = _configs((_WEIGHT_GRAD_WARPS, 2), (_WEIGHT_GRAD_WARPS, 3))
 
 
 @triton.jit
@@ -138,7 +145,7 @@ def _grad_at_projection(grad_out_ptr, image_ptr, weight_ptr, bias_ptr, norm_weig
     return grad, grad_out, x_hat
 
 
-@triton.autotune(_PROJECTION_SCHEDULES, key=_PROJECTION_KEY)
+@autotune(_PROJECTION_CONFIGS, key=_PROJECTION_KEY, prune=_default_warps_with_norm)
 @triton.jit
 def _masked_patch_embed_fwd_kernel(
     out_ptr, image_ptr, weight_ptr, bias_ptr, mask_token_ptr, pos_ptr, norm_weight_ptr, norm_bias_ptr,
@@ -150,8 +157,10 @@ def _masked_patch_embed_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # D tiles of one token block are neighbouring programs, so the block's pixels are re-read from L2.
-    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_d = tl.cdiv(D, BLOCK_D)
+    pid_m = tl.program_id(0) // num_d
+    d = (tl.program_id(0) % num_d) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d_valid = d < D
     rows_valid = rows < num_tokens
     tokens = tl.load(order_ptr + rows, mask=rows_valid, other=0)
@@ -160,7 +169,7 @@ def _masked_patch_embed_fwd_kernel(
 
     mask_token = tl.load(mask_token_ptr + d, mask=d_valid, other=0.0).to(tl.float32)
     out = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + mask_token[None, :]
-    if tl.program_id(1) * BLOCK_M < num_visible:
+    if pid_m * BLOCK_M < num_visible:
         x = _project_patches(image_ptr, weight_ptr, bias_ptr, tokens, visible, d, d_valid, tokens_per_image, grid_w,
                              K, stride_b, stride_c, stride_h, stride_w, stride_wd, stride_wk, PATCH, HAS_BIAS,
                              DOT_DTYPE, BLOCK_M, BLOCK_D, BLOCK_K)
@@ -178,8 +187,7 @@ def _masked_patch_embed_fwd_kernel(
              mask=rows_valid[:, None] & d_valid[None, :])
 
 
-@triton.autotune(_WEIGHT_GRAD_SCHEDULES, key=["D", "K", "PATCH", "HAS_NORM", "DOT_DTYPE", "BLOCK_D", "BLOCK_K"],
-                 prune_configs_by={"early_config_prune": _tiles_fit})
+@autotune(_WEIGHT_GRAD_CONFIGS, key=_PROJECTION_KEY)
 @triton.jit
 def _masked_patch_embed_bwd_kernel(
     grad_weight_part_ptr, grad_bias_part_ptr, grad_norm_weight_part_ptr, grad_norm_bias_part_ptr,
@@ -233,7 +241,8 @@ def _masked_patch_embed_bwd_kernel(
             tl.store(grad_norm_bias_part_ptr + split * D + d, grad_beta, mask=d_valid)
 
 
-@triton.autotune(_schedules(({}, 4, 2), ({}, 4, 3), ({}, 8, 3)), key=["D", "POS_GRAD", "BLOCK_L", "BLOCK_D"])
+# Warps fixed: the mask-token partial is a tl.sum over the tile's layout.
+@autotune(_configs((4, 2), (4, 3)), key=["D", "POS_GRAD", "BLOCK_L", "BLOCK_D"])
 @triton.jit
 def _masked_patch_embed_bwd_tokens_kernel(
     grad_pos_part_ptr, grad_mask_token_part_ptr, grad_out_ptr, masked_ptr,
@@ -264,7 +273,7 @@ def _masked_patch_embed_bwd_tokens_kernel(
     tl.store(part_mask_token + d, tl.sum(grad_mask_token, axis=0), mask=d_valid)
 
 
-@triton.autotune(_PROJECTION_SCHEDULES, key=_PROJECTION_KEY)
+@autotune(_PROJECTION_CONFIGS, key=_PROJECTION_KEY, prune=_default_warps_with_norm)
 @triton.jit
 def _masked_patch_embed_bwd_image_kernel(
     grad_image_ptr, grad_out_ptr, image_ptr, weight_ptr, bias_ptr, norm_weight_ptr, order_ptr, num_visible_ptr,
@@ -301,17 +310,21 @@ def _masked_patch_embed_bwd_image_kernel(
                  mask=visible[:, None] & k_valid[None, :])
 
 
-def _launch_shapes(dim: int, features: int, has_norm: bool, device: torch.device):
-    """(BLOCK_M, BLOCK_D, BLOCK_K) of the projection kernels and the program count that fills the device.
-    patch_norm needs a whole channel row per program, so BLOCK_M and BLOCK_K shrink as D grows."""
+def _launch_shapes(dim: int, features: int, has_norm: bool):
+    """(BLOCK_M, BLOCK_D, BLOCK_K) of the projection kernels. patch_norm needs a whole channel row per program,
+    so BLOCK_M and BLOCK_K shrink as D grows."""
     block_d = max(16, triton.next_power_of_2(dim)) if has_norm else max(16, min(128, triton.next_power_of_2(dim)))
     block_m = max(16, min(64, _TILE_ELEMENTS // block_d))
     block_k = max(16, min(64, triton.next_power_of_2(features), _TILE_ELEMENTS // 2 // block_d))
-    if device.type == "cuda":
-        target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target_programs = 4
-    return block_m, block_d, block_k, target_programs
+    return block_m, block_d, block_k
+
+
+def _weight_grad_block_m(block_d: int, has_norm: bool) -> int:
+    """The weight grad's token block: BLOCK_M x BLOCK_D within _TILE_ELEMENTS, and with patch_norm (whose recompute
+    holds several such fp32 tiles) within 16 values per thread, beyond which sm_90 spills
+    (tests/test_kernel_compile.py reads the compiled kernels' spills)."""
+    limit = 16 * 32 * _WEIGHT_GRAD_WARPS if has_norm else _TILE_ELEMENTS
+    return max(16, min(64, limit // block_d))
 
 
 def _visible_first_order(mask: torch.Tensor):
@@ -322,27 +335,31 @@ def _visible_first_order(mask: torch.Tensor):
     return order, num_visible, masked.to(torch.uint8)
 
 
-class _MaskedPatchEmbed(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, norm_eps,
-                dot_dtype, norm_dtype, out_dtype):
-        batch, _, height, width = image.shape
-        dim, _, patch, _ = weight.shape
-        grid_w = width // patch
-        tokens_per_image = (height // patch) * grid_w
-        num_tokens = batch * tokens_per_image
-        weight_2d = weight.reshape(dim, -1)
-        features = weight_2d.shape[1]
-        has_norm = norm_weight is not None
-        # The kernels index the per-channel vectors and pos_embed densely.
-        bias, norm_weight, norm_bias, pos = (None if t is None else t.contiguous()
-                                             for t in (bias, norm_weight, norm_bias, pos_embed))
-        order, num_visible, masked = _visible_first_order(mask)
-        block_m, block_d, block_k, _ = _launch_shapes(dim, features, has_norm, image.device)
+def _launch_forward(
+    image: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor], norm_eps: float, dot_dtype: torch.dtype, norm_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, visible-first token order, visible count, 0/1 masked flag per token): the output and what the
+    backward needs."""
+    batch, _, height, width = image.shape
+    dim, _, patch, _ = weight.shape
+    grid_w = width // patch
+    tokens_per_image = (height // patch) * grid_w
+    num_tokens = batch * tokens_per_image
+    weight_2d = weight.reshape(dim, -1)
+    features = weight_2d.shape[1]
+    has_norm = norm_weight is not None
+    # The kernels index the per-channel vectors and pos_embed densely.
+    bias, norm_weight, norm_bias, pos = (None if t is None else t.contiguous()
+                                         for t in (bias, norm_weight, norm_bias, pos_embed))
+    order, num_visible, masked = _visible_first_order(mask)
+    block_m, block_d, block_k = _launch_shapes(dim, features, has_norm)
 
-        out = torch.empty((batch, tokens_per_image, dim), device=image.device, dtype=out_dtype)
-        grid = (triton.cdiv(dim, block_d), triton.cdiv(num_tokens, block_m))
-        _masked_patch_embed_fwd_kernel[grid](
+    out = torch.empty((batch, tokens_per_image, dim), device=image.device, dtype=out_dtype)
+    with on_device_of(image):
+        _masked_patch_embed_fwd_kernel[(triton.cdiv(dim, block_d) * triton.cdiv(num_tokens, block_m),)](
             out, image, weight_2d, bias, mask_token.reshape(dim).contiguous(), pos, norm_weight, norm_bias,
             order, num_visible,
             num_tokens, tokens_per_image, grid_w, dim, features, norm_eps,
@@ -351,84 +368,141 @@ class _MaskedPatchEmbed(torch.autograd.Function):
             DOT_DTYPE=_TL_DTYPES[dot_dtype], NORM_DTYPE=_TL_DTYPES[norm_dtype],
             BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k,
         )
-        ctx.save_for_backward(image, weight, bias, norm_weight, order, num_visible, masked)
-        ctx.norm_eps = norm_eps
-        ctx.dot_dtype = dot_dtype
-        ctx.param_dtypes = (mask_token.dtype, None if pos_embed is None else pos_embed.dtype,
-                            None if norm_bias is None else norm_bias.dtype)
-        return out
+    return out, order, num_visible, masked
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        image, weight, bias, norm_weight, order, num_visible, masked = ctx.saved_tensors
-        mask_token_dtype, pos_dtype, norm_bias_dtype = ctx.param_dtypes
-        (needs_image, _, needs_weight, needs_bias, needs_mask_token, needs_pos, needs_norm_weight,
-         needs_norm_bias) = ctx.needs_input_grad[:8]
-        grad_out = grad_out.contiguous()
-        batch, tokens_per_image, dim = grad_out.shape
-        patch = weight.shape[-1]
-        grid_w = image.shape[3] // patch
-        weight_2d = weight.reshape(dim, -1)
-        features = weight_2d.shape[1]
-        has_norm = norm_weight is not None
-        block_m, block_d, block_k, target_programs = _launch_shapes(dim, features, has_norm, image.device)
-        projection = dict(PATCH=patch, HAS_BIAS=bias is not None, HAS_NORM=has_norm,
-                          DOT_DTYPE=_TL_DTYPES[ctx.dot_dtype], BLOCK_D=block_d, PROJECT_K=_RECOMPUTE_BLOCK_K)
-        geometry = (tokens_per_image, grid_w, dim, features, ctx.norm_eps, *image.stride(), *weight_2d.stride())
-        grad_image = grad_weight = grad_bias = grad_mask_token = grad_pos = grad_norm_weight = grad_norm_bias = None
 
-        if needs_weight or needs_bias or needs_norm_weight or needs_norm_bias:
-            # Weight tiles are (BLOCK_D, 128 or less) accumulators; splits over token blocks fill the GPU
-            # (at most one split per token block).
-            weight_block_k = max(16, min(128, _TILE_ELEMENTS // block_d, triton.next_power_of_2(features)))
-            tiles = triton.cdiv(dim, block_d) * triton.cdiv(features, weight_block_k)
-            token_blocks = triton.cdiv(batch * tokens_per_image, block_m)
-            num_splits = max(1, min(triton.cdiv(target_programs, tiles), token_blocks))
-            part_weight = torch.empty((num_splits, dim, features), device=image.device, dtype=torch.float32)
-            part_vectors = torch.empty((3, num_splits, dim), device=image.device, dtype=torch.float32)
+_forward_op = torch.library.custom_op("simmim_fast_triton::masked_patch_embed", _launch_forward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, norm_eps, dot_dtype, norm_dtype,
+      out_dtype):
+    batch, _, height, width = image.shape
+    dim, _, patch, _ = weight.shape
+    num_tokens = batch * (height // patch) * (width // patch)
+    return (image.new_empty((batch, num_tokens // batch, dim), dtype=out_dtype),
+            image.new_empty((num_tokens,), dtype=torch.int32), image.new_empty((1,), dtype=torch.int32),
+            image.new_empty((num_tokens,), dtype=torch.uint8))
+
+
+_GRAD_NAMES = ("image", "weight", "bias", "mask_token", "pos_embed", "norm_weight", "norm_bias")
+
+
+def _launch_backward(
+    grad_out: torch.Tensor, image: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor], order: torch.Tensor, num_visible: torch.Tensor, masked: torch.Tensor,
+    norm_eps: float, dot_dtype: torch.dtype, needs: List[bool],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of _GRAD_NAMES where ``needs`` says so, an empty tensor for each other one."""
+    (needs_image, needs_weight, needs_bias, needs_mask_token, needs_pos, needs_norm_weight,
+     needs_norm_bias) = needs
+    grad_out = grad_out.contiguous()
+    batch, tokens_per_image, dim = grad_out.shape
+    patch = weight.shape[-1]
+    grid_w = image.shape[3] // patch
+    weight_2d = weight.reshape(dim, -1)
+    features = weight_2d.shape[1]
+    has_norm = norm_weight is not None
+    bias, norm_weight = (None if t is None else t.contiguous() for t in (bias, norm_weight))
+    block_m, block_d, block_k = _launch_shapes(dim, features, has_norm)
+    target_programs = 2 * sm_count(image.device)
+    projection = dict(PATCH=patch, HAS_BIAS=bias is not None, HAS_NORM=has_norm,
+                      DOT_DTYPE=_TL_DTYPES[dot_dtype], BLOCK_D=block_d, PROJECT_K=_RECOMPUTE_BLOCK_K)
+    geometry = (tokens_per_image, grid_w, dim, features, norm_eps, *image.stride(), *weight_2d.stride())
+    grads = [grad_out.new_empty(0) for _ in _GRAD_NAMES]
+
+    if needs_weight or needs_bias or needs_norm_weight or needs_norm_bias:
+        # Weight tiles are (BLOCK_D, 128 or less) accumulators; splits over token blocks fill the GPU
+        # (at most one split per token block).
+        weight_block_m = _weight_grad_block_m(block_d, has_norm)
+        weight_block_k = max(16, min(128, _TILE_ELEMENTS // block_d, triton.next_power_of_2(features)))
+        tiles = triton.cdiv(dim, block_d) * triton.cdiv(features, weight_block_k)
+        token_blocks = triton.cdiv(batch * tokens_per_image, weight_block_m)
+        num_splits = max(1, min(triton.cdiv(target_programs, tiles), token_blocks))
+        part_weight = torch.empty((num_splits, dim, features), device=image.device, dtype=torch.float32)
+        part_vectors = torch.empty((3, num_splits, dim), device=image.device, dtype=torch.float32)
+        with on_device_of(image):
             _masked_patch_embed_bwd_kernel[(triton.cdiv(dim, block_d), triton.cdiv(features, weight_block_k),
                                             num_splits)](
                 part_weight, part_vectors[0], part_vectors[1], part_vectors[2],
                 grad_out, image, weight_2d, bias, norm_weight, order, num_visible, num_splits, *geometry,
-                BLOCK_K=weight_block_k, **projection,
+                BLOCK_M=weight_block_m, BLOCK_K=weight_block_k, **projection,
             )
-            if needs_weight:
-                grad_weight = part_weight.sum(0).view(weight.shape).to(weight.dtype)
-            if needs_bias:
-                grad_bias = part_vectors[0].sum(0).to(bias.dtype)
-            if needs_norm_weight:
-                grad_norm_weight = part_vectors[1].sum(0).to(norm_weight.dtype)
-            if needs_norm_bias:
-                grad_norm_bias = part_vectors[2].sum(0).to(norm_bias_dtype)
+        if needs_weight:
+            grads[1] = part_weight.sum(0).view(weight.shape).to(weight.dtype)
+        if needs_bias:
+            grads[2] = part_vectors[0].sum(0).to(bias.dtype)
+        if needs_norm_weight:
+            grads[5] = part_vectors[1].sum(0).to(norm_weight.dtype)
+        if needs_norm_bias:
+            grads[6] = part_vectors[2].sum(0).to(norm_bias.dtype)
 
-        if needs_mask_token or needs_pos:
-            # A streaming reduction of grad_out: split the batch too, for enough loads in flight.
-            block_l = 16
-            token_block_d = max(16, min(64, triton.next_power_of_2(dim)))
-            num_cell_blocks = triton.cdiv(tokens_per_image, block_l)
-            tiles = num_cell_blocks * triton.cdiv(dim, token_block_d)
-            num_splits = max(1, min(batch, triton.cdiv(4 * target_programs, tiles)))
-            part_pos = (torch.empty((num_splits, tokens_per_image, dim), device=image.device, dtype=torch.float32)
-                        if needs_pos else None)
-            part_mask_token = torch.empty((num_splits, num_cell_blocks, dim), device=image.device, dtype=torch.float32)
+    if needs_mask_token or needs_pos:
+        # A streaming reduction of grad_out: split the batch too, for enough loads in flight.
+        block_l = 16
+        token_block_d = max(16, min(64, triton.next_power_of_2(dim)))
+        num_cell_blocks = triton.cdiv(tokens_per_image, block_l)
+        tiles = num_cell_blocks * triton.cdiv(dim, token_block_d)
+        num_splits = max(1, min(batch, triton.cdiv(4 * target_programs, tiles)))
+        part_pos = (torch.empty((num_splits, tokens_per_image, dim), device=image.device, dtype=torch.float32)
+                    if needs_pos else None)
+        part_mask_token = torch.empty((num_splits, num_cell_blocks, dim), device=image.device, dtype=torch.float32)
+        with on_device_of(image):
             _masked_patch_embed_bwd_tokens_kernel[(num_cell_blocks, triton.cdiv(dim, token_block_d), num_splits)](
                 part_pos, part_mask_token, grad_out, masked, batch, num_splits, tokens_per_image, dim,
                 POS_GRAD=needs_pos, BLOCK_L=block_l, BLOCK_D=token_block_d,
             )
-            if needs_mask_token:
-                grad_mask_token = part_mask_token.sum((0, 1)).view(1, 1, dim).to(mask_token_dtype)
-            if needs_pos:
-                grad_pos = part_pos.sum(0).view(1, tokens_per_image, dim).to(pos_dtype)
+        if needs_mask_token:
+            grads[3] = part_mask_token.sum((0, 1)).view(1, 1, dim).to(mask_token.dtype)
+        if needs_pos:
+            grads[4] = part_pos.sum(0).view(1, tokens_per_image, dim).to(pos_embed.dtype)
 
-        if needs_image:
-            grad_image = torch.zeros(image.shape, device=image.device, dtype=image.dtype)
+    if needs_image:
+        # In the image's memory format; masked patches keep these zeros.
+        grads[0] = grad_image = torch.zeros_like(image, memory_format=torch.preserve_format)
+        with on_device_of(image):
             _masked_patch_embed_bwd_image_kernel[(triton.cdiv(batch * tokens_per_image, block_m),
                                                   triton.cdiv(features, block_k))](
                 grad_image, grad_out, image, weight_2d, bias, norm_weight, order, num_visible, *geometry,
                 *grad_image.stride(), BLOCK_M=block_m, BLOCK_K=block_k, **projection,
             )
-        return (grad_image, None, grad_weight, grad_bias, grad_mask_token, grad_pos, grad_norm_weight,
-                grad_norm_bias, None, None, None, None)
+    return tuple(grads)
+
+
+_backward_op = torch.library.custom_op("simmim_fast_triton::masked_patch_embed_backward", _launch_backward,
+                                       mutates_args=())
+
+
+@_backward_op.register_fake
+def _(grad_out, image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order, num_visible, masked,
+      norm_eps, dot_dtype, needs):
+    like = (torch.zeros_like(image, memory_format=torch.preserve_format), weight, bias, mask_token, pos_embed,
+            norm_weight, norm_bias)
+    return tuple(tensor.new_empty(tensor.shape) if need else grad_out.new_empty(0)
+                 for tensor, need in zip(like, needs))
+
+
+def _save_for_backward(ctx, inputs, output):
+    image, _, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, norm_eps, dot_dtype, _, _ = inputs
+    _, order, num_visible, masked = output
+    ctx.save_for_backward(image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order, num_visible,
+                          masked)
+    ctx.settings = (norm_eps, dot_dtype)
+
+
+def _backward(ctx, grad_out, *_grad_saved_outputs):
+    image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order, num_visible, masked = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5, 6, 7)]
+    grads = _backward_op(grad_out, image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order,
+                         num_visible, masked, *ctx.settings, needs)
+    grad_image, grad_weight, grad_bias, grad_mask_token, grad_pos, grad_norm_weight, grad_norm_bias = (
+        grad if need else None for grad, need in zip(grads, needs))
+    return (grad_image, None, grad_weight, grad_bias, grad_mask_token, grad_pos, grad_norm_weight, grad_norm_bias,
+            None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def _dtypes(image, weight, bias, mask_token, pos_embed, norm_weight):
@@ -452,5 +526,5 @@ def masked_patch_embed(image, mask, weight, bias, mask_token, pos_embed=None, no
                        norm_eps=1e-5):
     """See ``simmim_fast.reference.masked_patch_embed``."""
     dot_dtype, norm_dtype, out_dtype = _dtypes(image, weight, bias, mask_token, pos_embed, norm_weight)
-    return _MaskedPatchEmbed.apply(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias,
-                                   norm_eps, dot_dtype, norm_dtype, out_dtype)
+    return _forward_op(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, norm_eps, dot_dtype,
+                       norm_dtype, out_dtype)[0]

@@ -11,6 +11,8 @@ and source handling. The numerics on a GPU are in tests/test_gpu_csrc.py.
 import importlib.util
 import os
 import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -160,3 +162,15 @@ def test_build_description(monkeypatch):
     assert build.cuda_archs() == ["80", "90"]  # the default covers A100 and H100
     assert all(pathlib.Path(path).is_file() for path in build.source_paths())
     assert build.source_paths(relative_to=BUILD_SCRIPT.parent.parent)[0] == "csrc/simmim_ops.cpp"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a host C++ compiler (g++)")
+def test_fast_divmod_equals_integer_division(tmp_path):
+    """The loss kernel's 32-bit index math divides by multiply-high and shift (csrc/fast_divmod.cuh): built for
+    the host, its quotients and remainders equal `/` and `%` over ~4 M pairs, edges and powers of two included."""
+    binary = tmp_path / "fast_divmod_check"
+    source = pathlib.Path(__file__).resolve().parent / "csrc_fast_divmod_check.cpp"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-I", str(BUILD_SCRIPT.parent), str(source), "-o", str(binary)],
+                   check=True)
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -92,3 +92,30 @@ def test_inputs_untouched_and_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(saved, (tokens, mask, mask_token)))
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("recipe", ["vit_b_224", "swin_b_192_w6"])
+def test_grids_fit_cuda_limits_at_large_batch(recipe):
+    """The launchers at batch 32768 on meta tensors (nothing runs): token rows on grid axis 0."""
+    from simmim_fast.kernels import mask_token_blend
+    from tests.kernel_launches import LARGE_BATCH, RECIPES, assert_grids_fit, recorded_launches
+
+    image, patch, dim, _, _, _ = RECIPES[recipe]
+    length = (image // patch) ** 2
+    tokens = torch.empty(LARGE_BATCH, length, dim, device="meta")
+    mask = torch.empty(LARGE_BATCH, length, dtype=torch.bool, device="meta")
+    with recorded_launches(mask_token_blend) as launches:
+        out = mask_token_blend._launch_forward(tokens, mask, torch.empty(1, 1, dim, device="meta"))
+        mask_token_blend._launch_backward(out, mask, torch.float32, torch.float32, True, True)
+    assert_grids_fit(launches, ["_mask_token_blend_fwd_kernel", "_mask_token_blend_bwd_kernel"])
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    from simmim_fast.kernels.mask_token_blend import mask_token_blend
+    from tests.compiled import assert_compiled_matches_eager
+
+    tokens = torch.randn(3, 35, 24, requires_grad=True)
+    mask_token = torch.randn(1, 1, 24, requires_grad=True)
+    mask = make_mask("random", (3, 5, 7))
+    assert_compiled_matches_eager(lambda tokens, mask_token: mask_token_blend(tokens, mask, mask_token),
+                                  tokens, mask_token)

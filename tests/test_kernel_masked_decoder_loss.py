@@ -119,3 +119,57 @@ def test_cpu_bfloat16_autocast_is_refused_on_the_interpreter(device):
     with simmim_fast.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16), \
             pytest.raises(simmim_fast.dispatch.BackendError, match="autocast"):
         ops.masked_decoder_loss(features, mask, weight, bias, target, 8, 8, CHANS)
+
+
+@pytest.mark.parametrize("recipe", ["vit_b_224", "vit_b_384", "swin_b_192_w6", "swin_l_192_w12"])
+def test_grids_fit_cuda_limits_at_large_batch(recipe):
+    """The launchers at batch 32768 on meta tensors (nothing runs). Token blocks share grid axis 0 with the channel
+    tiles: on axis 1, as before, ViT-B's pass 65535 from batch ~21k."""
+    from simmim_fast.kernels import masked_decoder_loss, masked_l1_loss
+    from tests.kernel_launches import LARGE_BATCH, RECIPES, assert_grids_fit, recorded_launches
+
+    image, patch, _, stride, enc_chans, _ = RECIPES[recipe]
+    meta = dict(device="meta")
+    features = torch.empty(LARGE_BATCH, enc_chans, image // stride, image // stride, **meta)
+    mask = torch.empty(LARGE_BATCH, image // patch, image // patch, dtype=torch.bool, **meta)
+    weight = torch.empty(stride * stride * 3, enc_chans, 1, 1, **meta)
+    bias = torch.empty(stride * stride * 3, **meta)
+    target = torch.empty(LARGE_BATCH, 3, image, image, **meta)
+    with recorded_launches(masked_decoder_loss, masked_l1_loss) as launches:
+        loss, denominator, order, num_active, sign = masked_decoder_loss._launch_forward(
+            features, mask, weight, bias, target, stride, patch, 3, torch.bfloat16, torch.float32, "ieee")
+        masked_decoder_loss._launch_backward(loss, denominator, features, weight, bias, target, order, num_active,
+                                             sign, stride, 3, torch.bfloat16, "ieee", True, True, True)
+    assert_grids_fit(launches, ["_masked_decoder_loss_fwd_kernel", "_masked_l1_loss_finish_kernel",
+                                "_masked_decoder_loss_bwd_features_kernel", "_masked_decoder_loss_bwd_weight_kernel"])
+
+
+def test_weight_grad_splits_tokens_across_programs():
+    """ViT-B on an H100: 144 (o, k) tiles alone leave 132 SMs with one program each and a tail of 12; the tokens
+    are split so the device sees ~8 waves, each split a fixed-order fp32 partial."""
+    from simmim_fast.kernels import masked_decoder_loss
+    from tests.kernel_launches import recorded_launches
+
+    meta = dict(device="meta")
+    features = torch.empty(128, 768, 14, 14, **meta)
+    mask = torch.empty(128, 14, 14, dtype=torch.bool, **meta)
+    weight, bias = torch.empty(768, 768, 1, 1, **meta), torch.empty(768, **meta)
+    target = torch.empty(128, 3, 224, 224, **meta)
+    with recorded_launches(masked_decoder_loss) as launches:
+        masked_decoder_loss._launch_backward(torch.empty((), **meta), torch.empty((), **meta), features, weight, bias,
+                                             target, torch.empty(128 * 196, dtype=torch.int32, **meta),
+                                             torch.empty(1, dtype=torch.int32, **meta),
+                                             torch.empty(128 * 196, 768, dtype=torch.int8, **meta), 16, 3,
+                                             torch.bfloat16, "ieee", False, True, False)
+    (name, grid, _), = launches
+    assert name == "_masked_decoder_loss_bwd_weight_kernel" and grid == (12, 12, 8)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    from simmim_fast.kernels.masked_decoder_loss import masked_decoder_loss
+    from tests.compiled import assert_compiled_matches_eager
+
+    features, mask, weight, bias, target = make_inputs(8, 4)
+    assert_compiled_matches_eager(
+        lambda features, weight, bias, target: masked_decoder_loss(features, mask, weight, bias, target, 8, 4, CHANS),
+        features, weight, bias, target)

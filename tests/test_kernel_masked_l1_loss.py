@@ -4,6 +4,7 @@ Tiny odd shapes (3 images of 3x40x56, patch 8), image-shaped and pre-PixelShuffl
 (stride 8 = patch, stride 8 with patch 4 as Swin's decoder, stride 4 under patch 8), masks all-zero,
 all-one and random in bool/int/float, non-contiguous views, target gradients, autocast dtypes.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,47 @@ def test_deterministic():
     second_loss, second_grads = fast(*inputs, 4, 8)
     assert torch.equal(first_loss, second_loss)
     assert all(torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+
+
+def test_masked_pixel_count_is_exact_in_integers():
+    """The denominator is the integer sum of the per-program counts, rounded to fp32 once as the reference's int64
+    count: 3000 counts of ~1.5 M (4.5e9 in all, past int32 too) over three blocks of the finishing loop, a total
+    that a float32 accumulation gets wrong."""
+    from simmim_fast.kernels.masked_l1_loss import finish_loss
+    from simmim_fast.reference import LOSS_EPS
+
+    counts = torch.randint(2 ** 20, 2 ** 21, (3000,), dtype=torch.int32)
+    exact = counts.sum(dtype=torch.int64)
+    assert exact > 2 ** 32
+    expected = exact.float() + LOSS_EPS
+    float32_count = np.cumsum(counts.numpy().astype(np.float32), dtype=np.float32)[-1]  # counting in fp32
+    assert torch.tensor(float32_count) + LOSS_EPS != expected
+    loss, denominator = finish_loss(torch.ones(3000), counts, 3, torch.float32)
+    assert denominator.dtype == torch.float32 and torch.equal(denominator, expected)
+    assert torch.equal(loss, torch.tensor(3000.0) / expected / 3)
+
+
+@pytest.mark.parametrize("recipe", ["vit_b_224", "swin_b_192_w6"])
+def test_grids_fit_cuda_limits_at_large_batch(recipe):
+    """The launchers at batch 32768 on meta tensors (nothing runs): a 1-D grid-stride grid of fixed size."""
+    from simmim_fast.kernels import masked_l1_loss
+    from tests.kernel_launches import LARGE_BATCH, RECIPES, assert_grids_fit, recorded_launches
+
+    image, patch, _, stride, _, _ = RECIPES[recipe]
+    target = torch.empty(LARGE_BATCH, 3, image, image, device="meta")
+    reconstruction = torch.empty(LARGE_BATCH, 3 * stride * stride, image // stride, image // stride, device="meta")
+    mask = torch.empty(LARGE_BATCH, image // patch, image // patch, dtype=torch.bool, device="meta")
+    with recorded_launches(masked_l1_loss) as launches:
+        loss, denominator = masked_l1_loss._launch_forward(reconstruction, target, mask, patch, 3, stride,
+                                                           torch.float32)
+        masked_l1_loss._launch_backward(loss, denominator, reconstruction, target, mask, patch, 3, stride, True, True)
+    assert_grids_fit(launches, ["_masked_l1_loss_fwd_kernel", "_masked_l1_loss_finish_kernel",
+                                "_masked_l1_loss_bwd_kernel"])
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    from simmim_fast.kernels.masked_l1_loss import masked_l1_loss
+    from tests.compiled import assert_compiled_matches_eager
+
+    reconstruction, target, mask = make_inputs(8, 4)
+    assert_compiled_matches_eager(lambda rec, tgt: masked_l1_loss(rec, tgt, mask, 4, CHANS, 8), reconstruction, target)

@@ -104,7 +104,9 @@ def test_non_contiguous_image(layout):
         assert not inputs["mask"].is_contiguous()
     assert not image.is_contiguous()
     inputs["image"] = image.requires_grad_()
-    assert_matches_reference(inputs)
+    grads = assert_matches_reference(inputs)
+    if layout == "channels_last":  # the gradient comes back in the image's memory format
+        assert grads["image"].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_frozen_parameters_get_no_grad():
@@ -163,3 +165,41 @@ def test_float16_parameters():
     inputs = {name: t if t is None or name == "mask" else t.detach().half().requires_grad_()
               for name, t in make_inputs().items()}
     assert_float16_within_torch_error(inputs, autocast=False)
+
+
+@pytest.mark.parametrize("recipe", ["vit_b_224", "vit_b_384", "swin_b_192_w6", "swin_b_224_w7", "swin_l_192_w12"])
+def test_grids_fit_cuda_limits_at_large_batch(recipe):
+    """The launchers at batch 32768 on meta tensors (nothing runs). Token blocks are on grid axis 0: on axis 1, as
+    the forward had them, Swin at 192 px passed 65535 from batch 1821."""
+    from simmim_fast.kernels import masked_patch_embed
+    from tests.kernel_launches import LARGE_BATCH, RECIPES, assert_grids_fit, recorded_launches
+
+    image_size, patch, dim, _, _, norm = RECIPES[recipe]
+    grid = image_size // patch
+    meta = dict(device="meta")
+    image = torch.empty(LARGE_BATCH, 3, image_size, image_size, **meta)
+    mask = torch.empty(LARGE_BATCH, grid, grid, dtype=torch.bool, **meta)
+    weight, bias, mask_token = (torch.empty(dim, 3, patch, patch, **meta), torch.empty(dim, **meta),
+                                torch.empty(1, 1, dim, **meta))
+    pos_embed = None if norm else torch.empty(1, grid * grid, dim, **meta)
+    norm_weight, norm_bias = (torch.empty(dim, **meta), torch.empty(dim, **meta)) if norm else (None, None)
+    with recorded_launches(masked_patch_embed) as launches:
+        out, order, num_visible, masked = masked_patch_embed._launch_forward(
+            image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, 1e-5, torch.bfloat16,
+            torch.float32, torch.float32)
+        needs = [True, True, True, True, not norm, norm, norm]
+        masked_patch_embed._launch_backward(out, image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias,
+                                            order, num_visible, masked, 1e-5, torch.bfloat16, needs)
+    assert_grids_fit(launches, ["_masked_patch_embed_fwd_kernel", "_masked_patch_embed_bwd_kernel",
+                                "_masked_patch_embed_bwd_tokens_kernel", "_masked_patch_embed_bwd_image_kernel"])
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    from simmim_fast.kernels.masked_patch_embed import masked_patch_embed
+    from tests.compiled import assert_compiled_matches_eager
+
+    inputs = make_inputs(image_grad=True)
+    names = ("image", "weight", "bias", "mask_token", "pos_embed", "norm_weight", "norm_bias")
+    assert_compiled_matches_eager(
+        lambda *tensors: masked_patch_embed(mask=inputs["mask"], **dict(zip(names, tensors))),
+        *(inputs[name] for name in names))
