@@ -5,8 +5,10 @@
   off, so it must be a sensible choice on its own.
 - Keys never name the batch size (nor anything that grows with it): a new batch size must not
   start another round of compiles and timings.
-- A kernel whose summation order depends on a tile size keeps that tile fixed in every config and
-  tunes only ``num_warps`` / ``num_stages``, so its bits are the same in every process and rank.
+- A kernel whose summation order depends on a tile size keeps that tile fixed in every config, so its
+  bits are the same in every process and rank. ``num_warps`` is such a choice too wherever a result goes
+  through a cross-thread ``tl.sum`` (its reduction tree follows the warp layout): those kernels tune
+  ``num_stages`` only.
 - ``SIMMIM_FAST_AUTOTUNE=0`` (read when ``simmim_fast.kernels`` modules are first imported), and the
   CPU interpreter (which has no timer), bind the default alone: one compile, no timing.
 """
