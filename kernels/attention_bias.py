@@ -13,7 +13,7 @@ log2(e) into the logits would multiply each bias entry by it (a second rounding)
 near 144 instead of 100. With neither, nothing is added to q k^T, so scale * log2(e) folds into one
 multiply at no cost in precision.
 
-Backward, FlashAttention-2's split, in two kernels on 64 x 64 tiles (one warpgroup's wgmma rows):
+Backward, FlashAttention-2's split, in two kernels whose dots all have 64 rows (wgmma on sm_90):
 
 - ``_attention_bwd_dq_kernel``, one program per (batch, head, query block): delta = rowsum(dO * O),
   then a loop over key blocks accumulating dq; no batch reduction, so it needs no workspace.
@@ -48,8 +48,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tiles are fixed, not tuned: BLOCK_N sets the order of the forward's and dq's sums over keys,
 # BLOCK_M that of dk/dv's over queries, so tuning them would change bits between processes.
-# 64 rows is one warpgroup's wgmma tile on sm_90.
+# 64 rows is one warpgroup's wgmma tile on sm_90. The dk/dv/dBias kernel's tiles are 64 keys x 32
+# queries: its every dot still has 64 rows (wgmma), and its (keys x queries) fp32 tiles (P^T, dP^T,
+# dS^T, the additive terms, the dBias strip) take half the registers (64 x 64 spills on sm_90).
 BLOCK = 64
+DKDV_QUERY_BLOCK = 32
 # Programs the dk/dv/dBias launch aims at: a constant, not the SM count, so that the batch groups,
 # and with them dBias's summation order, are the same on every GPU.
 TARGET_PROGRAMS = 1024
@@ -342,13 +345,16 @@ _EVEN = triton.heuristics({
     "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
     "EVEN_HEADDIM": lambda args: args["HEAD_DIM"] == args["HEAD_DIM_PAD"],
 })
-# configs[0], the default, is one warpgroup on the 64 x 64 tiles; the tuner tries warps and stages
-# only (tiles are fixed, see BLOCK). No batch in the keys.
+# configs[0] is the default; the tuner tries warps and stages only (tiles are fixed, see BLOCK).
+# No batch in the keys.
 _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (4, 1))]
 _KEY = ["N", "HEAD_DIM_PAD", "HAS_BIAS", "HAS_MASK", "DOT_PRECISION"]
 _fwd = autotune(_CONFIGS, _KEY)(_EVEN(_attention_fwd_kernel))
 _bwd_dq = autotune(_CONFIGS, _KEY)(_EVEN(_attention_bwd_dq_kernel))
-_bwd_dkdv_dbias = autotune(_CONFIGS, _KEY + ["COMPUTE_DBIAS"])(_EVEN(_attention_bwd_dkdv_dbias_kernel))
+# dk/dv/dBias holds the most fp32 tiles: 8 warps by default; sm_90 ptxas (bf16, and fp32 under bf16
+# autocast) spills nothing at Swin-L w12 and 16 B/thread at ViT-B with it, 400+ B on 4 warps, 2 stages.
+_DKDV_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 2), (4, 1))]
+_bwd_dkdv_dbias = autotune(_DKDV_CONFIGS, _KEY + ["COMPUTE_DBIAS"])(_EVEN(_attention_bwd_dkdv_dbias_kernel))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -423,7 +429,7 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
             q, k, v, bias_arg, mask_arg, dout, lse, delta, dk, dv, dbias_partial if compute_dbias else delta,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *additive_strides, batch, heads, tokens, head_dim, num_windows, batches_per_group, scale,
-            COMPUTE_DBIAS=compute_dbias, **common,
+            COMPUTE_DBIAS=compute_dbias, **{**common, "BLOCK_M": DKDV_QUERY_BLOCK},
         )
     # torch's sum is a fixed-order reduction: the same bits every run. The partials hold dBias^T.
     return dqkv, dbias_partial.sum(0).transpose(1, 2)

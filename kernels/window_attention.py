@@ -179,13 +179,14 @@ def _window_attention_bwd_kernel(
              mask=tile_ok)
 
 
-# configs[0], the default: one warpgroup for the 64-row tile, 3 stages of prefetch. The whole window
-# is the tile, so only warps and stages are tuned; the dBias partials follow the image slices, not
-# the config. fp32's exact products run on the FMA units with operands in registers: 8 warps there.
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 2), (8, 2), (8, 3))]
+# The whole window is the tile, so only warps and stages are tuned; the dBias partials follow the
+# image slices, not the config. configs[0] is the default: for the forward one warpgroup for the
+# 64-row tile with 3 stages of prefetch; the backward, with its (T x T) dBias accumulator, spills
+# 56-64 B/thread on 4 warps (sm_90 ptxas, Swin-B w6) and nothing on 8.
 _KEY = ["TOKENS", "HEAD_DIM", "HAS_MASK", "DOT_PRECISION"]
-_fwd = autotune(_CONFIGS, _KEY)(_window_attention_fwd_kernel)
-_bwd = autotune(_CONFIGS, _KEY)(_window_attention_bwd_kernel)
+_fwd = autotune([triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 2), (8, 2), (8, 3))],
+                _KEY)(_window_attention_fwd_kernel)
+_bwd = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)], _KEY)(_window_attention_bwd_kernel)
 
 
 def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor]) -> dict:
