@@ -27,7 +27,8 @@ Backward, FlashAttention-2's split, in two kernels whose dots all have 64 rows (
 
 dq, dk, dv are written into one (B, N, 3, H, d) buffer, the layout of the qkv projection that
 ViT and Swin split into q, k, v, and returned as views of it (see simmim_fast/models/layers.py).
-Every launch runs on q's device; B * H (with the query or key blocks) is the 1-D grid's only axis,
+dBias's partials are capped at q's size (one batch group when even that is larger). Every launch
+runs on q's device; B * H (with the query or key blocks) is the 1-D grid's only axis,
 and every offset that grows with the batch is int64.
 """
 from __future__ import annotations
@@ -118,6 +119,17 @@ def _recomputed_probs(qk, additive, lse, sm_scale, HAS_ADDITIVE: tl.constexpr):
 
 
 @triton.jit
+def _query_block_of_program(H, N, num_windows, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """(batch * H + head, batch, head, window, query rows, head-dim columns) of this program; the
+    1-D grid runs over B * H * query blocks, those of one (batch, head) adjacent to share K, V in L2."""
+    m_blocks = tl.cdiv(N, BLOCK_M)
+    batch_head = (tl.program_id(0) // m_blocks).to(tl.int64)
+    b = batch_head // H
+    offs_m = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return batch_head, b, batch_head % H, b % num_windows, offs_m, tl.arange(0, HEAD_DIM_PAD)
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Bias, Mask, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -132,13 +144,7 @@ def _attention_fwd_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
 ):
     HAS_ADDITIVE: tl.constexpr = HAS_BIAS or HAS_MASK
-    m_blocks = tl.cdiv(N, BLOCK_M)
-    batch_head = (tl.program_id(0) // m_blocks).to(tl.int64)
-    b = batch_head // H
-    h = batch_head % H
-    window = b % num_windows
-    offs_m = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    batch_head, b, h, window, offs_m, offs_d = _query_block_of_program(H, N, num_windows, BLOCK_M, HEAD_DIM_PAD)
     m_ok = offs_m < N
     d_ok = offs_d < HEAD_DIM
 
@@ -207,13 +213,7 @@ def _attention_bwd_dq_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
 ):
     HAS_ADDITIVE: tl.constexpr = HAS_BIAS or HAS_MASK
-    m_blocks = tl.cdiv(N, BLOCK_M)
-    batch_head = (tl.program_id(0) // m_blocks).to(tl.int64)
-    b = batch_head // H
-    h = batch_head % H
-    window = b % num_windows
-    offs_m = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    batch_head, b, h, window, offs_m, offs_d = _query_block_of_program(H, N, num_windows, BLOCK_M, HEAD_DIM_PAD)
     m_ok = offs_m < N
     d_ok = offs_d < HEAD_DIM
 
@@ -377,12 +377,15 @@ def _additive_args(q, bias, window_mask):
             num_windows, flags)
 
 
-def _batches_per_group(batch: int, programs_per_batch: int) -> int:
-    """Batches each dk/dv/dBias program loops over: few fp32 partials, enough programs."""
+def _batches_per_group(batch: int, heads: int, tokens: int, head_dim: int, element_size: int) -> int:
+    """Batches each dk/dv/dBias program loops over: enough programs (TARGET_PROGRAMS), and dBias's
+    fp32 partials, (groups, H, N, N), no larger than q. Depends on shapes only, never the device."""
     if _INTERPRET:
         return 2  # several groups, the last one ragged, in tiny tests
-    groups = max(1, min(batch, TARGET_PROGRAMS // programs_per_batch))
-    return triton.cdiv(batch, groups)
+    partial_bytes = heads * tokens * tokens * 4
+    q_bytes = batch * heads * tokens * head_dim * element_size
+    groups = min(batch, TARGET_PROGRAMS // (heads * triton.cdiv(tokens, BLOCK)), q_bytes // partial_bytes)
+    return triton.cdiv(batch, max(1, groups))
 
 
 def flash_forward(q, k, v, bias: Optional[torch.Tensor], window_mask: Optional[torch.Tensor], scale: float):
@@ -413,7 +416,7 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
     delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     bias_arg, mask_arg, additive_strides, num_windows, flags = _additive_args(q, bias, window_mask)
     blocks = triton.cdiv(tokens, BLOCK)
-    batches_per_group = _batches_per_group(batch, heads * blocks)
+    batches_per_group = _batches_per_group(batch, heads, tokens, head_dim, q.element_size())
     groups = triton.cdiv(batch, batches_per_group)
     dbias_partial = torch.empty((groups, heads, tokens, tokens) if compute_dbias else (0, heads, 0, 0),
                                 device=q.device, dtype=torch.float32)
