@@ -351,9 +351,10 @@ _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4
 _KEY = ["N", "HEAD_DIM_PAD", "HAS_BIAS", "HAS_MASK", "DOT_PRECISION"]
 _fwd = autotune(_CONFIGS, _KEY)(_EVEN(_attention_fwd_kernel))
 _bwd_dq = autotune(_CONFIGS, _KEY)(_EVEN(_attention_bwd_dq_kernel))
-# dk/dv/dBias holds the most fp32 tiles: 8 warps by default; sm_90 ptxas (bf16, and fp32 under bf16
-# autocast) spills nothing at Swin-L w12 and 16 B/thread at ViT-B with it, 400+ B on 4 warps, 2 stages.
-_DKDV_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 2), (4, 1))]
+# dk/dv/dBias holds the most fp32 tiles: by default 8 warps without software pipelining, which sm_90
+# ptxas compiles with no spill at ViT-B and Swin-L w12 (bf16, and fp32 under bf16 autocast); 2 stages
+# spill 16 B/thread at ViT-B, 4 warps 32 B with 1 stage and 400+ B with 2 (not kept).
+_DKDV_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 1), (8, 2), (4, 1))]
 _bwd_dkdv_dbias = autotune(_DKDV_CONFIGS, _KEY + ["COMPUTE_DBIAS"])(_EVEN(_attention_bwd_dkdv_dbias_kernel))
 
 
