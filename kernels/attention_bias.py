@@ -413,7 +413,7 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
     when not ``compute_dbias``."""
     batch, heads, tokens, head_dim = q.shape
     dqkv = torch.empty((batch, tokens, 3, heads, head_dim), device=q.device, dtype=q.dtype)
-    dq, dk, dv = (dqkv[:, :, i].transpose(1, 2) for i in range(3))
+    dq, dk, dv = packed_qkv_gradient(dqkv, (True, True, True))
     delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     bias_arg, mask_arg, additive_strides, num_windows, flags = _additive_args(q, bias, window_mask)
     blocks = triton.cdiv(tokens, BLOCK)
