@@ -1,5 +1,5 @@
-"""What the two attention kernels (attention_bias.py, window_attention.py) do to their operands
-before launching, so that they match the reference's dtype and scale rules."""
+"""What the two attention ops (attention_bias.py, window_attention.py) share around their kernels:
+the operands' dtype and scale rules of the reference, and the packed layout of their gradients."""
 from __future__ import annotations
 
 from typing import Optional
@@ -15,3 +15,10 @@ def attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return q, k, v, scale
+
+
+def packed_qkv_gradient(dqkv: torch.Tensor, needed):
+    """dq, dk, dv as (B, H, N, d) views of one (B, N, 3, H, d) gradient buffer (None where ``needed``
+    is false): the layout of the qkv projection the encoders split q, k, v from, so the split's
+    backward (simmim_fast.models.layers.split_qkv) takes the buffer whole, with no copy."""
+    return tuple(dqkv[:, :, index].transpose(1, 2) if need else None for index, need in enumerate(needed))

@@ -1,269 +1,361 @@
-"""Flash-style attention with a learnable additive bias: softmax(q k^T * scale + bias) v.
+"""Flash-style attention with additive terms: softmax(q k^T * scale + bias [+ window mask]) v.
 
-Semantics and signature of ``simmim_fast.reference.attention``; q, k, v (B, H, N, d) with any
-strides, bias (H, N, N) shared over the batch (the ViT's relative position bias) or None.
+The op ``simmim_fast_triton::attention`` has the semantics of ``simmim_fast.reference.attention``:
+q, k, v (B, H, N, d) with any strides, bias (H, N, N) shared over the batch (the ViT's relative
+position bias) or None. The same kernels, with a (nW, N, N) mask added to batch entry b's logits
+as mask[b % nW], run Swin's large windows (kernels/window_attention.py, T > 64).
 
-Forward: online softmax over key blocks; the (B, H, N, N) logits are never stored, only the
-log-sum-exp (B, H, N) in fp32. Logits stay in natural units and only the shifted difference is
-scaled by log2(e) for exp2: with bias entries of +-100, folding log2(e) into the logits would
-round values near 144 instead of 100 and double the forward's error.
+Forward: online softmax over 64-key blocks; the (B, H, N, N) logits are never stored, only the
+log-sum-exp (B, H, N) in fp32. The output is written as (B, N, H, d) and returned as a (B, H, N, d)
+view, so the caller's transpose(1, 2).reshape(B, N, H * d) is free. With a bias or mask the logits
+stay in natural units and only the shifted difference is scaled by log2(e) for exp2: folding
+log2(e) into the logits would multiply each bias entry by it (a second rounding) and round values
+near 144 instead of 100. With neither, nothing is added to q k^T, so scale * log2(e) folds into one
+multiply at no cost in precision.
 
-Backward, in two kernels that own every value they write (deterministic, no atomics, no
-read-modify-write of global memory):
+Backward, FlashAttention-2's split, in two kernels whose dots all have 64 rows (wgmma on sm_90):
 
-- ``_attention_bwd_dq_dbias_kernel``, one program per (query block, head, key chunk, batch
-  group): the key chunk is a single tile (all N keys when N <= 256 at d <= 64 in 16-bit, the
-  ViT case), so dq needs no sum over key blocks, and the program's (BLOCK_M, KEY_CHUNK) bias
-  gradient is summed over its batches in registers. Each batch group writes its own fp32
-  partial, then one ``sum`` over the groups (a fixed-order reduction) gives dBias; several key
-  chunks likewise give per-chunk dq partials summed once. (A per-(key block, head) program
-  looping over the whole batch would own dBias outright, but only H * N / BLOCK_N programs: 48
-  for ViT-B, a third of an H100.) It also computes delta = rowsum(dO * O) for the second kernel.
-- ``_attention_bwd_dkdv_kernel``, one program per (key block, batch, head), loops over the
-  query blocks as in FlashAttention-2.
+- ``_attention_bwd_dq_kernel``, one program per (batch, head, query block): delta = rowsum(dO * O),
+  then a loop over key blocks accumulating dq; no batch reduction, so it needs no workspace.
+- ``_attention_bwd_dkdv_dbias_kernel``, one program per (batch group, head, key block): for each
+  batch of its group, a loop over query blocks accumulating dk and dv, and the dS^T tiles, which
+  are the bias gradient of this batch, added into the group's fp32 partial of dBias. The program
+  owns its partial's (N x 64) column strip: it writes it at the group's first batch and adds to
+  it in batch order after, with a barrier between batches so every thread sees the others' writes.
+  The partials are summed over groups afterwards in a fixed order: no atomics, the same bits in
+  every run. The strip (N * 64 * 4 B, 50 KiB at N = 197) is re-read once per batch from L2.
+
+dq, dk, dv are written into one (B, N, 3, H, d) buffer, the layout of the qkv projection that
+ViT and Swin split into q, k, v, and returned as views of it (see simmim_fast/models/layers.py).
+dBias's partials are capped at q's size (one batch group when even that is larger). Every launch
+runs on q's device; B * H (with the query or key blocks) is the 1-D grid's only axis,
+and every offset that grows with the batch is int64.
 """
 from __future__ import annotations
 
-import functools
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._attention_operands import attention_operands
+from ._attention_operands import attention_operands, packed_qkv_gradient
+from ._autotune import autotune
+from ._launch import on_device_of
 
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels see globals only as constexpr
+LN2 = tl.constexpr(0.6931471805599453)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tiles are fixed, not tuned: BLOCK_N sets the order of the forward's and dq's sums over keys,
+# BLOCK_M that of dk/dv's over queries, so tuning them would change bits between processes.
+# 64 rows is one warpgroup's wgmma tile on sm_90. The dk/dv/dBias kernel's tiles are 64 keys x 32
+# queries: its every dot still has 64 rows (wgmma), and its (keys x queries) fp32 tiles (P^T, dP^T,
+# dS^T, the additive terms, the dBias strip) take half the registers (64 x 64 spills on sm_90).
+BLOCK = 64
+DKDV_QUERY_BLOCK = 32
+# Programs the dk/dv/dBias launch aims at: a constant, not the SM count, so that the batch groups,
+# and with them dBias's summation order, are the same on every GPU.
+TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """A 2-D tile, masked (zeros) only on the sides that can be ragged."""
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        if EVEN_COLS:
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptrs, values, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            tl.store(ptrs, values)
+        else:
+            tl.store(ptrs, values, mask=col_ok[None, :])
+    else:
+        if EVEN_COLS:
+            tl.store(ptrs, values, mask=row_ok[:, None])
+        else:
+            tl.store(ptrs, values, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _additive_tile(Bias, Mask, h, window, rows, cols, row_ok, col_ok,
+                   stride_bias_h, stride_bias_r, stride_bias_c, stride_mask_w, stride_mask_r, stride_mask_c,
+                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """bias[h] + mask[window] at (rows, cols) in fp32; the keys x queries orientation passes the
+    key indices as rows with the strides swapped. Only called with HAS_BIAS or HAS_MASK."""
+    if HAS_BIAS:
+        additive = _load_tile(Bias + h * stride_bias_h + rows[:, None] * stride_bias_r + cols[None, :] * stride_bias_c,
+                              row_ok, col_ok, EVEN_ROWS, EVEN_COLS).to(tl.float32)
+        if HAS_MASK:
+            additive += _load_tile(Mask + window * stride_mask_w + rows[:, None] * stride_mask_r
+                                   + cols[None, :] * stride_mask_c, row_ok, col_ok, EVEN_ROWS, EVEN_COLS).to(tl.float32)
+    else:
+        additive = _load_tile(Mask + window * stride_mask_w + rows[:, None] * stride_mask_r
+                               + cols[None, :] * stride_mask_c, row_ok, col_ok, EVEN_ROWS, EVEN_COLS).to(tl.float32)
+    return additive
+
+
+@triton.jit
+def _recomputed_probs(qk, additive, lse, sm_scale, HAS_ADDITIVE: tl.constexpr):
+    """exp(qk * scale + additive - lse), the forward's probabilities; ``lse`` comes broadcastable
+    to qk's shape. additive - lse first: near-equal values subtract exactly, so logits of +-100
+    lose no digits. Without an additive term scale * log2(e) is one multiply."""
+    if HAS_ADDITIVE:
+        return tl.exp2((qk * sm_scale + (additive - lse)) * LOG2E)
+    else:
+        return tl.exp2(qk * (sm_scale * LOG2E) - lse * LOG2E)
+
+
+@triton.jit
+def _query_block_of_program(H, N, num_windows, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """(batch * H + head, batch, head, window, query rows, head-dim columns) of this program; the
+    1-D grid runs over B * H * query blocks, those of one (batch, head) adjacent to share K, V in L2."""
+    m_blocks = tl.cdiv(N, BLOCK_M)
+    batch_head = (tl.program_id(0) // m_blocks).to(tl.int64)
+    b = batch_head // H
+    offs_m = (tl.program_id(0) % m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return batch_head, b, batch_head % H, b % num_windows, offs_m, tl.arange(0, HEAD_DIM_PAD)
 
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, Bias, Out, Lse,
+    Q, K, V, Bias, Mask, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
     stride_bias_h, stride_bias_m, stride_bias_n,
-    B, H, N, HEAD_DIM, sm_scale,
-    HAS_BIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_mask_w, stride_mask_m, stride_mask_n,
+    H, N, HEAD_DIM, num_windows, sm_scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_m = offs_m < N
-    mask_d = offs_d < HEAD_DIM
+    HAS_ADDITIVE: tl.constexpr = HAS_BIAS or HAS_MASK
+    batch_head, b, h, window, offs_m, offs_d = _query_block_of_program(H, N, num_windows, BLOCK_M, HEAD_DIM_PAD)
+    m_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                   m_ok, d_ok, EVEN_M, EVEN_HEADDIM)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    # Logits in natural units with an additive term, else in log2 units (see the module docstring).
+    qk_scale = sm_scale if HAS_ADDITIVE else sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        k_t = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                      mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * sm_scale
-        if HAS_BIAS:
-            bias = tl.load(Bias + h * stride_bias_h + offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n,
-                           mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            s += bias.to(tl.float32)
-        # Every block holds a real key, so the running max is finite from the first block on.
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok,
+                       EVEN_N, EVEN_HEADDIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_ADDITIVE:
+            s += _additive_tile(Bias, Mask, h, window, offs_m, offs_n, m_ok, n_ok,
+                                stride_bias_h, stride_bias_m, stride_bias_n, stride_mask_w, stride_mask_m, stride_mask_n,
+                                HAS_BIAS, HAS_MASK, EVEN_M, EVEN_N)
+        if not EVEN_N:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2((m_i - m_new) * LOG2E)
-        p = tl.exp2((s - m_new[:, None]) * LOG2E)
+        # FlashAttention's guard: a row whose keys so far are all -inf (a -inf bias or mask over the
+        # first key block) has m_new = -inf, and -inf - (-inf) is NaN; shifting by 0 gives p = 0.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if HAS_ADDITIVE:
+            alpha = tl.exp2((m_i - m_shift) * LOG2E)
+            p = tl.exp2((s - m_shift[:, None]) * LOG2E)
+        else:
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok,
+                       EVEN_N, EVEN_HEADDIM)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
-    rows = (b * H + h) * N + offs_m  # Out, Lse: contiguous (B, H, N[, d])
-    tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(Lse + rows, m_i + tl.log(l_i), mask=mask_m)
+    out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
+    _store_tile(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                out, m_ok, d_ok, EVEN_M, EVEN_HEADDIM)
+    lse = m_i + tl.log(l_i) if HAS_ADDITIVE else m_i * LN2 + tl.log(l_i)
+    lse_ptrs = Lse + batch_head * N + offs_m  # contiguous (B, H, N)
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=m_ok)
 
 
 @triton.jit
-def _attention_bwd_dq_dbias_kernel(
-    Q, K, V, Bias, Out, DOut, Lse, Delta, DQ, DBiasPartial,
+def _attention_bwd_dq_kernel(
+    Q, K, V, Bias, Mask, Out, DOut, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_bias_h, stride_bias_m, stride_bias_n,
-    stride_dq_chunk, batches_per_program,
-    B, H, N, HEAD_DIM, sm_scale,
-    HAS_BIAS: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KEY_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    h = (tl.program_id(1) % H).to(tl.int64)
-    chunk = tl.program_id(1) // H
-    group = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = chunk * KEY_CHUNK + tl.arange(0, KEY_CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_m = offs_m < N
-    mask_n = offs_n < N
-    mask_d = offs_d < HEAD_DIM
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-
-    # The same tile for every batch, loaded once: the bias, and -inf outside the N x N logits.
-    logit_offset = tl.where(mask_mn, 0.0, float("-inf"))
-    if HAS_BIAS:
-        logit_offset += tl.load(Bias + h * stride_bias_h + offs_m[:, None] * stride_bias_m
-                                + offs_n[None, :] * stride_bias_n, mask=mask_mn, other=0.0).to(tl.float32)
-    dbias = tl.zeros([BLOCK_M, KEY_CHUNK], tl.float32)
-    b_start = group.to(tl.int64) * batches_per_program  # int64 loop index: no offset overflow
-    b_end = tl.minimum(b_start + batches_per_program, B)
-    for b in range(b_start, b_end):
-        rows = (b * H + h) * N + offs_m  # Out, Lse, Delta, DQ: contiguous (B, H, N[, d])
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=mask_md, other=0.0)
-        do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                     + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
-        o = tl.load(Out + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_md, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        tl.store(Delta + rows, delta, mask=mask_m & (chunk == 0))
-        lse = tl.load(Lse + rows, mask=mask_m, other=0.0)
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=mask_nd, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_nd, other=0.0)
-
-        # bias - lse first: near-equal values subtract exactly, so logits of +-100 lose no digits.
-        p = tl.exp2((tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-                     + (logit_offset - lse[:, None])) * LOG2E)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])  # d(loss)/d(logits) = d(loss)/d(bias) for this batch
-        if COMPUTE_DBIAS:
-            dbias += ds
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale
-        tl.store(DQ + chunk * stride_dq_chunk + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=mask_md)
-
-    if COMPUTE_DBIAS:
-        bias_rows = (group * H + h) * N + offs_m  # contiguous (groups, H, N, N)
-        tl.store(DBiasPartial + bias_rows[:, None] * N + offs_n[None, :], dbias, mask=mask_mn)
-
-
-@triton.jit
-def _attention_bwd_dkdv_kernel(
-    Q, K, V, Bias, DOut, Lse, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_bias_h, stride_bias_m, stride_bias_n,
-    B, H, N, HEAD_DIM, sm_scale,
-    HAS_BIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_mask_w, stride_mask_m, stride_mask_n,
+    H, N, HEAD_DIM, num_windows, sm_scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    HAS_ADDITIVE: tl.constexpr = HAS_BIAS or HAS_MASK
+    batch_head, b, h, window, offs_m, offs_d = _query_block_of_program(H, N, num_windows, BLOCK_M, HEAD_DIM_PAD)
+    m_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                   m_ok, d_ok, EVEN_M, EVEN_HEADDIM)
+    do = _load_tile(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                    + offs_d[None, :] * stride_dod, m_ok, d_ok, EVEN_M, EVEN_HEADDIM)
+    o = _load_tile(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                   m_ok, d_ok, EVEN_M, EVEN_HEADDIM)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row_ptrs = batch_head * N + offs_m  # Lse, Delta: contiguous (B, H, N)
+    if EVEN_M:
+        tl.store(Delta + row_ptrs, delta)
+        lse = tl.load(Lse + row_ptrs)
+    else:
+        tl.store(Delta + row_ptrs, delta, mask=m_ok)
+        lse = tl.load(Lse + row_ptrs, mask=m_ok, other=0.0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, n_ok, d_ok,
+                       EVEN_N, EVEN_HEADDIM)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok,
+                       EVEN_N, EVEN_HEADDIM)
+        additive = 0.0
+        if HAS_ADDITIVE:
+            additive = _additive_tile(Bias, Mask, h, window, offs_m, offs_n, m_ok, n_ok,
+                                      stride_bias_h, stride_bias_m, stride_bias_n,
+                                      stride_mask_w, stride_mask_m, stride_mask_n, HAS_BIAS, HAS_MASK, EVEN_M, EVEN_N)
+        p = _recomputed_probs(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), additive, lse[:, None],
+                              sm_scale, HAS_ADDITIVE)
+        if not EVEN_N:  # exp(0 - lse) of a padded key may overflow; its k row is 0, but inf * 0 is NaN
+            p = tl.where(n_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+                (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_M, EVEN_HEADDIM)
+
+
+@triton.jit
+def _attention_bwd_dkdv_dbias_kernel(
+    Q, K, V, Bias, Mask, DOut, Lse, Delta, DK, DV, DBiasPartial,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_bias_h, stride_bias_m, stride_bias_n,
+    stride_mask_w, stride_mask_m, stride_mask_n,
+    B, H, N, HEAD_DIM, num_windows, batches_per_group, sm_scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_HEADDIM: tl.constexpr,
+):
+    HAS_ADDITIVE: tl.constexpr = HAS_BIAS or HAS_MASK
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    group_head = (tl.program_id(0) // n_blocks).to(tl.int64)
+    h = group_head % H
+    group = group_head // H
+    offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_n = offs_n < N
-    mask_d = offs_d < HEAD_DIM
-    mask_nd = mask_n[:, None] & mask_d[None, :]
+    n_ok = offs_n < N
+    d_ok = offs_d < HEAD_DIM
+    # This program's strip of its group's dBias^T partial, contiguous (groups, H, N keys, N queries).
+    dbias_strip = DBiasPartial + (group_head * N + offs_n[:, None]) * N
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=mask_nd, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=mask_nd, other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DOut + b * stride_dob + h * stride_doh
-    row_base = (b * H + h) * N  # Lse, Delta, DK, DV: contiguous (B, H, N[, d])
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-    # Keys x queries orientation: dv = P^T dO and dk = dS^T q become plain dots of the transposed tiles.
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N
-        mask_md = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
-        lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
+    first_batch = group * batches_per_group
+    for b in range(first_batch, tl.minimum(first_batch + batches_per_group, B)):
+        window = b % num_windows
+        k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       n_ok, d_ok, EVEN_N, EVEN_HEADDIM)
+        v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                       n_ok, d_ok, EVEN_N, EVEN_HEADDIM)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOut + b * stride_dob + h * stride_doh
+        row_base = (b * H + h) * N  # Lse, Delta: contiguous (B, H, N)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+        # Keys x queries orientation: dv = P^T dO and dk = dS^T q are plain dots of the transposed tiles.
+        # A padded key's row holds garbage that is never stored: each row depends on its own key only.
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = tl.multiple_of(start_m, BLOCK_M) + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < N
+            q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, m_ok, d_ok,
+                           EVEN_M, EVEN_HEADDIM)
+            do = _load_tile(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, m_ok, d_ok,
+                            EVEN_M, EVEN_HEADDIM)
+            if EVEN_M:
+                lse = tl.load(Lse + row_base + offs_m)
+                delta = tl.load(Delta + row_base + offs_m)
+            else:  # padded queries: q = dO = 0, lse = delta = 0, so their P^T is finite and dS^T is 0
+                lse = tl.load(Lse + row_base + offs_m, mask=m_ok, other=0.0)
+                delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+            additive_t = 0.0
+            if HAS_ADDITIVE:
+                additive_t = _additive_tile(Bias, Mask, h, window, offs_n, offs_m, n_ok, m_ok,
+                                            stride_bias_h, stride_bias_n, stride_bias_m,
+                                            stride_mask_w, stride_mask_n, stride_mask_m, HAS_BIAS, HAS_MASK,
+                                            EVEN_N, EVEN_M)
+            p_t = _recomputed_probs(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), additive_t, lse[None, :],
+                                    sm_scale, HAS_ADDITIVE)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])  # d(loss)/d(logits)^T = this batch's d(loss)/d(bias)^T
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            if COMPUTE_DBIAS:
+                strip_ptrs = dbias_strip + offs_m[None, :]
+                strip_ok = n_ok[:, None] & m_ok[None, :]
+                earlier = tl.load(strip_ptrs, mask=strip_ok & (b > first_batch), other=0.0)
+                tl.store(strip_ptrs, earlier + ds_t, mask=strip_ok)
 
-        mask_nm = mask_n[:, None] & mask_m[None, :]
-        shift_t = -lse[None, :]
-        if HAS_BIAS:  # bias - lse first, as in the dq kernel
-            shift_t = tl.load(Bias + h * stride_bias_h + offs_m[None, :] * stride_bias_m
-                              + offs_n[:, None] * stride_bias_n, mask=mask_nm, other=0.0).to(tl.float32) + shift_t
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * sm_scale + shift_t
-        p_t = tl.exp2(tl.where(mask_nm, s_t, float("-inf")) * LOG2E)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-
-    out_offsets = (row_base + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_nd)
-    tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=mask_nd)
-
-
-def _tuned(kernel, configs, fp32_blocks, key, fits_registers=None):
-    """Autotuned on CUDA; the interpreter has no timer, so there the launcher passes one small config.
-
-    Exact fp32 dots run on the FMA units with their operands in registers: only the smallest tiles
-    (``fp32_blocks``, 8 warps) are kept for fp32 inputs, which also skips the other configs' long
-    compiles. ``fits_registers(config, kwargs)`` drops 16-bit configs whose tiles would spill at
-    this launch's shapes (their spills, read from sm_90 cubins, are checked in
-    tests/test_kernel_compile.py); the last config is kept if none fits.
-    """
-    if _INTERPRET:
-        return kernel
-
-    def prune(configs, named_args, **kwargs):
-        if named_args["Q"].element_size() == 4:
-            return [c for c in configs if c.num_warps == 8 and all(c.kwargs[k] == v for k, v in fp32_blocks.items())]
-        if fits_registers is None:
-            return configs
-        return [c for c in configs if fits_registers(c, kwargs)] or configs[-1:]
-
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+        _store_tile(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                    (dk * sm_scale).to(DK.dtype.element_ty), n_ok, d_ok, EVEN_N, EVEN_HEADDIM)
+        _store_tile(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                    dv.to(DV.dtype.element_ty), n_ok, d_ok, EVEN_N, EVEN_HEADDIM)
+        if COMPUTE_DBIAS:
+            tl.debug_barrier()  # the next batch's loads of the strip see every thread's stores
 
 
-def _dq_dbias_fits_registers(config, kwargs) -> bool:
-    """The program's fp32 tiles, per thread: two (BLOCK_M, KEY_CHUNK) (the bias tile and the dBias
-    accumulator; the per-batch logits are transient) and the (BLOCK_M, d) dq. At most 40 compile
-    without spilling on sm_90 at the ViT-B shape; 16 rows on 8 warps fit every shape we launch."""
-    block_m = config.kwargs["BLOCK_M"]
-    values = 2 * block_m * kwargs["KEY_CHUNK"] + block_m * kwargs["HEAD_DIM_PAD"]
-    return values <= 40 * 32 * config.num_warps
-
-
-# Config spaces trimmed with sm_90 ptxas register/spill counts (tests/test_kernel_compile.py):
-# 128-row forwards and 128-key dk/dv blocks on 4 warps spill; the tuner picks among the rest.
-_TUNING_KEY = ["B", "H", "N", "HEAD_DIM_PAD", "HAS_BIAS", "DOT_PRECISION"]
-_fwd = _tuned(_attention_fwd_kernel, [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3) if not (bm == 128 and w == 4)
-], {"BLOCK_M": 64, "BLOCK_N": 32}, _TUNING_KEY)
-_bwd_dq_dbias = _tuned(_attention_bwd_dq_dbias_kernel, [
-    triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-    for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)
-], {"BLOCK_M": 16}, _TUNING_KEY + ["COMPUTE_DBIAS", "KEY_CHUNK"], _dq_dbias_fits_registers)
-_bwd_dkdv = _tuned(_attention_bwd_dkdv_kernel, [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm in (32, 64) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2) if not (bn == 128 and w == 4)
-], {"BLOCK_M": 32, "BLOCK_N": 32}, _TUNING_KEY)
-_INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
-
-
-def _blocks(*names):
-    return {name: _INTERPRETER_BLOCKS[name] for name in names} if _INTERPRET else {}
+_EVEN = triton.heuristics({
+    "EVEN_M": lambda args: args["N"] % args["BLOCK_M"] == 0,
+    "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
+    "EVEN_HEADDIM": lambda args: args["HEAD_DIM"] == args["HEAD_DIM_PAD"],
+})
+# configs[0] is the default; the tuner tries warps and stages only (tiles are fixed, see BLOCK).
+# No batch in the keys.
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (4, 1))]
+_KEY = ["N", "HEAD_DIM_PAD", "HAS_BIAS", "HAS_MASK", "DOT_PRECISION"]
+_fwd = autotune(_CONFIGS, _KEY)(_EVEN(_attention_fwd_kernel))
+_bwd_dq = autotune(_CONFIGS, _KEY)(_EVEN(_attention_bwd_dq_kernel))
+# dk/dv/dBias holds the most fp32 tiles: by default 8 warps without software pipelining, which sm_90
+# ptxas compiles with no spill at ViT-B and Swin-L w12 (bf16, and fp32 under bf16 autocast); 2 stages
+# spill 16 B/thread at ViT-B, 4 warps 32 B with 1 stage and 400+ B with 2 (not kept).
+_DKDV_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 1), (8, 2), (4, 1))]
+_bwd_dkdv_dbias = autotune(_DKDV_CONFIGS, _KEY + ["COMPUTE_DBIAS"])(_EVEN(_attention_bwd_dkdv_dbias_kernel))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -275,105 +367,126 @@ def _head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.arange needs a power of two, tl.dot at least 16
 
 
-def _key_chunk(tokens: int, head_dim_pad: int, element_size: int) -> int:
-    """Keys per dq/dbias tile: all of them when they fit (one chunk), in a 32 KiB K (and V) tile."""
-    cap = 64 if _INTERPRET else min(256, 32768 // (head_dim_pad * element_size))  # interpreter: its block width
-    return min(max(16, triton.next_power_of_2(tokens)), cap)
+def _additive_args(q, bias, window_mask):
+    """The kernels' additive-term arguments: (bias pointer, mask pointer, their six strides, window
+    count, constexpr flags); q stands in for an absent tensor, which the kernels never read."""
+    strides = (*(bias.stride() if bias is not None else (0, 0, 0)),
+               *(window_mask.stride() if window_mask is not None else (0, 0, 0)))
+    flags = dict(HAS_BIAS=bias is not None, HAS_MASK=window_mask is not None)
+    num_windows = window_mask.shape[0] if window_mask is not None else 1
+    return (bias if bias is not None else q, window_mask if window_mask is not None else q, strides,
+            num_windows, flags)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _batches_per_program(batch: int, programs_per_batch: int, device: torch.device) -> int:
-    """Batch group size of the dq/dbias kernel: enough programs to fill the GPU, few fp32 partials."""
+def _batches_per_group(batch: int, heads: int, tokens: int, head_dim: int, element_size: int) -> int:
+    """Batches each dk/dv/dBias program loops over: enough programs (TARGET_PROGRAMS), and dBias's
+    fp32 partials, (groups, H, N, N), no larger than q. Depends on shapes only, never the device."""
     if _INTERPRET:
         return 2  # several groups, the last one ragged, in tiny tests
-    groups = max(1, min(batch, 8 * _sm_count(device.index) // programs_per_batch))
-    return triton.cdiv(batch, groups)
+    partial_bytes = heads * tokens * tokens * 4
+    q_bytes = batch * heads * tokens * head_dim * element_size
+    groups = min(batch, TARGET_PROGRAMS // (heads * triton.cdiv(tokens, BLOCK)), q_bytes // partial_bytes)
+    return triton.cdiv(batch, max(1, groups))
 
 
-def _bias_strides(bias: Optional[torch.Tensor]):
-    return tuple(bias.stride()) if bias is not None else (0, 0, 0)
-
-
-def _forward(q, k, v, bias, scale):
+def flash_forward(q, k, v, bias: Optional[torch.Tensor], window_mask: Optional[torch.Tensor], scale: float):
+    """(out, lse): out (B, H, N, d) a view of a (B, N, H, d) tensor, lse (B, H, N) in fp32."""
     batch, heads, tokens, head_dim = q.shape
-    out = torch.empty((batch, heads, tokens, head_dim), device=q.device, dtype=q.dtype)
+    out = torch.empty((batch, tokens, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _fwd[grid](
-        q, k, v, bias if bias is not None else q, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias),
-        batch, heads, tokens, head_dim, scale,
-        HAS_BIAS=bias is not None, HEAD_DIM_PAD=_head_dim_pad(head_dim),
-        DOT_PRECISION=_dot_precision(q.dtype), **_blocks("BLOCK_M", "BLOCK_N"),
-    )
+    bias_arg, mask_arg, additive_strides, num_windows, flags = _additive_args(q, bias, window_mask)
+    grid = (batch * heads * triton.cdiv(tokens, BLOCK),)
+    with on_device_of(q):
+        _fwd[grid](
+            q, k, v, bias_arg, mask_arg, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *additive_strides,
+            heads, tokens, head_dim, num_windows, scale,
+            **flags, HEAD_DIM_PAD=_head_dim_pad(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
+            BLOCK_M=BLOCK, BLOCK_N=BLOCK,
+        )
     return out, lse
 
 
-def _backward(q, k, v, bias, out, lse, dout, scale, compute_dbias):
+def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
+                   compute_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dqkv, dbias): dqkv (B, N, 3, H, d) holds dq, dk, dv; dbias (H, N, N) in fp32, or (H, 0, 0)
+    when not ``compute_dbias``."""
     batch, heads, tokens, head_dim = q.shape
-    head_dim_pad = _head_dim_pad(head_dim)
-    key_chunk = _key_chunk(tokens, head_dim_pad, q.element_size())
-    chunks = triton.cdiv(tokens, key_chunk)
-    common = dict(HAS_BIAS=bias is not None, HEAD_DIM_PAD=head_dim_pad, DOT_PRECISION=_dot_precision(q.dtype))
-    bias_arg = bias if bias is not None else q
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *_bias_strides(bias))
-
-    # One chunk: dq is written directly; several: fp32 partials per chunk, summed below.
-    dq_buffer = torch.empty((chunks, batch, heads, tokens, head_dim), device=q.device,
-                            dtype=q.dtype if chunks == 1 else torch.float32)
+    dqkv = torch.empty((batch, tokens, 3, heads, head_dim), device=q.device, dtype=q.dtype)
+    dq, dk, dv = packed_qkv_gradient(dqkv, (True, True, True))
     delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
-    # Programs per batch at a nominal BLOCK_M of 32 (the tuned one may differ; the group count may not).
-    batches_per_program = _batches_per_program(batch, heads * chunks * triton.cdiv(tokens, 32), q.device)
-    groups = triton.cdiv(batch, batches_per_program)
-    dbias_partial = (torch.empty((groups, heads, tokens, tokens), device=q.device, dtype=torch.float32)
-                     if compute_dbias else delta)
-    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), heads * chunks, groups)  # noqa: E731
-    _bwd_dq_dbias[grid](
-        q, k, v, bias_arg, out, dout, lse, delta, dq_buffer, dbias_partial, *strides,
-        dq_buffer.stride(0), batches_per_program,
-        batch, heads, tokens, head_dim, scale,
-        COMPUTE_DBIAS=compute_dbias, KEY_CHUNK=key_chunk, **common, **_blocks("BLOCK_M"),
-    )
-
-    dk = torch.empty((batch, heads, tokens, head_dim), device=q.device, dtype=k.dtype)
-    dv = torch.empty((batch, heads, tokens, head_dim), device=q.device, dtype=v.dtype)
-    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), batch * heads)  # noqa: E731
-    _bwd_dkdv[grid](
-        q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides,
-        batch, heads, tokens, head_dim, scale,
-        **common, **_blocks("BLOCK_M", "BLOCK_N"),
-    )
-
-    # torch's sum is a fixed-order reduction: the partials' order never changes the result's bits.
-    dq = dq_buffer[0] if chunks == 1 else dq_buffer.sum(0).to(q.dtype)
-    dbias = dbias_partial.sum(0).to(bias.dtype) if compute_dbias else None
-    return dq, dk, dv, dbias
+    bias_arg, mask_arg, additive_strides, num_windows, flags = _additive_args(q, bias, window_mask)
+    blocks = triton.cdiv(tokens, BLOCK)
+    batches_per_group = _batches_per_group(batch, heads, tokens, head_dim, q.element_size())
+    groups = triton.cdiv(batch, batches_per_group)
+    dbias_partial = torch.empty((groups, heads, tokens, tokens) if compute_dbias else (0, heads, 0, 0),
+                                device=q.device, dtype=torch.float32)
+    common = dict(**flags, HEAD_DIM_PAD=_head_dim_pad(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
+                  BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+    with on_device_of(q):
+        _bwd_dq[(batch * heads * blocks,)](
+            q, k, v, bias_arg, mask_arg, out, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+            *additive_strides, heads, tokens, head_dim, num_windows, scale, **common,
+        )
+        _bwd_dkdv_dbias[(groups * heads * blocks,)](
+            q, k, v, bias_arg, mask_arg, dout, lse, delta, dk, dv, dbias_partial if compute_dbias else delta,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            *additive_strides, batch, heads, tokens, head_dim, num_windows, batches_per_group, scale,
+            COMPUTE_DBIAS=compute_dbias, **{**common, "BLOCK_M": DKDV_QUERY_BLOCK},
+        )
+    # torch's sum is a fixed-order reduction: the same bits every run. The partials hold dBias^T.
+    return dqkv, dbias_partial.sum(0).transpose(1, 2)
 
 
-class _AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, scale):
-        out, lse = _forward(q, k, v, bias, scale)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.scale = scale
-        return out
+# ---- the op: torch.library registration, so Dynamo sees one opaque node ---------------------------
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, dout, ctx.scale,
-                                      compute_dbias=bias is not None and needs[3])
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, dbias, None)
+@torch.library.custom_op("simmim_fast_triton::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return flash_forward(q, k, v, bias, None, scale)
 
 
-# Dynamo does not trace into the kernels: the op runs eagerly between compiled graphs (a graph break,
-# which costs the attention nothing), so torch.compile works on CUDA and under TRITON_INTERPRET=1 alike.
-@torch.compiler.disable
+@_attention_op.register_fake
+def _(q, k, v, bias, scale):
+    batch, heads, tokens, head_dim = q.shape
+    return (q.new_empty((batch, tokens, heads, head_dim)).transpose(1, 2),
+            q.new_empty((batch, heads, tokens), dtype=torch.float32))
+
+
+@torch.library.custom_op("simmim_fast_triton::attention_backward", mutates_args=())
+def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
+                           compute_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return flash_backward(dout, q, k, v, bias, None, out, lse, scale, compute_dbias)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, bias, out, lse, scale, compute_dbias):
+    batch, heads, tokens, head_dim = q.shape
+    dbias_shape = (heads, tokens, tokens) if compute_dbias else (heads, 0, 0)
+    return (q.new_empty((batch, tokens, 3, heads, head_dim)),
+            q.new_empty(dbias_shape, dtype=torch.float32).transpose(1, 2))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    compute_dbias = bias is not None and ctx.needs_input_grad[3]
+    dqkv, dbias = _attention_backward_op(dout, q, k, v, bias, out, lse, ctx.scale, compute_dbias)
+    dq, dk, dv = packed_qkv_gradient(dqkv, ctx.needs_input_grad[:3])
+    return dq, dk, dv, dbias.to(bias.dtype) if compute_dbias else None, None
+
+
+torch.library.register_autograd("simmim_fast_triton::attention", _backward, setup_context=_setup_context)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -385,4 +498,4 @@ def attention(
     """``simmim_fast.reference.attention`` (see there): softmax(q k^T * scale + bias) v, no dropout."""
     assert dropout_p == 0.0, "dropout is not fused; the dispatch sends dropout_p > 0 to the reference"
     q, k, v, scale = attention_operands(q, k, v, scale)
-    return _AttentionFunction.apply(q, k, v, bias, scale)
+    return _attention_op(q, k, v, bias, scale)[0]

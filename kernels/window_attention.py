@@ -11,29 +11,40 @@ Windows are not packed block-diagonally into one tile: T = 36 already pads to a 
 (MMA-sized), the kernels are bound by memory, and packing k windows would multiply the MMA and exp
 work by k. Iterating over windows keeps every tile dense instead.
 
-Full rows: a query block always holds all T keys (BLOCK_M x next_pow2(T) logits), so the softmax
-needs no online rescaling, and the forward saves each row's max and sum rather than their
+Full rows: the program holds the whole window (T x next_pow2(T) logits), so the softmax needs no
+online rescaling (and no guard for a row whose first keys are all -inf), and the forward saves each row's max and sum rather than their
 log-sum-exp: the backward's recomputed probabilities are then as exact as torch's, where
 exp(logits - lse) loses |lse| * eps (10x torch's gradient error in fp32 with logits ~ 60), and
 sum_j P_ij dP_ij comes from P and dP rather than from the rounded output.
 
-Above T = 64 (12x12, 14x14 windows) the rows come in 16-row blocks and each block's dk/dv
-contributions go to fp32 partials summed afterwards: correct, but that traffic makes those windows
-slower per token than the 6x6 and 7x7 ones the kernels are built for.
+Above T = 64 (Swin-L's 12x12, 14x14 windows) a whole window no longer fits one warpgroup's
+registers: those windows run the flash kernels of kernels/attention_bias.py with the shift mask
+as a second additive term, on 64 x 64 tiles: an FA2-style backward whose dk/dv program loops over
+query blocks, with no dk/dv workspace (dBias's fp32 partials as here).
+
+Both paths return the output as a view of a (B*nW, T, H, d) tensor and the q, k, v gradients as
+views of one (B*nW, T, 3, H, d) buffer: the layouts of the Swin block's qkv projection and output
+projection, so the caller's reshapes are free. The op is registered as
+``simmim_fast_triton::window_attention`` (with its backward as a second op) for torch.compile.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._attention_operands import attention_operands
+from ._attention_operands import attention_operands, packed_qkv_gradient
+from ._autotune import autotune
+from ._launch import on_device_of
+from .attention_bias import flash_backward, flash_forward
 
 # Programs per launch that the image slices aim at: enough to fill an H100 a few times over. A
 # constant rather than the device's SM count, so that dBias sums in the same order on every GPU.
 TARGET_PROGRAMS = 1024
+# Largest window the whole-window kernels take (one 64-row warpgroup tile); larger ones go flash.
+WHOLE_WINDOW_TOKENS = 64
 
 
 @triton.jit
@@ -47,13 +58,13 @@ def _window_attention_fwd_kernel(
     stride_mask_w, stride_mask_r, stride_mask_c,
     num_images, images_per_split, num_windows, scale,
     TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    head = tl.program_id(0)
-    num_heads = tl.num_programs(0)
-    window = tl.program_id(2) % num_windows
-    split = tl.program_id(2) // num_windows
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    window = tl.program_id(0) % num_windows  # windows (and image slices) on axis 0, which has no 65535 cap
+    split = tl.program_id(0) // num_windows
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    rows = tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_T)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < TOKENS
@@ -98,19 +109,18 @@ def _window_attention_bwd_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_gob, stride_goh, stride_got, stride_god,
+    stride_gradb, stride_gradh, stride_gradt, stride_gradd,
     stride_bias_h, stride_bias_r, stride_bias_c,
     stride_mask_w, stride_mask_r, stride_mask_c,
-    stride_kv_partial,
     num_images, images_per_split, num_windows, scale,
     TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    head = tl.program_id(0)
-    num_heads = tl.num_programs(0)
-    row_block = tl.program_id(1)
-    window = tl.program_id(2) % num_windows
-    split = tl.program_id(2) // num_windows
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    window = tl.program_id(0) % num_windows
+    split = tl.program_id(0) // num_windows
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    rows = tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_T)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < TOKENS
@@ -126,12 +136,11 @@ def _window_attention_bwd_kernel(
         additive += tl.load(mask_ptr + window * stride_mask_w + rows[:, None] * stride_mask_r
                             + cols[None, :] * stride_mask_c, mask=tile_ok, other=0.0).to(tl.float32)
     additive = tl.where(col_ok[None, :], additive, float("-inf"))
-    grad_bias = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+    grad_bias = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
 
-    # Gradients are stored contiguous (B*nW, H, T, d); dk/dv of row block r go to partial r (or
-    # straight to the result when there is one row block, stride_kv_partial == 0).
-    query_offsets = rows[:, None] * HEAD_DIM + dims[None, :]
-    key_offsets = row_block.to(tl.int64) * stride_kv_partial + cols[:, None] * HEAD_DIM + dims[None, :]
+    # dq, dk, dv share one stride set: views of one packed (B*nW, T, 3, H, d) buffer.
+    query_offsets = rows[:, None] * stride_gradt + dims[None, :] * stride_gradd
+    key_offsets = cols[:, None] * stride_gradt + dims[None, :] * stride_gradd
     first_image = split * images_per_split
     for image in range(first_image, tl.minimum(first_image + images_per_split, num_images)):
         batch_window = (image * num_windows + window).to(tl.int64)
@@ -160,43 +169,42 @@ def _window_attention_bwd_kernel(
         grad_q = tl.dot(grad_logits_lowp, k, input_precision=DOT_PRECISION) * scale
         grad_k = tl.dot(tl.trans(grad_logits_lowp), q, input_precision=DOT_PRECISION) * scale
         grad_v = tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
-        grad_base = (batch_window * num_heads + head) * TOKENS * HEAD_DIM
+        grad_base = batch_window * stride_gradb + head * stride_gradh
         tl.store(grad_q_ptr + grad_base + query_offsets, grad_q.to(grad_q_ptr.dtype.element_ty), mask=query_ok)
         tl.store(grad_k_ptr + grad_base + key_offsets, grad_k.to(grad_k_ptr.dtype.element_ty), mask=key_ok)
         tl.store(grad_v_ptr + grad_base + key_offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=key_ok)
 
-    partial = tl.program_id(2) * num_heads + head
+    partial = (tl.program_id(0) * num_heads + head).to(tl.int64)
     tl.store(grad_bias_partials_ptr + (partial * TOKENS + rows[:, None]) * TOKENS + cols[None, :], grad_bias,
              mask=tile_ok)
 
 
+# The whole window is the tile, so only warps and stages are tuned; the dBias partials follow the
+# image slices, not the config. configs[0] is the default: for the forward one warpgroup for the
+# 64-row tile with 3 stages of prefetch; the backward, with its (T x T) dBias accumulator, spills
+# 56-64 B/thread on 4 warps (sm_90 ptxas, Swin-B w6) and nothing on 8.
+_KEY = ["TOKENS", "HEAD_DIM", "HAS_MASK", "DOT_PRECISION"]
+_fwd = autotune([triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 2), (8, 2), (8, 3))],
+                _KEY)(_window_attention_fwd_kernel)
+_bwd = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)], _KEY)(_window_attention_bwd_kernel)
+
+
 def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor]) -> dict:
-    """Block sizes, image slices and the grid shared by the forward and the backward launch."""
+    """Image slices, the grid and the constexprs shared by the forward and the backward launch."""
     batch_windows, heads, tokens, head_dim = q.shape
     num_windows = 1 if window_mask is None else window_mask.shape[0]
     num_images = batch_windows // num_windows
-    block_t = max(16, triton.next_power_of_2(tokens))
-    # Full key rows in registers: the whole window up to T = 64 (a 64 x 64 tile, one warpgroup's MMA
-    # rows), 16-row blocks above, where the backward's T x d dk/dv tiles take 8 warps' registers
-    # (larger row blocks spill; checked with ptxas for sm_90).
-    block_m = block_t if block_t <= 64 else 16
-    row_blocks = triton.cdiv(tokens, block_m)
-    splits = max(1, min(num_images, TARGET_PROGRAMS // (heads * row_blocks * num_windows)))
+    splits = max(1, min(num_images, TARGET_PROGRAMS // (heads * num_windows)))
     images_per_split = triton.cdiv(num_images, splits)
     splits = triton.cdiv(num_images, images_per_split)
     return dict(
-        grid=(heads, row_blocks, splits * num_windows),
+        grid=(splits * num_windows, heads),
         num_images=num_images, images_per_split=images_per_split, num_windows=num_windows,
-        # 16-bit windows up to T = 64: one warpgroup for the 64-row MMA tile, 3 stages of prefetch.
-        # 8 warps where 4 would spill (checked with ptxas): the T x d dk/dv tiles above T = 64, and
-        # float32, whose exact products run without tensor cores; 2 stages fit their shared memory.
-        **(dict(num_warps=4, num_stages=3) if block_t <= 64 and q.dtype != torch.float32
-           else dict(num_warps=8, num_stages=2)),
         constexprs=dict(
             TOKENS=tokens, HEAD_DIM=head_dim, HAS_MASK=window_mask is not None,
             # float32 inputs get exact float32 products, as torch's default; 16-bit inputs ignore it.
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            BLOCK_T=max(16, triton.next_power_of_2(tokens)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         ),
     )
 
@@ -206,61 +214,98 @@ def _mask_args(bias: torch.Tensor, window_mask: Optional[torch.Tensor]):
     return mask, mask.stride()
 
 
+def _whole_windows(tokens: int) -> bool:
+    return tokens <= WHOLE_WINDOW_TOKENS
+
+
 def _forward(q, k, v, bias, window_mask, scale):
+    """(out, row statistics): out (B*nW, H, T, d), a view of (B*nW, T, H, d). Whole windows save each
+    row's max and sum as (2, B*nW, H, T); the flash path its log-sum-exp (B*nW, H, T)."""
+    if not _whole_windows(q.shape[2]):
+        return flash_forward(q, k, v, bias, window_mask, scale)
     batch_windows, heads, tokens, head_dim = q.shape
     geometry = _launch_geometry(q, window_mask)
-    # Stored as (B*nW, T, H, d) so that the caller's transpose(1, 2).reshape(B*nW, T, C) is free.
     out = torch.empty((batch_windows, tokens, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
-    row_max = torch.empty((batch_windows, heads, tokens), device=q.device, dtype=torch.float32)
-    row_sum = torch.empty_like(row_max)
+    row_stats = torch.empty((2, batch_windows, heads, tokens), device=q.device, dtype=torch.float32)
     mask, mask_strides = _mask_args(bias, window_mask)
-    _window_attention_fwd_kernel[geometry["grid"]](
-        q, k, v, bias, mask, out, row_max, row_sum,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias.stride(), *mask_strides,
-        geometry["num_images"], geometry["images_per_split"], geometry["num_windows"], scale,
-        **geometry["constexprs"], num_warps=geometry["num_warps"], num_stages=geometry["num_stages"],
-    )
-    return out, row_max, row_sum
+    with on_device_of(q):
+        _fwd[geometry["grid"]](
+            q, k, v, bias, mask, out, row_stats[0], row_stats[1],
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias.stride(), *mask_strides,
+            geometry["num_images"], geometry["images_per_split"], geometry["num_windows"], scale,
+            **geometry["constexprs"],
+        )
+    return out, row_stats
 
 
-def _backward(grad_out, q, k, v, bias, window_mask, row_max, row_sum, scale):
+def _backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale):
+    """(dqkv, dbias): dqkv (B*nW, T, 3, H, d) holds dq, dk, dv; dbias (H, T, T) in fp32."""
+    if not _whole_windows(q.shape[2]):
+        return flash_backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale, compute_dbias=True)
+    batch_windows, heads, tokens, head_dim = q.shape
     geometry = _launch_geometry(q, window_mask)
-    row_blocks = geometry["grid"][1]
-    grad_q = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    kv_shape, kv_dtype = (q.shape, q.dtype) if row_blocks == 1 else ((row_blocks, *q.shape), torch.float32)
-    grad_k = torch.empty(kv_shape, device=q.device, dtype=kv_dtype)
-    grad_v = torch.empty(kv_shape, device=q.device, dtype=kv_dtype)
-    heads, tokens = q.shape[1], q.shape[2]
-    grad_bias_partials = torch.empty((geometry["grid"][2], heads, tokens, tokens), device=q.device,
+    dqkv = torch.empty((batch_windows, tokens, 3, heads, head_dim), device=q.device, dtype=q.dtype)
+    grad_q, grad_k, grad_v = packed_qkv_gradient(dqkv, (True, True, True))
+    grad_bias_partials = torch.empty((geometry["grid"][0], heads, tokens, tokens), device=q.device,
                                      dtype=torch.float32)
     mask, mask_strides = _mask_args(bias, window_mask)
-    _window_attention_bwd_kernel[geometry["grid"]](
-        q, k, v, grad_out, row_max, row_sum, bias, mask, grad_q, grad_k, grad_v, grad_bias_partials,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *bias.stride(), *mask_strides,
-        0 if row_blocks == 1 else grad_k.stride(0),
-        geometry["num_images"], geometry["images_per_split"], geometry["num_windows"], scale,
-        **geometry["constexprs"], num_warps=geometry["num_warps"], num_stages=geometry["num_stages"],
-    )
-    if row_blocks > 1:
-        grad_k = grad_k.sum(0).to(q.dtype)
-        grad_v = grad_v.sum(0).to(q.dtype)
-    return grad_q, grad_k, grad_v, grad_bias_partials.sum(0).to(bias.dtype)
+    with on_device_of(q):
+        _bwd[geometry["grid"]](
+            q, k, v, grad_out, row_stats[0], row_stats[1], bias, mask, grad_q, grad_k, grad_v, grad_bias_partials,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_q.stride(), *bias.stride(),
+            *mask_strides, geometry["num_images"], geometry["images_per_split"], geometry["num_windows"], scale,
+            **geometry["constexprs"],
+        )
+    return dqkv, grad_bias_partials.sum(0)  # a fixed-order sum: the same bits every run
 
 
-class _WindowAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, window_mask, scale):
-        out, row_max, row_sum = _forward(q, k, v, bias, window_mask, scale)
-        ctx.save_for_backward(q, k, v, bias, window_mask, row_max, row_sum)
-        ctx.scale = scale
-        return out
+# ---- the op: torch.library registration, so Dynamo sees one opaque node ---------------------------
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, bias, window_mask, row_max, row_sum = ctx.saved_tensors
-        grad_q, grad_k, grad_v, grad_bias = _backward(grad_out, q, k, v, bias, window_mask, row_max, row_sum,
-                                                      ctx.scale)
-        return grad_q, grad_k, grad_v, grad_bias, None, None
+@torch.library.custom_op("simmim_fast_triton::window_attention", mutates_args=())
+def _window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                         window_mask: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, bias, window_mask, scale)
+
+
+@_window_attention_op.register_fake
+def _(q, k, v, bias, window_mask, scale):
+    batch_windows, heads, tokens, head_dim = q.shape
+    stats_shape = (2, batch_windows, heads, tokens) if _whole_windows(tokens) else (batch_windows, heads, tokens)
+    return (q.new_empty((batch_windows, tokens, heads, head_dim)).transpose(1, 2),
+            q.new_empty(stats_shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("simmim_fast_triton::window_attention_backward", mutates_args=())
+def _window_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  bias: torch.Tensor, window_mask: Optional[torch.Tensor], out: torch.Tensor,
+                                  row_stats: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    dqkv, dbias = _backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale)
+    return dqkv, dbias.contiguous()  # the flash path's is a transposed view
+
+
+@_window_attention_backward_op.register_fake
+def _(grad_out, q, k, v, bias, window_mask, out, row_stats, scale):
+    batch_windows, heads, tokens, head_dim = q.shape
+    return (q.new_empty((batch_windows, tokens, 3, heads, head_dim)),
+            q.new_empty((heads, tokens, tokens), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, window_mask, scale = inputs
+    out, row_stats = output
+    ctx.save_for_backward(q, k, v, bias, window_mask, out, row_stats)
+    ctx.scale = scale
+
+
+def _backward_formula(ctx, grad_out, _grad_row_stats):
+    q, k, v, bias, window_mask, out, row_stats = ctx.saved_tensors
+    dqkv, dbias = _window_attention_backward_op(grad_out, q, k, v, bias, window_mask, out, row_stats, ctx.scale)
+    dq, dk, dv = packed_qkv_gradient(dqkv, ctx.needs_input_grad[:3])
+    return dq, dk, dv, dbias.to(bias.dtype) if ctx.needs_input_grad[3] else None, None, None
+
+
+torch.library.register_autograd("simmim_fast_triton::window_attention", _backward_formula,
+                                setup_context=_setup_context)
 
 
 def window_attention(
@@ -279,4 +324,4 @@ def window_attention(
     """
     assert dropout_p == 0.0, "attention dropout is not fused; the dispatch sends dropout_p > 0 to the reference"
     q, k, v, scale = attention_operands(q, k, v, scale)
-    return _WindowAttention.apply(q, k, v, bias, window_mask, scale)
+    return _window_attention_op(q, k, v, bias, window_mask, scale)[0]

@@ -147,3 +147,91 @@ def test_torch_compile():
     assert_close_cpu(loss, ref_loss, "loss")
     for name, grad, ref_grad in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads):
         assert_close_cpu(grad, ref_grad, name)
+
+
+def assert_within_torch_error_of_fp64(q, k, v, bias, grad_out, dtype):
+    """The training configuration (fp32 tensors under autocast to ``dtype``) by flash-attention's rule:
+    the op's error against float64 at most twice torch's own under the same autocast, for the output
+    and every gradient (tests/tolerances.py)."""
+    names = ["output", "dq", "dk", "dv"] + ([] if bias is None else ["dbias"])
+    results = []
+    for fn, exact in ((ops.attention, False), (reference.attention, False), (reference.attention, True)):
+        inputs = [t.detach().to(torch.float64 if exact else t.dtype).requires_grad_()
+                  for t in (q, k, v, bias) if t is not None]
+        with simmim_fast.use_backend("triton"), torch.autocast("cpu", dtype=dtype, enabled=not exact):
+            out = fn(*inputs[:3], inputs[3] if bias is not None else None)
+        results.append((out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))))
+    for name, fast, torch_lowp, fp64 in zip(names, *results):
+        assert fast.dtype == torch_lowp.dtype, name
+        assert torch.isfinite(fast).all(), name
+        assert_within_torch_error(fast, torch_lowp, fp64, name)
+
+
+@pytest.mark.parametrize("batch, tokens, head_dim, bias_kind", [
+    (2, 197, 64, "random"),  # ViT-B 224's sequence: ragged query and key blocks
+    (2, 50, 80, "none"),  # head dim padded to 128, scale * log2(e) folded
+    (1, 321, 32, "random"),  # 6 blocks, the last holding one row
+    (3, 64, 32, "random"),  # every block full: no masks at all (EVEN_M, EVEN_N, EVEN_HEADDIM)
+], ids=["N197-d64", "N50-d80-nobias", "N321-d32", "N64-even"])
+def test_odd_shapes_fp32(batch, tokens, head_dim, bias_kind):
+    q, k, v = packed_qkv(batch, tokens, head_dim)
+    bias = make_bias(bias_kind, tokens)
+    names = ["dq", "dk", "dv"] + ([] if bias is None else ["dbias"])
+    assert_matches(run_both(q, k, v, bias), names)
+
+
+@pytest.mark.parametrize("tokens, head_dim, bias_kind", [(197, 64, "random"), (50, 80, "none"), (70, 32, "large")])
+def test_odd_shapes_fp16(tokens, head_dim, bias_kind):
+    q, k, v = packed_qkv(2, tokens, head_dim)
+    bias = make_bias(bias_kind, tokens)
+    assert_within_torch_error_of_fp64(q, k, v, bias, torch.randn(2, HEADS, tokens, head_dim), torch.float16)
+
+
+def test_minus_inf_over_the_first_key_block():
+    """Rows whose whole first key block (64 keys here) has a -inf bias: the reference is finite
+    there, and the online softmax must not make -inf - (-inf) = NaN (FlashAttention's guard)."""
+    q, k, v = packed_qkv(2, 70, 16)
+    bias = torch.randn(HEADS, 70, 70)
+    bias[0, 3, :64] = float("-inf")
+    bias[2, 69, :64] = float("-inf")
+    bias.requires_grad_()
+    results = run_both(q, k, v, bias)
+    for tensor in (results[0][0], *results[0][1]):
+        assert torch.isfinite(tensor).all()
+    assert_matches(results, ["dq", "dk", "dv", "dbias"])
+
+
+def test_output_and_gradient_layouts():
+    """The output is a (B, H, N, d) view of a (B, N, H, d) tensor, so the caller's transpose-reshape is
+    free; dq, dk, dv are views of one (B, N, 3, H, d) buffer, which the encoders' split_qkv takes whole."""
+    from simmim_fast.models.layers import split_qkv
+
+    qkv = torch.randn(2, 13, 3 * HEADS * 16, requires_grad=True)
+    with simmim_fast.use_backend("triton"):
+        q, k, v = split_qkv(qkv, HEADS)
+        out = ops.attention(q, k, v, make_bias("random", 13))
+        assert out.transpose(1, 2).is_contiguous()
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert dq._base is not None and dq._base is dk._base is dv._base
+    assert dq._base.shape == (2, 13, 3, HEADS, 16) and dq._base.is_contiguous()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """Registered through torch.library, the op is one opaque node: fullgraph compiles it, forward
+    and backward, with no graph break."""
+    from simmim_fast.kernels.attention_bias import attention as triton_attention
+
+    q, k, v = packed_qkv(2, 70, 16)
+    bias = make_bias("random", 70)
+
+    def loss_fn(q, k, v, bias):
+        return triton_attention(q, k, v, bias, 0.3).square().sum()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k, v, bias)
+    grads = torch.autograd.grad(loss, (q, k, v, bias))
+    eager_loss = loss_fn(q, k, v, bias)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v, bias))
+    assert torch.equal(loss, eager_loss)
+    for grad, eager_grad in zip(grads, eager_grads):
+        assert torch.equal(grad, eager_grad)

@@ -87,7 +87,7 @@ def test_several_images_per_program(monkeypatch):
 
 
 def test_several_row_blocks():
-    """T = 81 (9x9 windows) spans 3 query-row blocks: dk, dv are summed over per-block partials."""
+    """T = 81 (9x9 windows) takes the flash kernels: 2 ragged 64-row and 64-key blocks."""
     qkv, bias, grad_out = make_inputs(1 * 4, 2, 81, 16)
     assert_matches_reference(qkv, bias, swin_shift_mask(18, 9, 4), grad_out)
 
@@ -122,3 +122,69 @@ def test_dispatch_refuses_what_the_kernel_cannot_take():
     assert reasons(196, 64) == [] and reasons(9, 16, torch.zeros(4, 9, 9)) == []
     assert reasons(289, 32) and reasons(49, 80)
     assert reasons(9, 16, torch.zeros(4, 9, 9, requires_grad=True))
+
+
+@pytest.mark.parametrize("head_dim", [32])
+@pytest.mark.parametrize("shifted", [True, False], ids=["shifted", "plain"])
+def test_large_windows_on_the_flash_kernels(head_dim, shifted):
+    """12x12 windows (T = 144, Swin-L w12) take the flash kernels with the shift mask as a second
+    additive term: 3 ragged 64-key blocks; 8 images of 4 windows make several ragged batch groups."""
+    window_mask = swin_shift_mask(24, 12, 6) if shifted else None
+    qkv, bias, grad_out = make_inputs(2 * 4, 2, 144, head_dim)
+    assert_matches_reference(qkv, bias, window_mask, grad_out)
+
+
+def test_large_windows_fp16_autocast():
+    """The training configuration (fp32 tensors under autocast) at T = 144, within fp16's tolerance."""
+    qkv, bias, grad_out = make_inputs(1 * 4, 2, 144, 32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert_matches_reference(qkv, bias, swin_shift_mask(24, 12, 6), grad_out.half(), dtype=torch.float16)
+
+
+def test_minus_inf_over_the_first_key_block():
+    """A mask row at -inf over the whole first 64-key block (finite in the reference) is not NaN."""
+    window_mask = swin_shift_mask(18, 9, 4)
+    window_mask[0, 5, :64] = float("-inf")
+    window_mask[3, 80, :64] = float("-inf")
+    qkv, bias, grad_out = make_inputs(1 * 4, 2, 81, 16)
+    out, grads = fast(qkv, bias, window_mask, grad_out)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_matches_reference(qkv, bias, window_mask, grad_out)
+
+
+@pytest.mark.parametrize("tokens", [9, 81], ids=["whole-window", "flash"])
+def test_gradient_layout_is_the_qkv_projection(tokens):
+    """dq, dk, dv come as views of one (B*nW, T, 3, H, d) buffer, the qkv projection's layout, and the
+    output as a view of (B*nW, T, H, d): Swin's split and merge of heads then copy nothing."""
+    from simmim_fast.models.layers import split_qkv
+
+    qkv = torch.randn(4, tokens, 3 * 2 * 16, requires_grad=True)
+    with simmim_fast.use_backend("triton"):
+        q, k, v = split_qkv(qkv, 2)
+        out = ops.window_attention(q, k, v, torch.randn(2, tokens, tokens))
+        assert out.transpose(1, 2).is_contiguous()
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert grads[0]._base is not None and all(grad._base is grads[0]._base for grad in grads)
+    assert grads[0]._base.shape == (4, tokens, 3, 2, 16)
+
+
+@pytest.mark.parametrize("tokens", [9, 81], ids=["whole-window", "flash"])
+def test_torch_compile_fullgraph_matches_eager(tokens):
+    """Registered through torch.library: one opaque op that fullgraph compiles, forward and backward."""
+    from simmim_fast.kernels.window_attention import window_attention as triton_window_attention
+
+    side = {9: (6, 3, 1), 81: (18, 9, 4)}[tokens]
+    qkv, bias, grad_out = make_inputs(1 * 4, 2, tokens, 16)
+    window_mask = swin_shift_mask(*side)
+
+    def loss_fn(qkv, bias):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return (triton_window_attention(q, k, v, bias, window_mask) * grad_out).sum()
+
+    loss = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(qkv, bias)
+    grads = torch.autograd.grad(loss, (qkv, bias))
+    eager_loss = loss_fn(qkv, bias)
+    eager_grads = torch.autograd.grad(eager_loss, (qkv, bias))
+    assert torch.equal(loss, eager_loss)
+    for grad, eager_grad in zip(grads, eager_grads):
+        assert torch.equal(grad, eager_grad)

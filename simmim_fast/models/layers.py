@@ -90,3 +90,49 @@ def gather_relative_position_bias(table: torch.Tensor, index: torch.Tensor) -> t
     """table (entries, heads) gathered by index (N, N) -> (heads, N, N); autograd scatters back."""
     tokens = index.shape[0]
     return table[index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1).contiguous()
+
+
+class _SplitQKV(torch.autograd.Function):
+    """(q, k, v), each (B, H, N, d), as views of a (B, N, 3 * H * d) qkv projection.
+
+    Autograd's own split (reshape, permute, unbind) stacks the three gradients into a new tensor and
+    then copies it back into the projection's layout. The Triton attention ops write dq, dk, dv as
+    views of one (B, N, 3, H, d) buffer (kernels/_attention_operands.packed_qkv_gradient); when the
+    gradients are exactly those views, this backward returns the buffer itself: no copy. Other
+    gradients (the reference's, a missing one) take one stacking copy.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int):
+        batch, tokens, channels = qkv.shape
+        ctx.packed_shape = (batch, tokens, 3, heads, channels // (3 * heads))
+        return qkv.view(ctx.packed_shape).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        batch, tokens = ctx.packed_shape[:2]
+        base = grads[0]._base if grads[0] is not None else None
+        if base is not None and _views_of_packed(base, ctx.packed_shape, grads):
+            return base.view(batch, tokens, -1), None
+        present = next(grad for grad in grads if grad is not None)
+        grads = [grad if grad is not None else torch.zeros_like(present) for grad in grads]
+        return torch.stack(grads).permute(1, 3, 0, 2, 4).reshape(batch, tokens, -1), None
+
+
+def _views_of_packed(base: torch.Tensor, packed_shape, grads) -> bool:
+    """Whether grads are base[:, :, i].transpose(1, 2) for i = 0, 1, 2, base a contiguous packed_shape."""
+    if tuple(base.shape) != packed_shape or not base.is_contiguous():
+        return False
+    heads, head_dim = packed_shape[3:]
+    strides = (base.stride(0), head_dim, base.stride(1), 1)
+    return all(grad is not None and grad._base is base and grad.stride() == strides
+               and grad.storage_offset() == index * heads * head_dim for index, grad in enumerate(grads))
+
+
+def split_qkv(qkv: torch.Tensor, heads: int):
+    """q, k, v (B, H, N, d) as views of a (B, N, 3 * H * d) projection (see _SplitQKV). Under
+    torch.compile the plain view ops: the compiler plans those copies itself."""
+    if torch.compiler.is_compiling():
+        batch, tokens, channels = qkv.shape
+        return qkv.view(batch, tokens, 3, heads, channels // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return _SplitQKV.apply(qkv, heads)

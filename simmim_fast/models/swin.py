@@ -14,7 +14,7 @@ import torch.utils.checkpoint as checkpoint
 
 from .. import _checks, ops
 from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
-from .layers import to_2tuple
+from .layers import split_qkv, to_2tuple
 from .layers import trunc_normal_
 
 
@@ -65,7 +65,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, x, mask=None):
         windows, tokens, channels = x.shape
-        q, k, v = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
         bias = gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
         dropout_p = self.attn_drop.p if self.training else 0.0
         out = ops.window_attention(q, k, v, bias, mask, self.scale, dropout_p)

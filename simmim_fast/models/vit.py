@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import _checks, ops
 from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
-from .layers import to_2tuple
+from .layers import split_qkv, to_2tuple
 from .layers import trunc_normal_ as _trunc_normal
 
 
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_qkv(qkv, self.num_heads)
         bias = rel_pos_bias
         if self.relative_position_bias_table is not None:
             own = gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
