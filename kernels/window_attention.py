@@ -43,8 +43,9 @@ from .attention_bias import flash_backward, flash_forward
 # Programs per launch that the image slices aim at: enough to fill an H100 a few times over. A
 # constant rather than the device's SM count, so that dBias sums in the same order on every GPU.
 TARGET_PROGRAMS = 1024
-# Largest window the whole-window kernels take (one 64-row warpgroup tile); larger ones go flash.
-WHOLE_WINDOW_TOKENS = 64
+# Largest window and head dim the whole-window kernels take (one 64-row warpgroup tile, compile-checked
+# at d <= 64); anything larger goes to the flash kernels of attention_bias.py.
+WHOLE_WINDOW_TOKENS = WHOLE_WINDOW_HEAD_DIM = 64
 
 
 @triton.jit
@@ -214,14 +215,14 @@ def _mask_args(bias: torch.Tensor, window_mask: Optional[torch.Tensor]):
     return mask, mask.stride()
 
 
-def _whole_windows(tokens: int) -> bool:
-    return tokens <= WHOLE_WINDOW_TOKENS
+def _whole_windows(tokens: int, head_dim: int) -> bool:
+    return tokens <= WHOLE_WINDOW_TOKENS and head_dim <= WHOLE_WINDOW_HEAD_DIM
 
 
 def _forward(q, k, v, bias, window_mask, scale):
     """(out, row statistics): out (B*nW, H, T, d), a view of (B*nW, T, H, d). Whole windows save each
     row's max and sum as (2, B*nW, H, T); the flash path its log-sum-exp (B*nW, H, T)."""
-    if not _whole_windows(q.shape[2]):
+    if not _whole_windows(*q.shape[2:]):
         return flash_forward(q, k, v, bias, window_mask, scale)
     batch_windows, heads, tokens, head_dim = q.shape
     geometry = _launch_geometry(q, window_mask)
@@ -240,7 +241,7 @@ def _forward(q, k, v, bias, window_mask, scale):
 
 def _backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale):
     """(dqkv, dbias): dqkv (B*nW, T, 3, H, d) holds dq, dk, dv; dbias (H, T, T) in fp32."""
-    if not _whole_windows(q.shape[2]):
+    if not _whole_windows(*q.shape[2:]):
         return flash_backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale, compute_dbias=True)
     batch_windows, heads, tokens, head_dim = q.shape
     geometry = _launch_geometry(q, window_mask)
@@ -270,7 +271,8 @@ def _window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
 @_window_attention_op.register_fake
 def _(q, k, v, bias, window_mask, scale):
     batch_windows, heads, tokens, head_dim = q.shape
-    stats_shape = (2, batch_windows, heads, tokens) if _whole_windows(tokens) else (batch_windows, heads, tokens)
+    whole = _whole_windows(tokens, head_dim)
+    stats_shape = (2, batch_windows, heads, tokens) if whole else (batch_windows, heads, tokens)
     return (q.new_empty((batch_windows, tokens, heads, head_dim)).transpose(1, 2),
             q.new_empty(stats_shape, dtype=torch.float32))
 

@@ -119,9 +119,17 @@ def test_dispatch_refuses_what_the_kernel_cannot_take():
                     dropout_p=0.0)
         return triton_backend.reasons("window_attention", args)
 
+    # Any window size: whole-window kernels up to 64 tokens at d <= 64, the flash kernels beyond.
     assert reasons(196, 64) == [] and reasons(9, 16, torch.zeros(4, 9, 9)) == []
-    assert reasons(289, 32) and reasons(49, 80)
+    assert reasons(289, 32) == [] and reasons(576, 32) == [] and reasons(49, 80) == []
+    assert reasons(49, 300)
     assert reasons(9, 16, torch.zeros(4, 9, 9, requires_grad=True))
+
+
+def test_wide_heads_in_small_windows_on_the_flash_kernels():
+    """T = 9 at head dim 80 is past the whole-window kernels' d <= 64: the flash path, shift mask included."""
+    qkv, bias, grad_out = make_inputs(2 * 4, 2, 9, 80)
+    assert_matches_reference(qkv, bias, swin_shift_mask(6, 3, 1), grad_out)
 
 
 @pytest.mark.parametrize("head_dim", [32])

@@ -23,8 +23,6 @@ KERNEL_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 DOT_OPS = {"masked_patch_embed", "attention", "window_attention", "masked_decoder_loss"}
 ATTENTION_HEAD_DIMS = range(16, 257)  # power-of-two padding inside the kernel; > 256 would spill
 PATCH_NORM_MAX_DIM = 1024  # masked_patch_embed's LayerNorm keeps a full channel row in registers
-# window_attention keeps a window's whole key rows on chip; larger tiles overflow H100 shared memory.
-WINDOW_MAX_TOKENS, WINDOW_MAX_HEAD_DIM = 256, 64
 
 
 def interpreting() -> bool:
@@ -59,11 +57,8 @@ class TritonBackend(Backend):
             reasons.append("attention dropout > 0 is not fused (every SimMIM recipe uses 0); the reference does it")
         if op in ("attention", "window_attention") and args["q"].shape[-1] not in ATTENTION_HEAD_DIMS:
             reasons.append(f"head dim {args['q'].shape[-1]} outside {ATTENTION_HEAD_DIMS.start}..{ATTENTION_HEAD_DIMS.stop - 1}")
+        # Windows of any size: up to 64 tokens and d <= 64 whole-window kernels, above that the flash kernels.
         if op == "window_attention":
-            tokens, head_dim = args["q"].shape[-2:]
-            if tokens > WINDOW_MAX_TOKENS or head_dim > WINDOW_MAX_HEAD_DIM:
-                reasons.append(f"windows of {tokens} tokens, head dim {head_dim}: window attention takes "
-                               f"T <= {WINDOW_MAX_TOKENS}, d <= {WINDOW_MAX_HEAD_DIM}")
             if args["window_mask"] is not None and args["window_mask"].requires_grad:
                 reasons.append("window_mask requires grad; the kernel treats it as a buffer and gives it none")
         mask = args.get("mask")
