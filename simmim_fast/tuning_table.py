@@ -32,6 +32,7 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple
 import torch
 
 from . import reference
+from ._tracing import constant_while_tracing
 
 TUNE_DIR_VAR = "SIMMIM_FAST_TUNE_DIR"
 TUNE_VAR = "SIMMIM_FAST_TUNE"
@@ -163,18 +164,12 @@ def table(device: torch.device) -> Dict[Signature, Entry]:
     return _tables[path]
 
 
-# What ``torch.compiler.assume_constant_result`` sets, set here without importing Dynamo (which imports
-# triton) when simmim_fast is imported; tests/test_tuning.py checks the two stay the same.
-DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
-
-
+@constant_while_tracing
 def measured_choices(op: str, device_type: str, index: Optional[int]) -> Tuple[Tuple[Signature, str], ...]:
     """(signature, backend) of every measured ``op`` on that device; a constant while torch.compile traces."""
     entries = table(torch.device(device_type, index))
     return tuple((sig, entry["backend"]) for sig, entry in entries.items() if sig[0] == op)
 
-
-setattr(measured_choices, DYNAMO_CONSTANT_MARK, True)
 
 
 def lookup(device: torch.device, sig: Signature) -> Optional[str]:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import simmim_fast as sf
-from simmim_fast import dispatch, info, ops, reference, tolerances, tuning, tuning_table
-from simmim_fast.backends import ALL_OPS, Backend, registry
+from simmim_fast import _tracing, dispatch, info, ops, reference, tolerances, tuning, tuning_table
+from simmim_fast.backends import ALL_OPS, Backend, import_error, registry
 from simmim_fast.backends import _registry as registered_backends
 from simmim_fast.train.distributed import Runtime
 
@@ -258,12 +258,13 @@ def test_while_compiling_the_table_is_used_and_nothing_is_timed(monkeypatch, tmp
 
 
 def test_the_table_lookup_is_a_constant_for_dynamo():
-    """measured_choices carries exactly the mark of torch.compiler.assume_constant_result."""
+    """measured_choices and the import probe carry exactly the mark of torch.compiler.assume_constant_result."""
     def probe():
         return None
     torch.compiler.assume_constant_result(probe)
-    assert vars(probe) == {tuning_table.DYNAMO_CONSTANT_MARK: True}
-    assert getattr(tuning_table.measured_choices, tuning_table.DYNAMO_CONSTANT_MARK) is True
+    assert vars(probe) == {_tracing.DYNAMO_CONSTANT_MARK: True}
+    assert getattr(tuning_table.measured_choices, _tracing.DYNAMO_CONSTANT_MARK) is True
+    assert getattr(import_error, _tracing.DYNAMO_CONSTANT_MARK) is True
 
 
 def test_cache_round_trip_and_invalidation(fakes, monkeypatch):

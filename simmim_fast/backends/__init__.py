@@ -12,6 +12,8 @@ from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
 
+from .._tracing import constant_while_tracing
+
 ALL_OPS = (
     "mask_token_blend",
     "masked_patch_embed",
@@ -25,6 +27,7 @@ ALL_OPS = (
 _IMPORT_ERRORS: Dict[str, str] = {}  # a plain dict, not lru_cache: Dynamo reads it as a constant when compiling
 
 
+@constant_while_tracing  # importlib cannot be traced: under torch.compile the probe runs eagerly
 def import_error(module: str) -> str:
     """'' when ``module`` imports, else why not (a broken install may raise anything, not only ImportError)."""
     if module not in _IMPORT_ERRORS:

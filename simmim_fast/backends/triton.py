@@ -1,9 +1,8 @@
 """Our fused Triton kernels (``simmim_fast.kernels``), on CUDA or under TRITON_INTERPRET=1 on the CPU."""
 from __future__ import annotations
 
-import importlib
 import os
-from typing import List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -23,6 +22,7 @@ KERNEL_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 DOT_OPS = {"masked_patch_embed", "attention", "window_attention", "masked_decoder_loss"}
 ATTENTION_HEAD_DIMS = range(16, 257)  # power-of-two padding inside the kernel; > 256 would spill
 PATCH_NORM_MAX_DIM = 1024  # masked_patch_embed's LayerNorm keeps a full channel row in registers
+_IMPLEMENTATIONS: Dict[str, Callable] = {}  # a plain dict: torch.compile reads it as a constant
 
 
 def interpreting() -> bool:
@@ -75,6 +75,14 @@ class TritonBackend(Backend):
         return reasons
 
     def implementation(self, op):
-        module_name, function_name = KERNEL_ENTRY_POINTS[op]
-        module = importlib.import_module(f"simmim_fast.kernels.{module_name}")
-        return getattr(module, function_name)
+        if not _IMPLEMENTATIONS:
+            # Import statements, not importlib: Dynamo runs these while tracing, importlib it refuses.
+            from simmim_fast.kernels import (attention_bias, mask_token_blend, masked_decoder_loss,
+                                             masked_l1_loss, masked_patch_embed, window_attention)
+
+            modules = {module.__name__.rpartition(".")[2]: module for module in (
+                attention_bias, mask_token_blend, masked_decoder_loss, masked_l1_loss, masked_patch_embed,
+                window_attention)}
+            for name, (module_name, function_name) in KERNEL_ENTRY_POINTS.items():
+                _IMPLEMENTATIONS[name] = getattr(modules[module_name], function_name)
+        return _IMPLEMENTATIONS[op]
