@@ -36,6 +36,7 @@ def test_step_within_reference_autocast_error(family, device):
     on_gpu = device.type == "cuda"
     config, batch = get_config(PRESETS[family][0 if on_gpu else 1]), BATCH[0 if on_gpu else 1]
     autocast_dtype = torch.bfloat16 if on_gpu else torch.float16
+    torch.manual_seed(0)  # a fixed model: L1's sign makes the gradient error a count of sign flips
     model = sf.build_simmim(config).to(device)
     generator = torch.Generator(device).manual_seed(0)
     size = config.DATA.IMG_SIZE
@@ -50,7 +51,8 @@ def test_step_within_reference_autocast_error(family, device):
     assert fast_grads.keys() == torch_grads.keys() == exact_grads.keys()
     assert fast_loss.dtype == torch_loss.dtype
     assert torch.isfinite(fast_loss)
-    assert_within_torch_error(fast_loss, torch_loss, exact_loss, "loss")
+    # The floor is the compute dtype's (autocast's), whatever the dtype of the fp32 results.
+    assert_within_torch_error(fast_loss, torch_loss, exact_loss, "loss", autocast_dtype)
     for name, exact in exact_grads.items():
         assert fast_grads[name].dtype == exact.dtype, name
-        assert_within_torch_error(fast_grads[name], torch_grads[name], exact, f"grad of {name}")
+        assert_within_torch_error(fast_grads[name], torch_grads[name], exact, f"grad of {name}", autocast_dtype)
