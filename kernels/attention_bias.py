@@ -129,7 +129,9 @@ def _query_block_of_program(H, N, num_windows, BLOCK_M: tl.constexpr, HEAD_DIM_P
     return batch_head, b, batch_head % H, b % num_windows, offs_m, tl.arange(0, HEAD_DIM_PAD)
 
 
-@triton.jit
+# Integer arguments that vary with the batch or the Swin stage are not specialised (divisibility, == 1):
+# they bound loops and index windows, and a new batch size must not compile the kernels again.
+@triton.jit(do_not_specialize=["num_windows"])
 def _attention_fwd_kernel(
     Q, K, V, Bias, Mask, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -196,7 +198,7 @@ def _attention_fwd_kernel(
         tl.store(lse_ptrs, lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_windows"])
 def _attention_bwd_dq_kernel(
     Q, K, V, Bias, Mask, Out, DOut, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -259,7 +261,7 @@ def _attention_bwd_dq_kernel(
                 (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_M, EVEN_HEADDIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "num_windows", "batches_per_group"])
 def _attention_bwd_dkdv_dbias_kernel(
     Q, K, V, Bias, Mask, DOut, Lse, Delta, DK, DV, DBiasPartial,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -345,16 +347,16 @@ _EVEN = triton.heuristics({
     "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
     "EVEN_HEADDIM": lambda args: args["HEAD_DIM"] == args["HEAD_DIM_PAD"],
 })
-# configs[0] is the default; the tuner tries warps and stages only (tiles are fixed, see BLOCK).
-# No batch in the keys.
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3), (4, 1))]
+# configs[0] is the default; tiles are fixed (see BLOCK), and so are the forward's and dq's warps: their
+# row sums (l_i, delta) are cross-thread tl.sums whose bits follow the warp layout. No batch in the keys.
+_CONFIGS = [triton.Config({}, num_warps=4, num_stages=s) for s in (2, 3, 1)]
 _KEY = ["N", "HEAD_DIM_PAD", "HAS_BIAS", "HAS_MASK", "DOT_PRECISION"]
 _fwd = autotune(_CONFIGS, _KEY)(_EVEN(_attention_fwd_kernel))
 _bwd_dq = autotune(_CONFIGS, _KEY)(_EVEN(_attention_bwd_dq_kernel))
 # dk/dv/dBias holds the most fp32 tiles: by default 8 warps without software pipelining, which sm_90
 # ptxas compiles with no spill at ViT-B and Swin-L w12 (bf16, and fp32 under bf16 autocast); 2 stages
-# spill 16 B/thread at ViT-B, 4 warps 32 B with 1 stage and 400+ B with 2 (not kept).
-_DKDV_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 1), (8, 2), (4, 1))]
+# spill 16 B/thread at ViT-B; 4 warps spill 32 B with 1 stage and 400+ B with 2 (not kept).
+_DKDV_CONFIGS = [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)]
 _bwd_dkdv_dbias = autotune(_DKDV_CONFIGS, _KEY + ["COMPUTE_DBIAS"])(_EVEN(_attention_bwd_dkdv_dbias_kernel))
 
 

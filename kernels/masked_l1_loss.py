@@ -14,7 +14,8 @@ there do not reach the loss or the gradients (the reference would give NaN).
 
 Deterministic: each program of a fixed-size grid sums its tiles (a grid-stride loop), then one
 program sums the per-program partials in a fixed order. Masked pixels are counted in integers
-(int32 per program, int64 in total), exact as the reference's count: an fp32 count is off by ulps
+(int64 per lane in the grid-stride loop, so that no count can wrap whatever the trip count, and
+int64 in total), exact as the reference's count: an fp32 count is off by ulps
 above 2^24 masked pixels (a ViT batch of 2048 has 61.6 M). The backward writes the gradients in one
 pass, from the loss's denominator that the forward stored.
 
@@ -80,7 +81,7 @@ def _masked_l1_loss_fwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     abs_sum = tl.zeros((BLOCK_ROWS, BLOCK_WS, BLOCK_S), dtype=tl.float32)
-    count = tl.zeros((BLOCK_ROWS, BLOCK_WS, BLOCK_S), dtype=tl.int32)
+    count = tl.zeros((BLOCK_ROWS, BLOCK_WS, BLOCK_S), dtype=tl.int64)
     for tile in range(pid, num_tiles, num_programs):
         rec_offsets, target_offsets, mask_offsets, valid, counted = _pixel_offsets(
             tile, num_rows, height, channels, width, grid_w, SHUFFLE, PATCH, BLOCK_ROWS, BLOCK_WS, BLOCK_S)
@@ -88,7 +89,7 @@ def _masked_l1_loss_fwd_kernel(
         rec = tl.load(rec_ptr + rec_offsets, mask=masked, other=0.0).to(tl.float32)
         target = tl.load(target_ptr + target_offsets, mask=masked, other=0.0).to(tl.float32)
         abs_sum += tl.abs(rec - target)
-        count += (masked & counted).to(tl.int32)
+        count += (masked & counted).to(tl.int64)
     tl.store(abs_partial_ptr + pid, tl.sum(tl.sum(tl.sum(abs_sum, axis=2), axis=1), axis=0))
     tl.store(count_partial_ptr + pid, tl.sum(tl.sum(tl.sum(count, axis=2), axis=1), axis=0))
 
@@ -135,8 +136,8 @@ def _masked_l1_loss_bwd_kernel(
 
 
 def finish_loss(abs_partials: torch.Tensor, count_partials: torch.Tensor, in_chans: int, out_dtype: torch.dtype):
-    """(loss in out_dtype, fp32 denominator count + eps) from per-program fp32 |diff| sums and int32 masked-pixel
-    counts. Shared with masked_decoder_loss, whose programs produce the same partials."""
+    """(loss in out_dtype, fp32 denominator count + eps) from per-program fp32 |diff| sums and integer masked-pixel
+    counts (int64 here, int32 from the decoder's one-tile programs). Shared with masked_decoder_loss, whose programs produce the same partials."""
     loss = torch.empty((), device=abs_partials.device, dtype=out_dtype)
     denominator = torch.empty((), device=abs_partials.device, dtype=torch.float32)
     num_partials = abs_partials.numel()
@@ -181,7 +182,7 @@ def _launch_forward(reconstruction: torch.Tensor, target: torch.Tensor, mask: to
     """(loss, fp32 denominator that the backward divides by)."""
     launch = _launch_geometry(target, patch_size, shuffle_stride)
     abs_partials = torch.empty(launch["num_programs"], device=target.device, dtype=torch.float32)
-    count_partials = torch.empty(launch["num_programs"], device=target.device, dtype=torch.int32)
+    count_partials = torch.empty(launch["num_programs"], device=target.device, dtype=torch.int64)
     with on_device_of(target):
         _masked_l1_loss_fwd_kernel[(launch["num_programs"],)](
             abs_partials, count_partials, reconstruction.contiguous(), target.contiguous(), mask.contiguous(),

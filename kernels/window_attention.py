@@ -48,7 +48,8 @@ TARGET_PROGRAMS = 1024
 WHOLE_WINDOW_TOKENS = WHOLE_WINDOW_HEAD_DIM = 64
 
 
-@triton.jit
+# The image counts grow with the batch: not specialised, so a new batch size compiles nothing new.
+@triton.jit(do_not_specialize=["num_images", "images_per_split"])
 def _window_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, mask_ptr, out_ptr, row_max_ptr, row_sum_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -102,7 +103,7 @@ def _window_attention_fwd_kernel(
         tl.store(row_sum_ptr + row_stats, row_sum, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_images", "images_per_split"])
 def _window_attention_bwd_kernel(
     q_ptr, k_ptr, v_ptr, grad_out_ptr, row_max_ptr, row_sum_ptr, bias_ptr, mask_ptr,
     grad_q_ptr, grad_k_ptr, grad_v_ptr, grad_bias_partials_ptr,
@@ -180,13 +181,13 @@ def _window_attention_bwd_kernel(
              mask=tile_ok)
 
 
-# The whole window is the tile, so only warps and stages are tuned; the dBias partials follow the
-# image slices, not the config. configs[0] is the default: for the forward one warpgroup for the
-# 64-row tile with 3 stages of prefetch; the backward, with its (T x T) dBias accumulator, spills
-# 56-64 B/thread on 4 warps (sm_90 ptxas, Swin-B w6) and nothing on 8.
+# The whole window is the tile, and the warps are fixed too (the row sums are cross-thread tl.sums whose
+# bits follow the warp layout): only stages are tuned; the dBias partials follow the image slices, not
+# the config. configs[0] is the default: for the forward one warpgroup for the 64-row tile with 3
+# stages of prefetch; the backward, with its (T x T) dBias accumulator, spills 56-64 B/thread on 4
+# warps (sm_90 ptxas, Swin-B w6) and nothing on 8.
 _KEY = ["TOKENS", "HEAD_DIM", "HAS_MASK", "DOT_PRECISION"]
-_fwd = autotune([triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 2), (8, 2), (8, 3))],
-                _KEY)(_window_attention_fwd_kernel)
+_fwd = autotune([triton.Config({}, num_warps=4, num_stages=s) for s in (3, 2)], _KEY)(_window_attention_fwd_kernel)
 _bwd = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)], _KEY)(_window_attention_bwd_kernel)
 
 

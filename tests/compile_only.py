@@ -150,7 +150,7 @@ def compile_only(capability: int = 90, every_config: bool = True) -> Iterator[Co
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
             else:
                 arguments = dict(self.nargs, **kwargs, **config.all_kwargs())
-                log.launches.append(Launch(self.fn.__name__, _grid(kwargs["grid"], arguments), arguments, None))
+                log.launches.append(Launch(self.base_fn.__name__, _grid(kwargs["grid"], arguments), arguments, None))
         self.nargs = None
 
     device = types.SimpleNamespace(multi_processor_count=SM_COUNT[capability])
