@@ -152,8 +152,8 @@ def test_build_simmim_accepts_nested_dict_and_attribute_objects():
 
     from_attrs = sf.build_simmim(to_namespace(nested))
     assert from_dict.state_dict().keys() == from_attrs.state_dict().keys()
-    with pytest.raises(ValueError, match="MODEL.TYPE"):
-        sf.build_simmim(get_config("vit-tiny", [{"MODEL": {"TYPE": "convnext"}}]))
+    with pytest.raises(ValueError, match="MODEL.TYPE must be one of .*'convnext'.*'swinv2'.*got 'resnet'"):
+        sf.build_simmim(get_config("vit-tiny", [{"MODEL": {"TYPE": "resnet"}}]))
 
 
 def test_no_weight_decay_sets_are_prefixed():

@@ -17,6 +17,7 @@ from .. import _checks, ops
 from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
 from .layers import to_2tuple
 from .layers import trunc_normal_ as _trunc_normal
+from .registry import common_kwargs, register_encoder, section
 
 
 def vit_trunc_normal_(tensor, std=1.0):
@@ -218,3 +219,14 @@ class VisionTransformerForSimMIM(VisionTransformer):
 
 def vit_norm_layer(eps: float = 1e-6):
     return partial(nn.LayerNorm, eps=eps)
+
+
+@register_encoder("vit")
+def build_vit(config) -> VisionTransformerForSimMIM:
+    vit = section(config, "MODEL.VIT")
+    return VisionTransformerForSimMIM(
+        **common_kwargs(config), patch_size=vit("PATCH_SIZE"), in_chans=vit("IN_CHANS"), embed_dim=vit("EMBED_DIM"),
+        depth=vit("DEPTH"), num_heads=vit("NUM_HEADS"), mlp_ratio=vit("MLP_RATIO"), qkv_bias=vit("QKV_BIAS"),
+        norm_layer=vit_norm_layer(1e-6), init_values=vit("INIT_VALUES"), use_abs_pos_emb=vit("USE_APE"),
+        use_rel_pos_bias=vit("USE_RPB"), use_shared_rel_pos_bias=vit("USE_SHARED_RPB"),
+        use_mean_pooling=vit("USE_MEAN_POOLING"))
