@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
-from .layers import drop_path_or_identity, init_weights, to_2tuple, trunc_normal_
+from .layers import drop_path_or_identity, drop_path_rates, init_weights, to_2tuple, trunc_normal_
 from .registry import read_key, register_encoder, section
 
 STEM_STRIDE = 4
@@ -68,7 +68,7 @@ class ConvNeXt(nn.Module):
         for i in range(3):
             self.downsample_layers.append(nn.Sequential(ChannelsFirstLayerNorm(dims[i], eps=LN_EPS),
                                                         nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
-        rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, sum(depths))]
+        rates = drop_path_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         for i in range(4):
             first = sum(depths[:i])

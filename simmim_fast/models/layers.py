@@ -90,3 +90,9 @@ def gather_relative_position_bias(table: torch.Tensor, index: torch.Tensor) -> t
     """table (entries, heads) gathered by index (N, N) -> (heads, N, N); autograd scatters back."""
     tokens = index.shape[0]
     return table[index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1).contiguous()
+
+
+def drop_path_rates(drop_path_rate: float, blocks: int):
+    """Stochastic depth rising linearly from 0 to ``drop_path_rate`` over the blocks (as every original).
+    Computed on the CPU, so models can be built under ``torch.device("meta")`` (parameter counts)."""
+    return torch.linspace(0, drop_path_rate, blocks, device="cpu").tolist()

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.utils.checkpoint as checkpoint
 
 from .. import _checks, ops
-from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
+from .layers import Mlp, drop_path_or_identity, drop_path_rates, gather_relative_position_bias, init_weights
+from .layers import relative_position_index
 from .layers import to_2tuple
 from .layers import trunc_normal_
 from .registry import common_kwargs, read_key, register_encoder, section
@@ -219,7 +220,7 @@ class SwinTransformer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, sum(depths))]
+        rates = drop_path_rates(drop_path_rate, sum(depths))
         self.layers = nn.ModuleList()
         for i in range(self.num_layers):
             self.layers.append(self.layer_class(

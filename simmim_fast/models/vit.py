@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks, ops
-from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
+from .layers import Mlp, drop_path_or_identity, drop_path_rates, gather_relative_position_bias, init_weights
+from .layers import relative_position_index
 from .layers import to_2tuple
 from .layers import trunc_normal_ as _trunc_normal
 from .registry import common_kwargs, register_encoder, section
@@ -154,11 +155,11 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(p=drop_rate)
         patch_shape = self.patch_embed.patch_shape
         self.rel_pos_bias = RelativePositionBias(patch_shape, num_heads) if use_shared_rel_pos_bias else None
-        drop_path_rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, depth)]
+        rates = drop_path_rates(drop_path_rate, depth)
         self.use_rel_pos_bias = use_rel_pos_bias
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path_rates[i], norm_layer=norm_layer,
+                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i], norm_layer=norm_layer,
                   init_values=init_values, window_size=patch_shape if use_rel_pos_bias else None)
             for i in range(depth)
         ])
