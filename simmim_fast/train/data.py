@@ -137,13 +137,13 @@ class SimMIMTransform:
         self.img_size = img_size
         self.mask_generator = mask_generator
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: Image.Image, generator: torch.Generator, epoch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         left, top, crop_w, crop_h = random_resized_crop_box(image.width, image.height, generator)
         image = image.resize((self.img_size, self.img_size), Image.BILINEAR,
                              box=(left, top, left + crop_w, top + crop_h))
         if torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        mask = self.mask_generator.generate(1, generator=generator)[0]
+        mask = self.mask_generator.generate(1, generator=generator, epoch=epoch)[0]  # epoch: ratio schedules
         return to_normalized_tensor(image), mask
 
 
@@ -175,7 +175,7 @@ class PretrainDataset(Dataset):
                 unreadable[attempt] = index
                 index = _randint(generator, len(self.source))
                 continue
-            image, mask = self.transform(image, generator)
+            image, mask = self.transform(image, generator, epoch)
             return {"image": image, "mask": mask, "unreadable": unreadable}
         raise RuntimeError(f"{MAX_UNREADABLE_PER_SAMPLE} unreadable images in a row (last: "
                            f"{self.source.describe(index)}); is the data folder readable?")

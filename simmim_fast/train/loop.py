@@ -135,8 +135,7 @@ class Pretraining:
         if options.compile:
             self.train_model = torch.compile(self.train_model)
 
-        mask_generator = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, self.model.patch_size,
-                                       config.DATA.MASK_RATIO)
+        mask_generator = MaskGenerator.from_config(config, self.model.patch_size)
         self.dataset = PretrainDataset(open_image_source(config.DATA.DATA_PATH),
                                        SimMIMTransform(config.DATA.IMG_SIZE, mask_generator), seed=config.SEED)
         self.batch_size = config.DATA.BATCH_SIZE
