@@ -7,11 +7,13 @@ cosine attention through ops.window_attention, gathers the bias before the sigmo
 patch embedding with the blend and the decoder with the loss; none of that happens here.
 """
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from original_forward import _window_partition, _window_reverse, original_loss
+from original_forward import _window_partition, _window_reverse, original_loss, swin_encoder
 
 
 def norm_targets(targets, patch_size):
@@ -92,25 +94,7 @@ def _v2_patch_merging(merge, x):
     return merge.norm(merge.reduction(x.view(B, -1, 4 * C)))
 
 
-def swinv2_encoder(enc, x, mask):
-    x = enc.patch_embed.proj(x).flatten(2).transpose(1, 2)
-    if enc.patch_embed.norm is not None:
-        x = enc.patch_embed.norm(x)
-    B, L, _ = x.shape
-    mask_tokens = enc.mask_token.expand(B, L, -1)
-    w = mask.flatten(1).unsqueeze(-1).type_as(mask_tokens)
-    x = x * (1.0 - w) + mask_tokens * w
-    if enc.ape:
-        x = x + enc.absolute_pos_embed
-    for layer in enc.layers:
-        for blk in layer.blocks:
-            x = _v2_block(blk, x)
-        if layer.downsample is not None:
-            x = _v2_patch_merging(layer.downsample, x)
-    x = enc.norm(x).transpose(1, 2)
-    B, C, L = x.shape
-    H = W = int(L ** 0.5)
-    return x.reshape(B, C, H, W)
+swinv2_encoder = functools.partial(swin_encoder, block=_v2_block, merge=_v2_patch_merging)
 
 
 def _channels_first_layer_norm(norm, x):

@@ -1,5 +1,7 @@
 """ConvNeXt as a SimMIM encoder: the published sizes and names, the mask token at stride 4, and loss and
 every gradient against a plain transcription of ConvNeXt's forward."""
+import functools
+
 import pytest
 import torch
 
@@ -73,3 +75,19 @@ def test_bad_inputs_are_value_errors():
         ConvNeXtForSimMIM(img_size=48, num_classes=0)
     with pytest.raises(ValueError, match="4 stages"):
         ConvNeXtForSimMIM(img_size=64, num_classes=0, depths=[1, 1, 1], dims=[8, 16, 32])
+
+
+def test_activation_checkpointing_covers_convnext_blocks():
+    from simmim_fast.train.loop import checkpoint_vit_blocks
+
+    torch.manual_seed(0)
+    plain = sf.build_simmim("convnext-tiny")
+    checkpointed = sf.build_simmim("convnext-tiny")
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpoint_vit_blocks(checkpointed)
+    assert all(isinstance(block.forward, functools.partial) for stage in checkpointed.encoder.stages for block in stage)
+    x = torch.randn(2, 3, 64, 64)
+    mask = sf.MaskGenerator(64, 16, 4, 0.6).generate(2)
+    grads = [torch.autograd.grad(model(x, mask), list(model.parameters())) for model in (plain, checkpointed)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

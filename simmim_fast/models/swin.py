@@ -283,11 +283,17 @@ class SwinTransformerForSimMIM(MaskedSwinMixin, SwinTransformer):
     """The Swin encoder of the original SimMIM."""
 
 
-@register_encoder("swin")
-def build_swin(config) -> SwinTransformerForSimMIM:
-    swin = section(config, "MODEL.SWIN")
-    return SwinTransformerForSimMIM(
+def swin_kwargs(config, prefix: str):
+    """The constructor arguments Swin V1 and V2 share, from their section (MODEL.SWIN / MODEL.SWINV2)."""
+    swin = section(config, prefix)
+    return swin, dict(
         **common_kwargs(config), patch_size=swin("PATCH_SIZE"), in_chans=swin("IN_CHANS"), embed_dim=swin("EMBED_DIM"),
         depths=list(swin("DEPTHS")), num_heads=list(swin("NUM_HEADS")), window_size=swin("WINDOW_SIZE"),
-        mlp_ratio=swin("MLP_RATIO"), qkv_bias=swin("QKV_BIAS"), qk_scale=swin("QK_SCALE"), ape=swin("APE"),
-        patch_norm=swin("PATCH_NORM"), use_checkpoint=read_key(config, "TRAIN.USE_CHECKPOINT"))
+        mlp_ratio=swin("MLP_RATIO"), qkv_bias=swin("QKV_BIAS"), ape=swin("APE"), patch_norm=swin("PATCH_NORM"),
+        use_checkpoint=read_key(config, "TRAIN.USE_CHECKPOINT"))
+
+
+@register_encoder("swin")
+def build_swin(config) -> SwinTransformerForSimMIM:
+    swin, kwargs = swin_kwargs(config, "MODEL.SWIN")
+    return SwinTransformerForSimMIM(**kwargs, qk_scale=swin("QK_SCALE"))

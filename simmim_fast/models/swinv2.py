@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .layers import gather_relative_position_bias, relative_position_index, to_2tuple
-from .registry import common_kwargs, read_key, register_encoder, section
-from .swin import BasicLayer, MaskedSwinMixin, PatchMerging, SwinTransformer, SwinTransformerBlock
+from .layers import gather_relative_position_bias, qv_bias_linear, relative_position_index, to_2tuple
+from .registry import register_encoder
+from .swin import BasicLayer, MaskedSwinMixin, PatchMerging, SwinTransformer, SwinTransformerBlock, swin_kwargs
 
 # The successor clamps the learned log-scale at log(1 / 0.01): the cosine logits are scaled by at most 100.
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
@@ -80,10 +80,7 @@ class WindowAttentionV2(nn.Module):
 
     def forward(self, x, mask=None):
         windows, tokens, channels = x.shape
-        qkv_bias = None
-        if self.q_bias is not None:
-            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        qkv = qv_bias_linear(x, self.qkv.weight, self.q_bias, self.v_bias)
         q, k, v = qkv.reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         logit_scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (heads, 1, 1)
         q = F.normalize(q, dim=-1) * logit_scale.to(q.dtype)
@@ -159,10 +156,5 @@ class SwinTransformerV2ForSimMIM(MaskedSwinMixin, SwinTransformerV2):
 
 @register_encoder("swinv2")
 def build_swinv2(config) -> SwinTransformerV2ForSimMIM:
-    swin = section(config, "MODEL.SWINV2")
-    return SwinTransformerV2ForSimMIM(
-        **common_kwargs(config), patch_size=swin("PATCH_SIZE"), in_chans=swin("IN_CHANS"), embed_dim=swin("EMBED_DIM"),
-        depths=list(swin("DEPTHS")), num_heads=list(swin("NUM_HEADS")), window_size=swin("WINDOW_SIZE"),
-        mlp_ratio=swin("MLP_RATIO"), qkv_bias=swin("QKV_BIAS"), ape=swin("APE"), patch_norm=swin("PATCH_NORM"),
-        pretrained_window_sizes=list(swin("PRETRAINED_WINDOW_SIZES")),
-        use_checkpoint=read_key(config, "TRAIN.USE_CHECKPOINT"))
+    swin, kwargs = swin_kwargs(config, "MODEL.SWINV2")
+    return SwinTransformerV2ForSimMIM(**kwargs, pretrained_window_sizes=list(swin("PRETRAINED_WINDOW_SIZES")))

@@ -11,11 +11,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import _checks, ops
 from .layers import Mlp, drop_path_or_identity, drop_path_rates, gather_relative_position_bias, init_weights
-from .layers import relative_position_index
+from .layers import qv_bias_linear, relative_position_index
 from .layers import to_2tuple
 from .layers import trunc_normal_ as _trunc_normal
 from .registry import common_kwargs, register_encoder, section
@@ -98,10 +97,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rel_pos_bias: Optional[torch.Tensor] = None):
         batch, tokens, _ = x.shape
-        qkv_bias = None
-        if self.q_bias is not None:
-            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        qkv = qv_bias_linear(x, self.qkv.weight, self.q_bias, self.v_bias)
         q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = rel_pos_bias
         if self.relative_position_bias_table is not None:

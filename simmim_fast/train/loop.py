@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from .. import dispatch
 from ..config import build_simmim
 from ..masking import MaskGenerator
+from ..models.convnext import Block as ConvNeXtBlock
 from ..models.vit import Block as VitBlock
 from . import checkpoints, distributed, pictures
 from .configs import build_config
@@ -80,10 +81,10 @@ def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
-    """Activation checkpointing for ViT blocks (Swin does it itself from TRAIN.USE_CHECKPOINT); the
-    forward is replaced on the instance, so parameter names and checkpoints stay the original's."""
+    """Activation checkpointing for ViT and ConvNeXt blocks (Swin does it itself from TRAIN.USE_CHECKPOINT);
+    the forward is replaced on the instance, so parameter names and checkpoints stay the original's."""
     for module in model.modules():
-        if isinstance(module, VitBlock):
+        if isinstance(module, (VitBlock, ConvNeXtBlock)):
             module.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(module).forward.__get__(module),
                                                use_reentrant=False)
 
