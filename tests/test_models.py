@@ -183,6 +183,14 @@ def test_build_simmim_accepts_nested_dict_and_attribute_objects():
         sf.build_simmim(get_config("vit-tiny", [{"MODEL": {"TYPE": "resnet"}}]))
 
 
+def test_encoder_registry_owns_the_model_types():
+    from simmim_fast.models.registry import encoder_types, register_encoder
+
+    assert set(encoder_types()) == {"vit", "swin", "swinv2", "convnext"}
+    with pytest.raises(ValueError, match="'vit' already has an encoder builder"):
+        register_encoder("vit")(lambda config: None)
+
+
 def test_no_weight_decay_sets_are_prefixed():
     vit = sf.build_simmim("vit-tiny")
     assert vit.no_weight_decay() == {"encoder.pos_embed", "encoder.cls_token"}
