@@ -412,7 +412,11 @@ def masked_decoder_loss(
     encoder_stride: int,
     patch_size: int,
     in_chans: int,
+    norm_target_patch_size: Optional[int] = None,
 ) -> torch.Tensor:
+    """``simmim_fast.reference.masked_decoder_loss`` on raw pixels; the dispatch sends the normalised
+    target (norm_target_patch_size) to the reference until this kernel fuses it."""
+    assert norm_target_patch_size is None, "the normalised target is not fused; the dispatch sends it elsewhere"
     dot_dtype, out_dtype, input_precision = _dtypes(features, weight, bias, target, mask)
     return _forward_op(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans, dot_dtype,
                        out_dtype, input_precision)[0]

@@ -7,11 +7,13 @@ from .checkpoint import load_pretrained
 from .config import PRESETS, build_simmim, get_config
 from .dispatch import use_backend
 from .masking import MaskGenerator
-from .models import SimMIM, SwinTransformerForSimMIM, VisionTransformerForSimMIM
+from .models import (ConvNeXtForSimMIM, SimMIM, SwinTransformerForSimMIM, SwinTransformerV2ForSimMIM,
+                     VisionTransformerForSimMIM)
 from .tuning import tune
 
 __version__ = "0.1.0"
 __all__ = [
-    "SimMIM", "VisionTransformerForSimMIM", "SwinTransformerForSimMIM", "MaskGenerator", "build_simmim",
+    "SimMIM", "VisionTransformerForSimMIM", "SwinTransformerForSimMIM", "SwinTransformerV2ForSimMIM",
+    "ConvNeXtForSimMIM", "MaskGenerator", "build_simmim",
     "get_config", "PRESETS", "load_pretrained", "use_backend", "tune", "ops", "reference", "dispatch",
 ]

@@ -167,7 +167,16 @@ def check_masked_l1_loss(reconstruction, target, mask, patch_size: int, shuffle_
     check_loss_geometry(reconstruction.shape, target, mask, patch_size, shuffle_stride)
 
 
-def check_masked_decoder_loss(features, mask, weight, bias, target, encoder_stride, patch_size) -> None:
+def check_norm_target(norm_target_patch_size) -> None:
+    """None (raw pixels) or an odd window of 3 or more (the successor asserts odd; 1 would divide by n - 1 = 0)."""
+    window = norm_target_patch_size
+    require(window is None or isinstance(window, int) and not isinstance(window, bool) and window >= 3
+            and window % 2 == 1,
+            f"norm_target_patch_size must be None or an odd int >= 3 (the successor uses 47), got {window!r}")
+
+
+def check_masked_decoder_loss(features, mask, weight, bias, target, encoder_stride, patch_size,
+                              norm_target_patch_size=None) -> None:
     require(features.dim() == 4, f"features must be (B, C, h, w), got {_shape(features)}")
     check_floating("features", features)
     require(target.dim() == 4, f"target must be (B, C, H, W), got {_shape(target)}")
@@ -179,6 +188,7 @@ def check_masked_decoder_loss(features, mask, weight, bias, target, encoder_stri
     check_shape("target", target, (batch, target.shape[1], fh * encoder_stride, fw * encoder_stride),
                 f"features ({fh}, {fw}) x encoder_stride {encoder_stride}")
     check_loss_geometry((batch, out_channels, fh, fw), target, mask, patch_size, encoder_stride)
+    check_norm_target(norm_target_patch_size)
 
 
 CHECKS = {
@@ -189,6 +199,7 @@ CHECKS = {
         check_window_attention(q, k, v, bias, window_mask),
     "masked_l1_loss": lambda reconstruction, target, mask, patch_size, in_chans, shuffle_stride=1:
         check_masked_l1_loss(reconstruction, target, mask, patch_size, shuffle_stride),
-    "masked_decoder_loss": lambda features, mask, weight, bias, target, encoder_stride, patch_size, in_chans:
-        check_masked_decoder_loss(features, mask, weight, bias, target, encoder_stride, patch_size),
+    "masked_decoder_loss": lambda features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
+        norm_target_patch_size=None: check_masked_decoder_loss(features, mask, weight, bias, target, encoder_stride,
+                                                               patch_size, norm_target_patch_size),
 }

@@ -13,15 +13,17 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch.nn as nn
 
-from .models.simmim import SimMIM
-from .models.swin import SwinTransformerForSimMIM
-from .models.vit import VisionTransformerForSimMIM, vit_norm_layer
+from .models import SimMIM
+from .models.registry import build_encoder
 
 # The original config.py defaults (the pretraining part), same names and values.
 DEFAULTS: Dict[str, Any] = {
     "DATA": {
         "BATCH_SIZE": 128, "DATA_PATH": "", "DATASET": "imagenet", "IMG_SIZE": 224, "INTERPOLATION": "bicubic",
         "PIN_MEMORY": True, "NUM_WORKERS": 8, "MASK_PATCH_SIZE": 32, "MASK_RATIO": 0.6,
+        # Ours (simmim_fast.masking): random (the original), patch, block, grid; MASK_RATIO_END set: the
+        # ratio moves linearly from MASK_RATIO at the first epoch to MASK_RATIO_END at the last.
+        "MASK_STRATEGY": "random", "MASK_RATIO_END": None,
     },
     "MODEL": {
         "TYPE": "swin", "NAME": "swin_tiny_patch4_window7_224", "RESUME": "", "NUM_CLASSES": 1000,
@@ -35,6 +37,16 @@ DEFAULTS: Dict[str, Any] = {
             "QKV_BIAS": True, "INIT_VALUES": 0.1, "USE_APE": False, "USE_RPB": False, "USE_SHARED_RPB": True,
             "USE_MEAN_POOLING": False,
         },
+        # The successor's (microsoft/Swin-Transformer config.py) Swin V2 section and SimMIM options.
+        "SWINV2": {
+            "PATCH_SIZE": 4, "IN_CHANS": 3, "EMBED_DIM": 96, "DEPTHS": [2, 2, 6, 2], "NUM_HEADS": [3, 6, 12, 24],
+            "WINDOW_SIZE": 7, "MLP_RATIO": 4.0, "QKV_BIAS": True, "APE": False, "PATCH_NORM": True,
+            "PRETRAINED_WINDOW_SIZES": [0, 0, 0, 0],
+        },
+        "SIMMIM": {"NORM_TARGET": {"ENABLE": False, "PATCH_SIZE": 47}},
+        # ConvNeXt (facebookresearch/ConvNeXt's constructor arguments); ConvNeXt-T by default.
+        "CONVNEXT": {"IN_CHANS": 3, "DEPTHS": [3, 3, 9, 3], "DIMS": [96, 192, 384, 768],
+                     "LAYER_SCALE_INIT_VALUE": 1e-6},
     },
     "TRAIN": {
         "START_EPOCH": 0, "EPOCHS": 300, "WARMUP_EPOCHS": 20, "WEIGHT_DECAY": 0.05, "BASE_LR": 5e-4,
@@ -75,6 +87,53 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   "LR_SCHEDULER": {"NAME": "multistep", "GAMMA": 0.1, "MULTISTEPS": [700]}},
         "PRINT_FREQ": 100, "SAVE_FREQ": 5, "TAG": "simmim_pretrain__swin_large__img192_window12__800ep",
     },
+    # The successor's simmim_pretrain__swinv2_base__img192_window12__800ep.yaml.
+    "swinv2-base-192-w12": {
+        "MODEL": {"TYPE": "swinv2", "NAME": "simmim_pretrain", "DROP_PATH_RATE": 0.1,
+                  "SIMMIM": {"NORM_TARGET": {"ENABLE": True, "PATCH_SIZE": 47}},
+                  "SWINV2": {"EMBED_DIM": 128, "DEPTHS": [2, 2, 18, 2], "NUM_HEADS": [4, 8, 16, 32],
+                             "WINDOW_SIZE": 12}},
+        "DATA": {"IMG_SIZE": 192, "MASK_PATCH_SIZE": 32, "MASK_RATIO": 0.6},
+        "TRAIN": {"EPOCHS": 800, "WARMUP_EPOCHS": 10, "BASE_LR": 1e-4, "WARMUP_LR": 5e-7, "WEIGHT_DECAY": 0.05,
+                  "LR_SCHEDULER": {"NAME": "multistep", "GAMMA": 0.1, "MULTISTEPS": [700]}},
+        "PRINT_FREQ": 100, "SAVE_FREQ": 5, "TAG": "simmim_pretrain__swinv2_base__img192_window12__800ep",
+    },
+    # BEiT's ViT-L/16 and ViT-H/14 (the published widths and depths) in the ViT-B recipe; /14 masks 28px cells.
+    "vit-large-224": {
+        "MODEL": {"TYPE": "vit", "NAME": "simmim_pretrain", "DROP_PATH_RATE": 0.1,
+                  "VIT": {"PATCH_SIZE": 16, "EMBED_DIM": 1024, "DEPTH": 24, "NUM_HEADS": 16, "USE_APE": False,
+                          "USE_RPB": False, "USE_SHARED_RPB": True, "USE_MEAN_POOLING": False}},
+        "DATA": {"IMG_SIZE": 224, "MASK_PATCH_SIZE": 32, "MASK_RATIO": 0.6},
+        "TRAIN": {"EPOCHS": 800, "WARMUP_EPOCHS": 10, "BASE_LR": 1e-4, "WARMUP_LR": 5e-7, "WEIGHT_DECAY": 0.05,
+                  "LR_SCHEDULER": {"NAME": "multistep", "GAMMA": 0.1, "MULTISTEPS": [700]}},
+        "PRINT_FREQ": 100, "SAVE_FREQ": 20, "TAG": "simmim_pretrain__vit_large__img224__800ep",
+    },
+    "vit-huge-224": {
+        "MODEL": {"TYPE": "vit", "NAME": "simmim_pretrain", "DROP_PATH_RATE": 0.1,
+                  "VIT": {"PATCH_SIZE": 14, "EMBED_DIM": 1280, "DEPTH": 32, "NUM_HEADS": 16, "USE_APE": False,
+                          "USE_RPB": False, "USE_SHARED_RPB": True, "USE_MEAN_POOLING": False}},
+        "DATA": {"IMG_SIZE": 224, "MASK_PATCH_SIZE": 28, "MASK_RATIO": 0.6},
+        "TRAIN": {"EPOCHS": 800, "WARMUP_EPOCHS": 10, "BASE_LR": 1e-4, "WARMUP_LR": 5e-7, "WEIGHT_DECAY": 0.05,
+                  "LR_SCHEDULER": {"NAME": "multistep", "GAMMA": 0.1, "MULTISTEPS": [700]}},
+        "PRINT_FREQ": 100, "SAVE_FREQ": 20, "TAG": "simmim_pretrain__vit_huge__img224__800ep",
+    },
+    # ConvNeXt-T and -B (the published depths and widths) in the Swin-B SimMIM recipe (192 px, 32 px cells).
+    "convnext-t-192": {
+        "MODEL": {"TYPE": "convnext", "NAME": "simmim_pretrain", "DROP_PATH_RATE": 0.1,
+                  "CONVNEXT": {"DEPTHS": [3, 3, 9, 3], "DIMS": [96, 192, 384, 768]}},
+        "DATA": {"IMG_SIZE": 192, "MASK_PATCH_SIZE": 32, "MASK_RATIO": 0.6},
+        "TRAIN": {"EPOCHS": 100, "WARMUP_EPOCHS": 10, "BASE_LR": 2e-4, "WARMUP_LR": 1e-6, "MIN_LR": 1e-5,
+                  "WEIGHT_DECAY": 0.05},
+        "PRINT_FREQ": 100, "SAVE_FREQ": 5, "TAG": "simmim_pretrain__convnext_tiny__img192__100ep",
+    },
+    "convnext-b-192": {
+        "MODEL": {"TYPE": "convnext", "NAME": "simmim_pretrain", "DROP_PATH_RATE": 0.1,
+                  "CONVNEXT": {"DEPTHS": [3, 3, 27, 3], "DIMS": [128, 256, 512, 1024]}},
+        "DATA": {"IMG_SIZE": 192, "MASK_PATCH_SIZE": 32, "MASK_RATIO": 0.6},
+        "TRAIN": {"EPOCHS": 100, "WARMUP_EPOCHS": 10, "BASE_LR": 2e-4, "WARMUP_LR": 1e-6, "MIN_LR": 1e-5,
+                  "WEIGHT_DECAY": 0.05},
+        "PRINT_FREQ": 100, "SAVE_FREQ": 5, "TAG": "simmim_pretrain__convnext_base__img192__100ep",
+    },
     # Small enough to train on 2 CPU cores in minutes; same architecture families and code paths.
     "vit-tiny": {
         "MODEL": {"TYPE": "vit", "NAME": "simmim_vit_tiny", "DROP_PATH_RATE": 0.0,
@@ -91,6 +150,22 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "DATA": {"IMG_SIZE": 64, "MASK_PATCH_SIZE": 16, "MASK_RATIO": 0.6, "BATCH_SIZE": 32, "NUM_WORKERS": 2},
         "TRAIN": {"EPOCHS": 10, "WARMUP_EPOCHS": 1, "BASE_LR": 2e-3, "WARMUP_LR": 1e-5, "MIN_LR": 1e-5},
         "PRINT_FREQ": 10, "SAVE_FREQ": 5, "TAG": "swin_tiny",
+    },
+    "swinv2-tiny": {
+        "MODEL": {"TYPE": "swinv2", "NAME": "simmim_swinv2_tiny", "DROP_PATH_RATE": 0.0,
+                  "SIMMIM": {"NORM_TARGET": {"ENABLE": True, "PATCH_SIZE": 15}},
+                  "SWINV2": {"PATCH_SIZE": 2, "EMBED_DIM": 32, "DEPTHS": [2, 2, 2, 2], "NUM_HEADS": [1, 2, 4, 8],
+                             "WINDOW_SIZE": 4}},
+        "DATA": {"IMG_SIZE": 64, "MASK_PATCH_SIZE": 16, "MASK_RATIO": 0.6, "BATCH_SIZE": 32, "NUM_WORKERS": 2},
+        "TRAIN": {"EPOCHS": 10, "WARMUP_EPOCHS": 1, "BASE_LR": 2e-3, "WARMUP_LR": 1e-5, "MIN_LR": 1e-5},
+        "PRINT_FREQ": 10, "SAVE_FREQ": 5, "TAG": "swinv2_tiny",
+    },
+    "convnext-tiny": {
+        "MODEL": {"TYPE": "convnext", "NAME": "simmim_convnext_tiny", "DROP_PATH_RATE": 0.0,
+                  "CONVNEXT": {"DEPTHS": [1, 1, 2, 1], "DIMS": [32, 64, 128, 256]}},
+        "DATA": {"IMG_SIZE": 64, "MASK_PATCH_SIZE": 16, "MASK_RATIO": 0.6, "BATCH_SIZE": 32, "NUM_WORKERS": 2},
+        "TRAIN": {"EPOCHS": 10, "WARMUP_EPOCHS": 1, "BASE_LR": 2e-3, "WARMUP_LR": 1e-5, "MIN_LR": 1e-5},
+        "PRINT_FREQ": 10, "SAVE_FREQ": 5, "TAG": "convnext_tiny",
     },
 }
 
@@ -208,29 +283,6 @@ def complete_config(config: Any) -> Config:
     return merge(to_config(DEFAULTS), tree)
 
 
-def build_encoder(config: Any) -> nn.Module:
-    config = complete_config(config)
-    model, drop_rate, drop_path_rate = config.MODEL, config.MODEL.DROP_RATE, config.MODEL.DROP_PATH_RATE
-    if model.TYPE == "swin":
-        swin = model.SWIN
-        return SwinTransformerForSimMIM(
-            img_size=config.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS, num_classes=0,
-            embed_dim=swin.EMBED_DIM, depths=list(swin.DEPTHS), num_heads=list(swin.NUM_HEADS),
-            window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE,
-            drop_rate=drop_rate, drop_path_rate=drop_path_rate, ape=swin.APE, patch_norm=swin.PATCH_NORM,
-            use_checkpoint=config.TRAIN.USE_CHECKPOINT)
-    if model.TYPE == "vit":
-        vit = model.VIT
-        return VisionTransformerForSimMIM(
-            img_size=config.DATA.IMG_SIZE, patch_size=vit.PATCH_SIZE, in_chans=vit.IN_CHANS, num_classes=0,
-            embed_dim=vit.EMBED_DIM, depth=vit.DEPTH, num_heads=vit.NUM_HEADS, mlp_ratio=vit.MLP_RATIO,
-            qkv_bias=vit.QKV_BIAS, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            norm_layer=vit_norm_layer(1e-6), init_values=vit.INIT_VALUES, use_abs_pos_emb=vit.USE_APE,
-            use_rel_pos_bias=vit.USE_RPB, use_shared_rel_pos_bias=vit.USE_SHARED_RPB,
-            use_mean_pooling=vit.USE_MEAN_POOLING)
-    raise ValueError(f"MODEL.TYPE must be 'vit' or 'swin', got {model.TYPE!r}")
-
-
 def encoder_stride(encoder: nn.Module) -> int:
     """Pixels per output feature: the patch size for ViT, patch size x 2^(stages-1) for Swin (the
     original hard-codes 16 and 32, which is what this gives for the published recipes)."""
@@ -238,12 +290,19 @@ def encoder_stride(encoder: nn.Module) -> int:
 
 
 def build_simmim(config: Union[str, Mapping, Any]) -> SimMIM:
-    """The original ``build_simmim``: encoder from the config; stride 16 for ViT-B/16, 32 for Swin.
+    """The original ``build_simmim``: the encoder registered for MODEL.TYPE (``models.registry``); stride
+    16 for ViT-B/16, 32 for Swin; the successor's MODEL.SIMMIM.NORM_TARGET when the config has it.
 
     ``config`` is a preset name (``build_simmim("vit-base-224")``), or a nested config, complete or partial
     (missing keys take the defaults; a misspelled key is an "unknown config key" error).
     """
-    if isinstance(config, str):
-        config = get_config(config)
+    config = get_config(config) if isinstance(config, str) else complete_config(config)
     encoder = build_encoder(config)
-    return SimMIM(encoder=encoder, encoder_stride=encoder_stride(encoder))
+    return SimMIM(encoder=encoder, encoder_stride=encoder_stride(encoder),
+                  norm_target_patch_size=norm_target_patch_size(config))
+
+
+def norm_target_patch_size(config: Config) -> Optional[int]:
+    """MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE when enabled, else None (the original's configs leave it off)."""
+    norm_target = config.MODEL.SIMMIM.NORM_TARGET
+    return norm_target.PATCH_SIZE if norm_target.ENABLE else None

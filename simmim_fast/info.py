@@ -13,6 +13,8 @@ from . import dispatch, tuning_table
 from .backends import ALL_OPS, registry
 
 OPTIONAL_PACKAGES = ("triton", "xformers", "apex", "torch_xla", "numpy", "nvidia-ml-py")
+# Swin V2 fine-tunes with windows of 16-24: 24x24 = 576 tokens, on the flash kernels in Triton.
+LARGE_WINDOW = 24
 
 
 def package_version(name: str) -> str:
@@ -22,8 +24,9 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def sample_inputs(op: str, device: str, dtype: torch.dtype) -> Dict[str, object]:
-    """Tiny, valid inputs for ``op`` (meta-free: real tensors so the reasons see real devices)."""
+def sample_inputs(op: str, device: str, dtype: torch.dtype, tokens: int = 16) -> Dict[str, object]:
+    """Tiny, valid inputs for ``op`` (meta-free: real tensors so the reasons see real devices); ``tokens``:
+    the attention ops' sequence (window) length."""
     def t(*shape):
         return torch.zeros(shape, device=device, dtype=dtype)
 
@@ -34,8 +37,8 @@ def sample_inputs(op: str, device: str, dtype: torch.dtype) -> Dict[str, object]
         return dict(image=t(1, 3, 16, 16), mask=mask, weight=t(32, 3, 8, 8), bias=t(32), mask_token=t(1, 1, 32),
                     pos_embed=None, norm_weight=None, norm_bias=None, norm_eps=1e-5)
     if op in ("attention", "window_attention"):
-        q = t(2, 2, 16, 32)
-        return dict(q=q, k=q, v=q, bias=t(2, 16, 16), **({"window_mask": None} if op == "window_attention" else {}),
+        q = t(2, 2, tokens, 32)
+        return dict(q=q, k=q, v=q, bias=t(2, tokens, tokens), **({"window_mask": None} if op == "window_attention" else {}),
                     scale=None, dropout_p=0.0)
     if op == "masked_l1_loss":
         return dict(reconstruction=t(1, 3, 16, 16), target=t(1, 3, 16, 16), mask=mask, patch_size=8, in_chans=3,
@@ -46,18 +49,27 @@ def sample_inputs(op: str, device: str, dtype: torch.dtype) -> Dict[str, object]
     raise KeyError(op)
 
 
+def choice(op: str, args: Dict[str, object]) -> Tuple[str, List[Tuple[str, List[str]]]]:
+    """(chosen backend or error, [(backend, reasons)]) for one call."""
+    try:
+        with tuning_table.lazy_tuning_paused():  # sample shapes: ask, never measure
+            chosen = dispatch.select(op, args).name
+    except dispatch.BackendError as error:
+        chosen = f"ERROR: {error}"
+    return chosen, dispatch.explain(op, args)
+
+
 def choices(device: str, dtype: torch.dtype) -> List[Tuple[str, str, List[Tuple[str, List[str]]]]]:
     """(op, chosen backend or error, [(backend, reasons)]) for every op on ``device``."""
-    rows = []
-    for op in ALL_OPS:
-        args = sample_inputs(op, device, dtype)
-        try:
-            with tuning_table.lazy_tuning_paused():  # toy shapes: ask, never measure
-                chosen = dispatch.select(op, args).name
-        except dispatch.BackendError as error:
-            chosen = f"ERROR: {error}"
-        rows.append((op, chosen, dispatch.explain(op, args)))
-    return rows
+    return [(op, *choice(op, sample_inputs(op, device, dtype))) for op in ALL_OPS]
+
+
+def choice_lines(label: str, op: str, chosen: str, explained) -> List[str]:
+    lines = [f"  {label:<20} {chosen}"]
+    for name, reasons in explained:
+        if name != chosen and reasons and f"does not implement {op}" not in reasons[0]:
+            lines.append(f"  {'':<20}   not {name}: {'; '.join(reasons)}")
+    return lines
 
 
 def tuning_lines(device: torch.device) -> List[str]:
@@ -107,14 +119,24 @@ def report() -> str:
         lines.append("")
         lines.append(f"op -> backend on {device} ({str(dtype).replace('torch.', '')}):")
         for op, chosen, explained in choices(device, dtype):
-            lines.append(f"  {op:<20} {chosen}")
-            for name, reasons in explained:
-                if name != chosen and reasons and f"does not implement {op}" not in reasons[0]:
-                    lines.append(f"  {'':<20}   not {name}: {'; '.join(reasons)}")
+            lines += choice_lines(op, op, chosen, explained)
+        for label, op, args in recipe_cases(device, dtype):
+            lines.append(f"  {label}:")
+            lines += choice_lines("", op, *choice(op, args))
     for device in ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]:
         lines.append("")
         lines.extend(tuning_lines(torch.device(device)))
     return "\n".join(lines)
+
+
+def recipe_cases(device: str, dtype: torch.dtype):
+    """(label, op, inputs): calls of the Swin V2 recipes that some backends refuse, and where they go."""
+    tokens = LARGE_WINDOW ** 2
+    yield (f"window_attention, windows of {LARGE_WINDOW}x{LARGE_WINDOW} = {tokens} tokens (Swin V2 at fine-tune "
+           f"sizes; Triton takes windows above 64 tokens on its flash kernels)", "window_attention",
+           sample_inputs("window_attention", device, dtype, tokens))
+    yield ("masked_decoder_loss with the normalised target (NORM_TARGET, window 47)", "masked_decoder_loss",
+           dict(sample_inputs("masked_decoder_loss", device, dtype), norm_target_patch_size=47))
 
 
 def _installed() -> bool:

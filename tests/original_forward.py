@@ -105,7 +105,8 @@ def _swin_block(blk, x):
     return x + blk.mlp(blk.norm2(x))
 
 
-def swin_encoder(enc, x, mask):
+def swin_encoder(enc, x, mask, block=_swin_block, merge=None):
+    """``block`` / ``merge``: the block and patch-merging steps (Swin V2 passes its own; None: the module's)."""
     x = enc.patch_embed.proj(x).flatten(2).transpose(1, 2)
     if enc.patch_embed.norm is not None:
         x = enc.patch_embed.norm(x)
@@ -117,9 +118,9 @@ def swin_encoder(enc, x, mask):
         x = x + enc.absolute_pos_embed
     for layer in enc.layers:
         for blk in layer.blocks:
-            x = _swin_block(blk, x)
+            x = block(blk, x)
         if layer.downsample is not None:
-            x = layer.downsample(x)
+            x = layer.downsample(x) if merge is None else merge(layer.downsample, x)
     x = enc.norm(x).transpose(1, 2)
     B, C, L = x.shape
     H = W = int(L ** 0.5)

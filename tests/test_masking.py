@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -46,3 +48,104 @@ def test_ratio_extremes_and_bad_arguments():
         MaskGenerator(192, 32, 5)
     with pytest.raises(ValueError, match="mask_ratio"):
         MaskGenerator(192, 32, 4, 1.5)
+
+
+# ---- strategies (simmim_fast.masking): exact counts, seeded determinism, statistics ---------------------
+
+from simmim_fast.config import get_config  # noqa: E402
+from simmim_fast.masking import STRATEGIES, bayer_matrix  # noqa: E402
+
+
+def previous_random_masks(gen, batch, seed):
+    """The random strategy as it was before strategies existed (argsort of uniform noise), transcribed."""
+    noise = torch.rand(batch, gen.token_count, generator=torch.Generator().manual_seed(seed))
+    coarse = torch.zeros(batch, gen.token_count, dtype=torch.long)
+    coarse.scatter_(1, noise.argsort(dim=1)[:, : gen.mask_count], 1)
+    coarse = coarse.view(batch, gen.rand_size, gen.rand_size)
+    return coarse.repeat_interleave(gen.scale, 1).repeat_interleave(gen.scale, 2)
+
+
+def test_default_strategy_is_the_original_bit_for_bit():
+    gen = MaskGenerator(192, 32, 4, 0.6)
+    assert gen.strategy == "random"
+    assert torch.equal(gen.generate(32, generator=torch.Generator().manual_seed(3)), previous_random_masks(gen, 32, 3))
+    np.random.seed(5)
+    expected_idx = np.random.permutation(36)[:22]
+    np.random.seed(5)
+    coarse = gen()[::8, ::8].flatten()
+    assert sorted(np.flatnonzero(coarse)) == sorted(expected_idx)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("size,mask_patch,model_patch,ratio", [(192, 32, 4, 0.6), (224, 16, 16, 0.4), (64, 16, 2, 0.75),
+                                                               (96, 32, 4, 1.0), (96, 32, 4, 0.0)])
+def test_every_strategy_masks_exactly_and_is_seeded(strategy, size, mask_patch, model_patch, ratio):
+    gen = MaskGenerator(size, mask_patch, model_patch, ratio, strategy=strategy)
+    a = gen.generate(24, generator=torch.Generator().manual_seed(1))
+    b = gen.generate(24, generator=torch.Generator().manual_seed(1))
+    c = gen.generate(24, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (24, size // model_patch, size // model_patch) and a.dtype == torch.long
+    cells = (size // (model_patch if strategy == "patch" else mask_patch)) ** 2
+    cell_pixels = gen.scale ** 2
+    assert gen.mask_count == math.ceil(cells * ratio)
+    assert (a.flatten(1).sum(1) == gen.mask_count * cell_pixels).all()
+    assert torch.equal(a, b)
+    if 0.0 < ratio < 1.0:
+        assert not torch.equal(a, c)
+    coarse = a[:, ::gen.scale, ::gen.scale]
+    assert torch.equal(coarse.repeat_interleave(gen.scale, 1).repeat_interleave(gen.scale, 2), a)
+
+
+def neighbour_agreement(masks):
+    """Fraction of masked cells whose right neighbour is masked too: ~ratio for independent cells."""
+    masked = masks[:, :, :-1].bool()
+    return (masked & masks[:, :, 1:].bool()).sum().item() / masked.sum().item()
+
+
+def test_strategy_statistics():
+    g = torch.Generator().manual_seed(0)
+    random = MaskGenerator(224, 16, 16, 0.4).generate(400, generator=g)
+    block = MaskGenerator(224, 16, 16, 0.4, strategy="block").generate(400, generator=g)
+    # every cell equally likely under random and patch: frequency 0.4 +- 5 standard errors
+    frequency = random.float().mean(0)
+    assert (frequency - 0.4).abs().max() < 5 * math.sqrt(0.4 * 0.6 / 400)
+    # BEiT's blocks: masked cells cluster (random's agreement is about (count - 1) / (cells - 1) = 0.4)
+    assert neighbour_agreement(random) < 0.45 < 0.6 < neighbour_agreement(block)
+    # grid at 0.75: MAE's grid sampling, exactly one visible cell in every aligned 2x2, at one offset per sample
+    grid = MaskGenerator(192, 32, 4, 0.75, strategy="grid").generate(50, generator=g)[:, ::8, ::8]
+    visible = (grid == 0).nonzero()
+    assert len(visible) == 50 * 9
+    parities = {(sample, row % 2, col % 2) for sample, row, col in visible.tolist()}
+    assert len(parities) == 50
+    # grid at 0.5: a checkerboard
+    half = MaskGenerator(192, 32, 4, 0.5, strategy="grid").generate(10, generator=g)[:, ::8, ::8]
+    assert (half[:, 1:, :] != half[:, :-1, :]).all() and (half[:, :, 1:] != half[:, :, :-1]).all()
+    # patch: independent model patches, not repeated cells
+    patch = MaskGenerator(64, 16, 8, 0.5, strategy="patch").generate(200, generator=g)
+    assert patch.shape == (200, 8, 8) and 0.4 < neighbour_agreement(patch) < 0.6
+
+
+def test_bayer_matrix_is_a_permutation():
+    matrix = bayer_matrix(8)
+    assert sorted(matrix.flatten().tolist()) == list(range(64))
+    assert matrix[:2, :2].tolist() == [[0, 32], [48, 16]]
+
+
+def test_ratio_schedule_over_epochs():
+    gen = MaskGenerator(192, 32, 4, 0.4, mask_ratio_end=0.8, total_epochs=5)
+    assert [gen.ratio_at(epoch) for epoch in (0, 2, 4, 9)] == pytest.approx([0.4, 0.6, 0.8, 0.8])
+    for epoch in range(5):
+        masks = gen.generate(4, generator=torch.Generator().manual_seed(0), epoch=epoch)
+        assert (masks[:, ::8, ::8].flatten(1).sum(1) == math.ceil(36 * gen.ratio_at(epoch))).all()
+    np.random.seed(0)
+    assert gen(epoch=4)[::8, ::8].sum() == math.ceil(36 * 0.8)
+
+
+def test_strategy_from_config_and_bad_arguments():
+    config = get_config("vit-tiny", [{"DATA": {"MASK_STRATEGY": "block", "MASK_RATIO_END": 0.75}}])
+    gen = MaskGenerator.from_config(config, 8)
+    assert (gen.strategy, gen.mask_ratio, gen.mask_ratio_end, gen.total_epochs) == ("block", 0.6, 0.75, 20)
+    with pytest.raises(ValueError, match="mask strategy must be one of random, patch, block, grid"):
+        MaskGenerator(192, 32, 4, strategy="blocks")
+    with pytest.raises(ValueError, match="mask_ratio_end"):
+        MaskGenerator(192, 32, 4, mask_ratio_end=1.2)

@@ -37,6 +37,33 @@ def test_vit_base_matches_published_size():
     assert model.encoder_stride == 16 and state["decoder.0.weight"].shape == (768, 768, 1, 1)
 
 
+def beit_vit_parameter_count(dim, depth, heads, patch, img=224, mlp_ratio=4):
+    """VisionTransformerForSimMIM (BEiT layout: q/v biases, layer scale, a shared relative position bias)
+    + SimMIM decoder, counted by hand."""
+    grid = img // patch
+    block = 2 * dim + 3 * dim * dim + 2 * dim + dim * dim + dim + 2 * dim  # norm1, qkv, q/v bias, proj, norm2
+    block += dim * mlp_ratio * dim + mlp_ratio * dim + mlp_ratio * dim * dim + dim + 2 * dim  # fc1, fc2, gammas
+    shared_bias = ((2 * grid - 1) ** 2 + 3) * heads
+    embed = dim * 3 * patch * patch + dim + 2 * dim  # patch_embed.proj, cls_token, mask_token
+    return embed + shared_bias + depth * block + 2 * dim + dim * patch * patch * 3 + patch * patch * 3
+
+
+@pytest.mark.parametrize("preset,dim,depth,heads,patch,count", [
+    ("vit-large-224", 1024, 24, 16, 16, 303_924_416),  # ViT-L/16
+    ("vit-huge-224", 1280, 32, 16, 14, 631_246_732),   # ViT-H/14
+])
+def test_vit_large_and_huge_have_published_sizes(preset, dim, depth, heads, patch, count):
+    with torch.device("meta"):
+        model = sf.build_simmim(preset)
+    encoder = model.encoder
+    assert (encoder.embed_dim, len(encoder.blocks), encoder.blocks[0].attn.num_heads, encoder.patch_size) == (
+        dim, depth, heads, patch)
+    assert model.encoder_stride == patch
+    assert sum(p.numel() for p in model.parameters()) == count == beit_vit_parameter_count(dim, depth, heads, patch)
+    config = get_config(preset)
+    assert config.DATA.MASK_PATCH_SIZE % patch == 0 and config.DATA.IMG_SIZE % config.DATA.MASK_PATCH_SIZE == 0
+
+
 def test_swin_base_matches_published_size():
     model = sf.build_simmim("swin-base-192-w6")
     params = sum(p.numel() for p in model.parameters())
@@ -152,8 +179,16 @@ def test_build_simmim_accepts_nested_dict_and_attribute_objects():
 
     from_attrs = sf.build_simmim(to_namespace(nested))
     assert from_dict.state_dict().keys() == from_attrs.state_dict().keys()
-    with pytest.raises(ValueError, match="MODEL.TYPE"):
-        sf.build_simmim(get_config("vit-tiny", [{"MODEL": {"TYPE": "convnext"}}]))
+    with pytest.raises(ValueError, match="MODEL.TYPE must be one of .*'convnext'.*'swinv2'.*got 'resnet'"):
+        sf.build_simmim(get_config("vit-tiny", [{"MODEL": {"TYPE": "resnet"}}]))
+
+
+def test_encoder_registry_owns_the_model_types():
+    from simmim_fast.models.registry import encoder_types, register_encoder
+
+    assert set(encoder_types()) == {"vit", "swin", "swinv2", "convnext"}
+    with pytest.raises(ValueError, match="'vit' already has an encoder builder"):
+        register_encoder("vit")(lambda config: None)
 
 
 def test_no_weight_decay_sets_are_prefixed():

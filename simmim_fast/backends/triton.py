@@ -72,6 +72,9 @@ class TritonBackend(Backend):
             reasons.append("CPU autocast to bfloat16 would run tl.dot in bf16, which is wrong under TRITON_INTERPRET=1")
         if op == "masked_patch_embed" and args["norm_weight"] is not None and len(args["norm_weight"]) > PATCH_NORM_MAX_DIM:
             reasons.append(f"patch_norm over {len(args['norm_weight'])} > {PATCH_NORM_MAX_DIM} channels")
+        if op == "masked_decoder_loss" and args.get("norm_target_patch_size") is not None:
+            reasons.append("the normalised pixel target (norm_target_patch_size) is not fused into the decoder+loss "
+                           "kernel yet; the reference computes it")
         return reasons
 
     def implementation(self, op):

@@ -7,6 +7,7 @@ from typing import Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def to_2tuple(value: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -136,3 +137,17 @@ def split_qkv(qkv: torch.Tensor, heads: int):
         batch, tokens, channels = qkv.shape
         return qkv.view(batch, tokens, 3, heads, channels // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
     return _SplitQKV.apply(qkv, heads)
+
+
+def drop_path_rates(drop_path_rate: float, blocks: int):
+    """Stochastic depth rising linearly from 0 to ``drop_path_rate`` over the blocks (as every original).
+    Computed on the CPU, so models can be built under ``torch.device("meta")`` (parameter counts)."""
+    return torch.linspace(0, drop_path_rate, blocks, device="cpu").tolist()
+
+
+def qv_bias_linear(x: torch.Tensor, weight: torch.Tensor, q_bias, v_bias) -> torch.Tensor:
+    """The qkv projection of BEiT and Swin V2: q and v have biases, k has none (None, None: no bias)."""
+    bias = None
+    if q_bias is not None:
+        bias = torch.cat((q_bias, torch.zeros_like(v_bias, requires_grad=False), v_bias))
+    return F.linear(x, weight, bias)

@@ -13,9 +13,10 @@ import torch.nn as nn
 import torch.utils.checkpoint as checkpoint
 
 from .. import _checks, ops
-from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
-from .layers import split_qkv, to_2tuple
+from .layers import Mlp, drop_path_or_identity, drop_path_rates, gather_relative_position_bias, init_weights
+from .layers import relative_position_index, split_qkv, to_2tuple
 from .layers import trunc_normal_
+from .registry import common_kwargs, read_key, register_encoder, section
 
 
 def window_partition(x, window_size):
@@ -74,8 +75,12 @@ class WindowAttention(nn.Module):
 
 
 class SwinTransformerBlock(nn.Module):
+    attention_class = WindowAttention
+
     def __init__(self, dim, input_resolution, num_heads, window_size=7, shift_size=0, mlp_ratio=4.0, qkv_bias=True,
-                 qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm):
+                 drop=0.0, attn_drop=0.0, drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 **attention_kwargs):
+        """``attention_kwargs``: ``qk_scale`` here, ``pretrained_window_size`` in Swin V2."""
         super().__init__()
         self.dim = dim
         self.input_resolution = input_resolution
@@ -90,8 +95,8 @@ class SwinTransformerBlock(nn.Module):
         if not 0 <= self.shift_size < self.window_size:
             raise ValueError(f"shift_size must be in [0, window_size), got {self.shift_size}")
         self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(dim, window_size=to_2tuple(self.window_size), num_heads=num_heads,
-                                    qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = self.attention_class(dim, window_size=to_2tuple(self.window_size), num_heads=num_heads,
+                                         qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, **attention_kwargs)
         self.drop_path = drop_path_or_identity(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
@@ -100,13 +105,13 @@ class SwinTransformerBlock(nn.Module):
             attn_mask = shifted_window_mask(self.input_resolution, self.window_size, self.shift_size)
         self.register_buffer("attn_mask", attn_mask)
 
-    def forward(self, x):
+    def shifted_window_attention(self, x):
+        """(B, H*W, C) -> (B, H*W, C): cyclic shift, attention inside each window, shift back."""
         height, width = self.input_resolution
         batch, length, channels = x.shape
         if length != height * width:
             raise ValueError(f"input must have {height}x{width} tokens, got {length}")
-        shortcut = x
-        x = self.norm1(x).view(batch, height, width, channels)
+        x = x.view(batch, height, width, channels)
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
         windows = window_partition(x, self.window_size).view(-1, self.window_size * self.window_size, channels)
@@ -115,7 +120,10 @@ class SwinTransformerBlock(nn.Module):
                            height, width)
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        x = shortcut + self.drop_path(x.view(batch, height * width, channels))
+        return x.reshape(batch, length, channels)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.shifted_window_attention(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -127,30 +135,35 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(4 * dim)
 
-    def forward(self, x):
+    def gather_2x2(self, x):
+        """(B, H*W, C) -> (B, H/2*W/2, 4C), the four neighbours of each 2x2 cell side by side."""
         height, width = self.input_resolution
         batch, _, channels = x.shape
         x = x.view(batch, height, width, channels)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        return self.reduction(self.norm(x.view(batch, -1, 4 * channels)))
+        return x.view(batch, -1, 4 * channels)
+
+    def forward(self, x):
+        return self.reduction(self.norm(self.gather_2x2(x)))
 
 
 class BasicLayer(nn.Module):
+    block_class = SwinTransformerBlock
+
     def __init__(self, dim, input_resolution, depth, num_heads, window_size, mlp_ratio=4.0, qkv_bias=True,
-                 qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=0.0, norm_layer=nn.LayerNorm, downsample=None,
-                 use_checkpoint=False):
+                 drop=0.0, attn_drop=0.0, drop_path=0.0, norm_layer=nn.LayerNorm, downsample=None,
+                 use_checkpoint=False, **attention_kwargs):
         super().__init__()
         self.dim = dim
         self.input_resolution = input_resolution
         self.depth = depth
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
-            SwinTransformerBlock(dim=dim, input_resolution=input_resolution, num_heads=num_heads,
-                                 window_size=window_size, shift_size=0 if i % 2 == 0 else window_size // 2,
-                                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop,
-                                 attn_drop=attn_drop,
-                                 drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path,
-                                 norm_layer=norm_layer)
+            self.block_class(dim=dim, input_resolution=input_resolution, num_heads=num_heads,
+                             window_size=window_size, shift_size=0 if i % 2 == 0 else window_size // 2,
+                             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop,
+                             drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path,
+                             norm_layer=norm_layer, **attention_kwargs)
             for i in range(depth)
         ])
         self.downsample = downsample(input_resolution, dim=dim, norm_layer=norm_layer) if downsample else None
@@ -205,6 +218,9 @@ def check_stage_geometry(img_size: Tuple[int, int], patch_size: Tuple[int, int],
 
 
 class SwinTransformer(nn.Module):
+    layer_class = BasicLayer
+    merging_class = PatchMerging
+
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, mlp_ratio: float = 4.0,
@@ -232,20 +248,26 @@ class SwinTransformer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, sum(depths))]
+        rates = drop_path_rates(drop_path_rate, sum(depths))
         self.layers = nn.ModuleList()
         for i in range(self.num_layers):
-            self.layers.append(BasicLayer(
+            self.layers.append(self.layer_class(
                 dim=int(embed_dim * 2 ** i),
                 input_resolution=(patches_resolution[0] // (2 ** i), patches_resolution[1] // (2 ** i)),
                 depth=depths[i], num_heads=num_heads[i], window_size=window_size, mlp_ratio=self.mlp_ratio,
-                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=rates[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=norm_layer,
-                downsample=PatchMerging if i < self.num_layers - 1 else None, use_checkpoint=use_checkpoint))
+                downsample=self.merging_class if i < self.num_layers - 1 else None, use_checkpoint=use_checkpoint,
+                **self.stage_attention_kwargs(i, qk_scale=qk_scale, **kwargs)))
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(partial(init_weights, weight_init=trunc_normal_))
+
+    @staticmethod
+    def stage_attention_kwargs(stage: int, qk_scale=None, **unused):
+        """The window attention's own arguments in stage ``stage`` (the original ignores unknown kwargs)."""
+        return {"qk_scale": qk_scale}
 
     def no_weight_decay(self) -> Set[str]:
         return {"absolute_pos_embed"}
@@ -254,14 +276,14 @@ class SwinTransformer(nn.Module):
         return {"relative_position_bias_table"}
 
 
-class SwinTransformerForSimMIM(SwinTransformer):
-    """The Swin encoder of SimMIM: the mask token replaces masked patches after patch_embed (and its
-    LayerNorm); output (B, C, H/32, W/32)."""
+class MaskedSwinMixin:
+    """What SimMIM adds to a Swin encoder (V1 or V2): the mask token replaces masked patches after
+    patch_embed (and its LayerNorm); output (B, C, H/32, W/32)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         if self.num_classes != 0:
-            raise ValueError(f"SwinTransformerForSimMIM needs num_classes=0, got {self.num_classes}")
+            raise ValueError(f"{type(self).__name__} needs num_classes=0, got {self.num_classes}")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         trunc_normal_(self.mask_token, mean=0.0, std=0.02)
 
@@ -283,3 +305,23 @@ class SwinTransformerForSimMIM(SwinTransformer):
 
     def no_weight_decay(self) -> Set[str]:
         return super().no_weight_decay() | {"mask_token"}
+
+
+class SwinTransformerForSimMIM(MaskedSwinMixin, SwinTransformer):
+    """The Swin encoder of the original SimMIM."""
+
+
+def swin_kwargs(config, prefix: str):
+    """The constructor arguments Swin V1 and V2 share, from their section (MODEL.SWIN / MODEL.SWINV2)."""
+    swin = section(config, prefix)
+    return swin, dict(
+        **common_kwargs(config), patch_size=swin("PATCH_SIZE"), in_chans=swin("IN_CHANS"), embed_dim=swin("EMBED_DIM"),
+        depths=list(swin("DEPTHS")), num_heads=list(swin("NUM_HEADS")), window_size=swin("WINDOW_SIZE"),
+        mlp_ratio=swin("MLP_RATIO"), qkv_bias=swin("QKV_BIAS"), ape=swin("APE"), patch_norm=swin("PATCH_NORM"),
+        use_checkpoint=read_key(config, "TRAIN.USE_CHECKPOINT"))
+
+
+@register_encoder("swin")
+def build_swin(config) -> SwinTransformerForSimMIM:
+    swin, kwargs = swin_kwargs(config, "MODEL.SWIN")
+    return SwinTransformerForSimMIM(**kwargs, qk_scale=swin("QK_SCALE"))

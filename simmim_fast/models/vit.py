@@ -11,12 +11,12 @@ from typing import Callable, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import _checks, ops
-from .layers import Mlp, drop_path_or_identity, gather_relative_position_bias, init_weights, relative_position_index
-from .layers import split_qkv, to_2tuple
+from .layers import Mlp, drop_path_or_identity, drop_path_rates, gather_relative_position_bias, init_weights
+from .layers import qv_bias_linear, relative_position_index, split_qkv, to_2tuple
 from .layers import trunc_normal_ as _trunc_normal
+from .registry import common_kwargs, register_encoder, section
 
 
 def vit_trunc_normal_(tensor, std=1.0):
@@ -96,10 +96,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rel_pos_bias: Optional[torch.Tensor] = None):
         batch, tokens, _ = x.shape
-        qkv_bias = None
-        if self.q_bias is not None:
-            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        qkv = qv_bias_linear(x, self.qkv.weight, self.q_bias, self.v_bias)
         q, k, v = split_qkv(qkv, self.num_heads)
         bias = rel_pos_bias
         if self.relative_position_bias_table is not None:
@@ -156,11 +153,11 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(p=drop_rate)
         patch_shape = self.patch_embed.patch_shape
         self.rel_pos_bias = RelativePositionBias(patch_shape, num_heads) if use_shared_rel_pos_bias else None
-        drop_path_rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, depth)]
+        rates = drop_path_rates(drop_path_rate, depth)
         self.use_rel_pos_bias = use_rel_pos_bias
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path_rates[i], norm_layer=norm_layer,
+                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i], norm_layer=norm_layer,
                   init_values=init_values, window_size=patch_shape if use_rel_pos_bias else None)
             for i in range(depth)
         ])
@@ -221,3 +218,14 @@ class VisionTransformerForSimMIM(VisionTransformer):
 
 def vit_norm_layer(eps: float = 1e-6):
     return partial(nn.LayerNorm, eps=eps)
+
+
+@register_encoder("vit")
+def build_vit(config) -> VisionTransformerForSimMIM:
+    vit = section(config, "MODEL.VIT")
+    return VisionTransformerForSimMIM(
+        **common_kwargs(config), patch_size=vit("PATCH_SIZE"), in_chans=vit("IN_CHANS"), embed_dim=vit("EMBED_DIM"),
+        depth=vit("DEPTH"), num_heads=vit("NUM_HEADS"), mlp_ratio=vit("MLP_RATIO"), qkv_bias=vit("QKV_BIAS"),
+        norm_layer=vit_norm_layer(1e-6), init_values=vit("INIT_VALUES"), use_abs_pos_emb=vit("USE_APE"),
+        use_rel_pos_bias=vit("USE_RPB"), use_shared_rel_pos_bias=vit("USE_SHARED_RPB"),
+        use_mean_pooling=vit("USE_MEAN_POOLING"))

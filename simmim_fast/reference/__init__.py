@@ -136,6 +136,22 @@ def masked_l1_loss(
     return (loss_recon * mask_px).sum() / (mask_px.sum() + LOSS_EPS) / in_chans
 
 
+# The successor's norm target: variance floor under the square root.
+NORM_TARGET_EPS = 1e-6
+
+
+def normalized_target(target: torch.Tensor, window: int) -> torch.Tensor:
+    """The successor's ``norm_targets``: each pixel of each channel as (x - mean) / sqrt(var + 1e-6), mean
+    and variance over the ``window`` x ``window`` neighbourhood clipped to the image (n pixels), the
+    variance unbiased (x n / (n - 1)) and clamped at 0. ``window`` is odd."""
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    mean = F.avg_pool2d(target, count_include_pad=False, **pool)
+    square_mean = F.avg_pool2d(target ** 2.0, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(target), count_include_pad=True, **pool) * window ** 2
+    variance = torch.clamp((square_mean - mean ** 2.0) * (count / (count - 1)), min=0.0)
+    return (target - mean) / (variance + NORM_TARGET_EPS) ** 0.5
+
+
 def masked_decoder_loss(
     features: torch.Tensor,
     mask: torch.Tensor,
@@ -145,14 +161,19 @@ def masked_decoder_loss(
     encoder_stride: int,
     patch_size: int,
     in_chans: int,
+    norm_target_patch_size: Optional[int] = None,
 ) -> torch.Tensor:
     """The SimMIM decoder (1x1 conv + PixelShuffle) followed by the masked L1 loss.
 
     features (B, C_enc, H/s, W/s) from the encoder; weight (s*s*3, C_enc, 1, 1) and bias (s*s*3,)
-    of ``decoder.0``; target (B, 3, H, W); mask (B, H/patch_size, W/patch_size).
+    of ``decoder.0``; target (B, 3, H, W); mask (B, H/patch_size, W/patch_size);
+    norm_target_patch_size: None for raw pixels, or the odd window of ``normalized_target`` (the
+    successor's MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE), the target then being ``normalized_target(target)``.
     Fast backends compute the decoder only where the mask is set; the value and every gradient
     equal this plain version's.
     """
+    if norm_target_patch_size is not None:
+        target = normalized_target(target, norm_target_patch_size)
     decoded = F.conv2d(features, weight, bias)
     return masked_l1_loss(decoded, target, mask, patch_size, in_chans, shuffle_stride=encoder_stride)
 

@@ -216,14 +216,14 @@ class SimMIMTransform:
         self.img_size = img_size
         self.mask_generator = mask_generator
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    def __call__(self, image: Image.Image, generator: torch.Generator, epoch: int = 0) -> Dict[str, torch.Tensor]:
         image = as_rgb(decode(image))
         (left, top, crop_w, crop_h), flip = crop_and_flip(image.width, image.height, generator)
         image = image.resize((self.img_size, self.img_size), Image.BILINEAR,
                              box=(left, top, left + crop_w, top + crop_h))
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        mask = self.mask_generator.generate(1, generator=generator)[0]
+        mask = self.mask_generator.generate(1, generator=generator, epoch=epoch)[0]  # epoch: ratio schedules
         return {"image": to_normalized_tensor(image), "mask": mask}
 
 

@@ -55,6 +55,6 @@ class StepMasks:
         generator = torch.Generator(self.draw_device).manual_seed(
             sample_seed(self.seed, epoch, step_in_epoch, MASK_STREAM))
         count = self.accumulation * self.batch_size * self.world_size
-        masks = self.mask_generator.generate(count, generator=generator, device=self.draw_device)
+        masks = self.mask_generator.generate(count, generator=generator, device=self.draw_device, epoch=epoch)
         masks = masks.view(self.accumulation, self.batch_size, self.world_size, *masks.shape[1:])[:, :, self.rank]
         return list(masks.contiguous().to(self.device, non_blocking=True).unbind(0))

@@ -24,6 +24,7 @@ from .. import dispatch, tuning
 from .._checks import check_count, check_writable_folder
 from ..config import build_simmim
 from ..masking import MaskGenerator
+from ..models.convnext import Block as ConvNeXtBlock
 from ..models.vit import Block as VitBlock
 from . import checkpoints, distributed, pictures
 from .configs import build_config
@@ -104,10 +105,10 @@ def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
-    """Activation checkpointing for ViT blocks (Swin does it itself from TRAIN.USE_CHECKPOINT); the
-    forward is replaced on the instance, so parameter names and checkpoints stay the original's."""
+    """Activation checkpointing for ViT and ConvNeXt blocks (Swin does it itself from TRAIN.USE_CHECKPOINT);
+    the forward is replaced on the instance, so parameter names and checkpoints stay the original's."""
     for module in model.modules():
-        if isinstance(module, VitBlock):
+        if isinstance(module, (VitBlock, ConvNeXtBlock)):
             module.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(module).forward.__get__(module),
                                                use_reentrant=False)
 
@@ -154,8 +155,7 @@ class Pretraining:
         seed_everything(config.SEED + runtime.rank)
         if config.TRAIN.USE_CHECKPOINT:
             checkpoint_vit_blocks(self.model)
-        mask_generator = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, self.model.patch_size,
-                                       config.DATA.MASK_RATIO)
+        mask_generator = MaskGenerator.from_config(config, self.model.patch_size)
         # Before DDP/FSDP wrap the model (rank 0 runs it alone) and before torch.compile traces it.
         tuning.before_training(self.model, runtime, config.DATA.BATCH_SIZE, mask_generator, self.amp_dtype)
         self.train_model = distributed.wrap(self.model, runtime, options.fsdp)

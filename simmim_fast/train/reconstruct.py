@@ -53,8 +53,8 @@ def reconstruct_images(checkpoint: str, images: str, out: str, count: int = 8, s
             break
     if not pictures:
         raise ValueError(f"{images}: none of the image files could be read")
-    masks = MaskGenerator(config.DATA.IMG_SIZE, config.DATA.MASK_PATCH_SIZE, model.patch_size,
-                          config.DATA.MASK_RATIO).generate(len(pictures), generator=torch.Generator().manual_seed(seed))
+    masks = MaskGenerator.from_config(config, model.patch_size).generate(
+        len(pictures), generator=torch.Generator().manual_seed(seed))
     panels = reconstruction_panels(model, torch.stack(pictures).to(device), masks.to(device))
     return save_grid(panels, Path(out), title=f"{Path(checkpoint).name}: {len(pictures)} images from {images}")
 
