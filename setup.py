@@ -13,6 +13,7 @@ packages = [
     "simmim_fast.models",
     "simmim_fast.reference",
     "simmim_fast.train",
+    "simmim_fast.downstream",
     "simmim_fast.kernels",
 ]
 package_dir = {"simmim_fast.kernels": "kernels"}

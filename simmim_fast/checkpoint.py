@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -31,6 +32,21 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
 def load_checkpoint(path: Union[str, Path], map_location="cpu") -> Any:
     """``torch.load`` with weights_only=True (tensors, numbers, strings, containers only)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def read_checkpoint_file(path: Union[str, Path], trust: bool = False) -> Any:
+    """A checkpoint file, weights only unless ``trust``: the original SimMIM's checkpoints hold a pickled
+    yacs config, and unpickling runs code from the file, so that needs the user's word."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return load_checkpoint(path)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds pickled Python objects besides tensors (the original SimMIM's "
+                         "checkpoints keep a yacs config); if you trust the file, add --trust-checkpoint "
+                         f"({str(error).splitlines()[0]})") from None
 
 
 def state_dict_of(checkpoint: Any) -> Mapping[str, torch.Tensor]:

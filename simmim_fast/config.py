@@ -161,13 +161,16 @@ def _read(config, dotted_key: str):
     return node
 
 
-def build_encoder(config) -> nn.Module:
+def build_encoder(config, classes: Optional[Mapping[str, type]] = None, num_classes: int = 0) -> nn.Module:
+    """The SimMIM encoder of MODEL.TYPE; ``classes`` (by type) and ``num_classes`` build others from the
+    same keys (fine-tuning's classifiers)."""
+    classes = {"swin": SwinTransformerForSimMIM, "vit": VisionTransformerForSimMIM, **(classes or {})}
     model_type = _read(config, "MODEL.TYPE")
     img_size = _read(config, "DATA.IMG_SIZE")
     if model_type == "swin":
         swin = lambda key: _read(config, f"MODEL.SWIN.{key}")  # noqa: E731
-        return SwinTransformerForSimMIM(
-            img_size=img_size, patch_size=swin("PATCH_SIZE"), in_chans=swin("IN_CHANS"), num_classes=0,
+        return classes["swin"](
+            img_size=img_size, patch_size=swin("PATCH_SIZE"), in_chans=swin("IN_CHANS"), num_classes=num_classes,
             embed_dim=swin("EMBED_DIM"), depths=list(swin("DEPTHS")), num_heads=list(swin("NUM_HEADS")),
             window_size=swin("WINDOW_SIZE"), mlp_ratio=swin("MLP_RATIO"), qkv_bias=swin("QKV_BIAS"),
             qk_scale=swin("QK_SCALE"), drop_rate=_read(config, "MODEL.DROP_RATE"),
@@ -175,8 +178,8 @@ def build_encoder(config) -> nn.Module:
             use_checkpoint=_read(config, "TRAIN.USE_CHECKPOINT"))
     if model_type == "vit":
         vit = lambda key: _read(config, f"MODEL.VIT.{key}")  # noqa: E731
-        return VisionTransformerForSimMIM(
-            img_size=img_size, patch_size=vit("PATCH_SIZE"), in_chans=vit("IN_CHANS"), num_classes=0,
+        return classes["vit"](
+            img_size=img_size, patch_size=vit("PATCH_SIZE"), in_chans=vit("IN_CHANS"), num_classes=num_classes,
             embed_dim=vit("EMBED_DIM"), depth=vit("DEPTH"), num_heads=vit("NUM_HEADS"), mlp_ratio=vit("MLP_RATIO"),
             qkv_bias=vit("QKV_BIAS"), drop_rate=_read(config, "MODEL.DROP_RATE"),
             drop_path_rate=_read(config, "MODEL.DROP_PATH_RATE"), norm_layer=vit_norm_layer(1e-6),

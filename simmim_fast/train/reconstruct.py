@@ -1,14 +1,13 @@
 """``simmim-fast reconstruct``: a pretrained SimMIM's reconstructions of your own images, as a PNG grid."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Optional
 
 import torch
 from PIL import Image
 
-from ..checkpoint import load_checkpoint, state_dict_of
+from ..checkpoint import read_checkpoint_file, state_dict_of
 from ..config import build_simmim, get_config, merge
 from ..masking import MaskGenerator
 from .configs import build_config
@@ -25,15 +24,7 @@ def reconstruct_images(checkpoint: str, images: str, out: str, count: int = 8, s
     checkpoints give ``preset`` or ``config_file``. ``trust_checkpoint`` unpickles arbitrary objects
     (the original's checkpoints hold a yacs config), which runs code from the file: trusted files only.
     """
-    if trust_checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    else:
-        try:
-            state = load_checkpoint(checkpoint)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"{checkpoint} holds pickled Python objects besides tensors (the original SimMIM's "
-                             "checkpoints keep a yacs config); if you trust the file, add --trust-checkpoint "
-                             f"({str(error).splitlines()[0]})") from None
+    state = read_checkpoint_file(checkpoint, trust_checkpoint)
     if not (preset or config_file) and not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
         raise ValueError(f"{checkpoint} has no simmim-fast config; give --preset or --config for its model")
     config = build_config(preset, config_file) if preset or config_file else merge(get_config(), state["config"])
