@@ -6,6 +6,7 @@ import sys
 from typing import List, Optional
 
 from .config import PRESETS
+from .downstream import cli as downstream
 
 
 def _pretrain_parser(commands) -> None:
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(commands)
     _reconstruct_parser(commands)
+    downstream.add_commands(commands)
     return parser
 
 
@@ -83,6 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             options = vars(args).copy()
             del options["command"]
             pretrain(PretrainOptions(**options))
+        elif args.command in downstream.COMMANDS:
+            downstream.run(args)
         else:
             path = reconstruct_images(args.checkpoint, args.images, args.out, count=args.count, seed=args.seed,
                                       preset=args.preset, config_file=args.config, device=args.device,
