@@ -7,12 +7,14 @@
 #   csrc        builds the CUDA extension (csrc/) in .venv-cuda (CUDA torch, no GPU needed), then
 #               tests/test_csrc.py (+ tests/test_gpu_csrc.py where there is a GPU)
 #   xla         the model on torch_xla's CPU device in .venv-xla vs eager (tests/test_xla.py)
+#   downstream  exports loaded into the real timm / transformers classes, augmentation vs timm's, in
+#               .venv-downstream (torch 2.14.1 + torchvision 0.29.1: the pair timm imports with)
 # `bash tests/run.sh plain` (or any list of lanes) runs only those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 PY=.venv/bin/python
-lanes=${*:-plain interpreter compile csrc xla}
+lanes=${*:-plain interpreter compile csrc xla downstream}
 
 # csrc and xla each get their own venv: a CUDA build of torch there, the torch_xla pin here.
 lane_venv() {  # lane_venv DIR REQUIREMENTS...: the venv with those, and this package without deps
@@ -43,6 +45,10 @@ for lane in $lanes; do
     xla)
       lane_venv .venv-xla "torch==2.9.0" "torch_xla==2.9.0" "numpy<2.4" pytest pillow pyyaml tqdm matplotlib
       PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -q -m xla tests/test_xla.py ;;
+    downstream)
+      lane_venv .venv-downstream "torch==2.14.1" "torchvision==0.29.1" timm transformers safetensors "numpy<2.4" \
+        pytest pillow pyyaml tqdm matplotlib
+      .venv-downstream/bin/python -m pytest -q -m downstream tests/test_downstream_libraries.py ;;
     *) echo "unknown lane $lane" >&2; exit 2 ;;
   esac
 done
