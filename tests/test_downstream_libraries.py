@@ -18,7 +18,7 @@ from simmim_fast.downstream import augment  # noqa: E402
 from simmim_fast.downstream.export import export_checkpoint  # noqa: E402
 from simmim_fast.downstream.finetune import RECIPES  # noqa: E402
 from simmim_fast.downstream.models import build_classifier, load_into  # noqa: E402
-from simmim_fast.downstream.probe import encoder_from_checkpoint  # noqa: E402
+from simmim_fast.downstream.probe import model_from_checkpoint  # noqa: E402
 from simmim_fast.train.scenes import render_scene  # noqa: E402
 
 pytestmark = pytest.mark.downstream
@@ -49,13 +49,10 @@ def write_checkpoint(tmp_path, preset, finetuned):
 
 def ours(path, images):
     """(token or pooled features, logits or None) of our model for the checkpoint."""
-    model, config = encoder_from_checkpoint(str(path))
-    state = torch.load(path, weights_only=True)["model"]
+    model, config, _ = model_from_checkpoint(str(path), with_head=True)
     with torch.no_grad():
-        if "head.weight" in state:
-            classifier = build_classifier(config, state["head.weight"].shape[0]).eval()
-            load_into(classifier, state)
-            return classifier.forward_features(images), classifier(images)
+        if model.num_classes:
+            return model.forward_features(images), model(images)
         if config.MODEL.TYPE == "vit":
             return model.forward_tokens(images), None
         return model.forward_features(images), None

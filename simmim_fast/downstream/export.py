@@ -10,30 +10,28 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..train.data import IMAGENET_MEAN, IMAGENET_STD
 from .data import EVAL_RESIZE_RATIO
-from .probe import encoder_from_checkpoint
+from .probe import model_from_checkpoint
 
 FORMATS = ("timm", "transformers")
-SWIN_OUTSIDE_BLOCKS = {"patch_embed.proj.": "embeddings.patch_embeddings.projection.",
-                       "patch_embed.norm.": "embeddings.norm.", "norm.": "layernorm.", "layers.": "encoder.layers."}
-
-
-def _classifier_from(checkpoint: str, preset, config_file, trust):
-    """(model with the checkpoint's head if it has one, config)."""
-    from .finetune import read_pretrained
-    from .models import build_classifier, load_into
-
-    model, config = encoder_from_checkpoint(checkpoint, preset, config_file, trust)
-    state = read_pretrained(checkpoint, trust)["model"]
-    if "head.weight" in state:
-        model = build_classifier(config, state["head.weight"].shape[0])
-        load_into(model, state)
-    return model.eval(), config
+# transformers 5 names, by prefix: inside a block / elsewhere (the fused qkv and the head aside).
+BEIT_BLOCK_NAMES = {"gamma_1": "lambda_1", "gamma_2": "lambda_2", "norm1.": "layernorm_before.",
+                    "norm2.": "layernorm_after.", "attn.proj.": "attention.o_proj.", "mlp.": "mlp.",
+                    "attn.q_bias": "attention.q_proj.bias", "attn.v_bias": "attention.v_proj.bias",
+                    "attn.relative_position_bias_table": "relative_position_bias.relative_position_bias_table"}
+BEIT_OTHER_NAMES = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+                    "patch_embed.proj.": "embeddings.patch_embeddings.projection.",
+                    "rel_pos_bias.": "shared_position_bias.", "norm.": "layernorm.", "fc_norm.": "pooler.layernorm."}
+SWIN_BLOCK_NAMES = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.", "attn.proj.": "attention.o_proj.",
+                    "mlp.": "mlp.", "attn.relative_position_bias_table":
+                    "attention.relative_position_bias.relative_position_bias_table"}
+SWIN_OTHER_NAMES = {"patch_embed.proj.": "embeddings.patch_embeddings.projection.",
+                    "patch_embed.norm.": "embeddings.norm.", "norm.": "layernorm.", "layers.": "encoder.layers."}
 
 
 def _without_derived(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -71,43 +69,37 @@ def timm_layout(model, config) -> Tuple[Dict[str, torch.Tensor], dict]:
     return state, config_json
 
 
-def _split_qkv(weight: torch.Tensor):
-    return weight.chunk(3, dim=0)
+def _renamed(state: Dict[str, torch.Tensor], base: str, block_pattern: str, block_prefix: str,
+             block_names: Dict[str, str], other_names: Dict[str, str]) -> Dict[str, torch.Tensor]:
+    """``state`` renamed by prefix tables (inside blocks / elsewhere), under ``base``; a block's fused
+    qkv (weight and bias) split into q_proj/k_proj/v_proj; the head becomes ``classifier``."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("head."):
+            out["classifier." + key[len("head."):]] = value
+            continue
+        match = re.match(block_pattern, key)
+        if match is None:
+            prefix, rest, names = base, key, other_names
+        else:
+            prefix, rest, names = base + block_prefix.format(*match.groups()[:-1]), match.groups()[-1], block_names
+        if rest.startswith("attn.qkv."):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{prefix}attention.{name}.{rest.rsplit('.', 1)[1]}"] = part
+            continue
+        old = next(old for old in names if rest.startswith(old))
+        out[prefix + names[old] + rest[len(old):]] = value
+    return out
 
 
-def transformers_layout(model, config) -> Tuple[Dict[str, torch.Tensor], dict]:
+def transformers_layout(model, config, classes: Optional[List[str]] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
     state, num_classes = _without_derived(model.state_dict()), getattr(model, "num_classes", 0)
     classify = num_classes > 0
-    out: Dict[str, torch.Tensor] = {}
     size = config.DATA.IMG_SIZE
     if config.MODEL.TYPE == "vit":
         vit = config.MODEL.VIT
-        base = "beit." if classify else ""
-        rename = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-                  "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-                  "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-                  "rel_pos_bias.relative_position_bias_table": "shared_position_bias.relative_position_bias_table",
-                  "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias",
-                  "fc_norm.weight": "pooler.layernorm.weight", "fc_norm.bias": "pooler.layernorm.bias"}
-        block_rename = {"gamma_1": "lambda_1", "gamma_2": "lambda_2", "norm1.": "layernorm_before.",
-                        "norm2.": "layernorm_after.", "attn.proj.": "attention.o_proj.", "mlp.": "mlp.",
-                        "attn.q_bias": "attention.q_proj.bias", "attn.v_bias": "attention.v_proj.bias",
-                        "attn.relative_position_bias_table": "relative_position_bias.relative_position_bias_table"}
-        for key, value in state.items():
-            match = re.match(r"^blocks\.(\d+)\.(.*)$", key)
-            if match is None:
-                if key.startswith("head."):
-                    out[key.replace("head.", "classifier.", 1)] = value
-                else:
-                    out[base + rename[key]] = value
-                continue
-            prefix, rest = f"{base}layers.{match.group(1)}.", match.group(2)
-            if rest == "attn.qkv.weight":
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(value)):
-                    out[f"{prefix}attention.{name}.weight"] = part
-                continue
-            old = next(old for old in block_rename if rest.startswith(old))
-            out[prefix + block_rename[old] + rest[len(old):]] = value
+        out = _renamed(state, "beit." if classify else "", r"^blocks\.(\d+)\.(.*)$", "layers.{}.", BEIT_BLOCK_NAMES,
+                       BEIT_OTHER_NAMES)
         hf_config = {"model_type": "beit", "architectures": ["BeitForImageClassification" if classify else "BeitModel"],
                      "image_size": size, "patch_size": vit.PATCH_SIZE, "num_channels": vit.IN_CHANS,
                      "hidden_size": vit.EMBED_DIM, "num_hidden_layers": vit.DEPTH, "num_attention_heads": vit.NUM_HEADS,
@@ -123,34 +115,17 @@ def transformers_layout(model, config) -> Tuple[Dict[str, torch.Tensor], dict]:
         if swin.APE:
             raise ValueError("transformers' Swin position embeddings include an extra token; MODEL.SWIN.APE models "
                              "are not exported")
-        base = "swin." if classify else ""
-        block_rename = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.", "attn.proj.": "attention.o_proj.",
-                        "mlp.": "mlp.", "attn.relative_position_bias_table":
-                        "attention.relative_position_bias.relative_position_bias_table"}
-        for key, value in state.items():
-            match = re.match(r"^layers\.(\d+)\.blocks\.(\d+)\.(.*)$", key)
-            if match is None:
-                if key.startswith("head."):
-                    out[key.replace("head.", "classifier.", 1)] = value
-                else:
-                    old = next(old for old in SWIN_OUTSIDE_BLOCKS if key.startswith(old))
-                    out[base + SWIN_OUTSIDE_BLOCKS[old] + key[len(old):]] = value
-                continue
-            prefix, rest = f"{base}encoder.layers.{match.group(1)}.blocks.{match.group(2)}.", match.group(3)
-            if rest.startswith("attn.qkv."):
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(value)):
-                    out[f"{prefix}attention.{name}.{rest.rsplit('.', 1)[1]}"] = part
-                continue
-            old = next(old for old in block_rename if rest.startswith(old))
-            out[prefix + block_rename[old] + rest[len(old):]] = value
+        out = _renamed(state, "swin." if classify else "", r"^layers\.(\d+)\.blocks\.(\d+)\.(.*)$",
+                       "encoder.layers.{}.blocks.{}.", SWIN_BLOCK_NAMES, SWIN_OTHER_NAMES)
         hf_config = {"model_type": "swin", "architectures": ["SwinForImageClassification" if classify else "SwinModel"],
                      "image_size": size, "patch_size": swin.PATCH_SIZE, "num_channels": swin.IN_CHANS,
                      "embed_dim": swin.EMBED_DIM, "depths": list(swin.DEPTHS), "num_heads": list(swin.NUM_HEADS),
                      "window_size": swin.WINDOW_SIZE, "mlp_ratio": float(swin.MLP_RATIO), "qkv_bias": swin.QKV_BIAS,
                      "hidden_act": "gelu", "use_absolute_embeddings": False, "layer_norm_eps": 1e-5}
     if classify:
-        hf_config["id2label"] = {str(index): str(index) for index in range(num_classes)}
-        hf_config["label2id"] = {str(index): index for index in range(num_classes)}
+        names = classes if classes and len(classes) == num_classes else [str(index) for index in range(num_classes)]
+        hf_config["id2label"] = {str(index): name for index, name in enumerate(names)}
+        hf_config["label2id"] = {name: index for index, name in enumerate(names)}
     return {key: value.contiguous() for key, value in out.items()}, hf_config
 
 
@@ -163,8 +138,8 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, preset: Optional[str]
         from safetensors.torch import save_file
     except ImportError:
         raise ValueError("export writes safetensors: pip install safetensors") from None
-    model, config = _classifier_from(checkpoint, preset, config_file, trust)
-    state, config_json = (timm_layout if fmt == "timm" else transformers_layout)(model, config)
+    model, config, classes = model_from_checkpoint(checkpoint, preset, config_file, trust, with_head=True)
+    state, config_json = timm_layout(model, config) if fmt == "timm" else transformers_layout(model, config, classes)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({key: value.detach().contiguous() for key, value in state.items()}, str(folder / "model.safetensors"),

@@ -27,7 +27,7 @@ from ..config import DEFAULTS, PRESETS, Config, merge, set_key, to_config
 from ..train import checkpoints, distributed
 from ..train.configs import parse_assignment, read_yaml_config
 from ..train.data import build_loader, sample_seed
-from ..train.engine import (NonFiniteLossError, OptimizerSteps, kernel_backend, resolve_amp, seed_everything,
+from ..train.engine import (NonFiniteLossError, TrainingSteps, kernel_backend, resolve_amp, seed_everything,
                             xla_sync)
 from ..train.monitor import Monitor
 from ..train.optim import build_optimizer, build_schedule, scaled_lrs, skips_weight_decay
@@ -179,10 +179,11 @@ def layer_decay_groups(model: torch.nn.Module, config) -> List[Dict[str, Any]]:
 
 
 def read_pretrained(path: str, trust: bool) -> Dict[str, Any]:
-    """A checkpoint as a dict with 'model' (and 'config' when simmim-fast wrote it)."""
+    """A checkpoint as a dict with 'model', and 'config' and 'classes' where simmim-fast wrote them."""
     state = read_checkpoint_file(path, trust)
-    config = state.get("config") if isinstance(state, dict) else None
-    return {"model": state_dict_of(state), "config": config if isinstance(config, dict) else None}
+    config, classes = (state.get("config"), state.get("classes")) if isinstance(state, dict) else (None, None)
+    return {"model": state_dict_of(state), "config": config if isinstance(config, dict) else None,
+            "classes": list(classes) if isinstance(classes, (list, tuple)) else None}
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> List[torch.Tensor]:
@@ -213,7 +214,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, r
             "val_loss": float(totals[2]) / count, "val_images": int(totals[3])}
 
 
-class Finetuning(OptimizerSteps):
+class Finetuning(TrainingSteps):
     """One fine-tuning run; ``run()`` trains to the last step, evaluating every epoch."""
 
     def __init__(self, options: FinetuneOptions, runtime: distributed.Runtime):
@@ -281,11 +282,7 @@ class Finetuning(OptimizerSteps):
     # ---- checkpoints (the pretraining layout; 'model' is the classifier's state dict) ---------------
 
     def save(self) -> Optional[Path]:
-        rng = [checkpoints.capture_rng(self.device)]
-        if self.runtime.distributed:
-            rng = [None] * self.runtime.world_size
-            torch.distributed.all_gather_object(rng, checkpoints.capture_rng(self.device))
-            rng = [checkpoints.to_cpu(state) for state in rng]
+        rng = checkpoints.gathered_rng(self.device, self.runtime)
         if not self.runtime.is_main:
             return None
         path = checkpoints.save_checkpoint(checkpoints.checkpoint_path(self.output, self.step), {
@@ -333,17 +330,6 @@ class Finetuning(OptimizerSteps):
             images, targets = self.mixup(images, labels, generator)
             return torch.sum(-targets * F.log_softmax(self.train_model(images), dim=-1), dim=-1).mean()
         return F.cross_entropy(self.train_model(images), labels, label_smoothing=self.config.MODEL.LABEL_SMOOTHING)
-
-    def _batches(self):
-        world = self.runtime.world_size
-        while True:
-            self.loader.sampler.set_position(self.epoch, self.samples_into_epoch // world)
-            micro_batches = len(self.loader) // self.accumulation * self.accumulation
-            iterator = iter(self.loader)
-            for _ in range(micro_batches):
-                yield next(iterator)
-            self.epoch += 1
-            self.samples_into_epoch = 0
 
     def _evaluate(self, monitor: Monitor) -> Dict[str, Any]:
         result = {"step": self.step, "epoch": self.step / self.steps_per_epoch,

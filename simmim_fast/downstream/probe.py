@@ -32,10 +32,11 @@ from .models import VisionTransformerClassifier, build_classifier, load_into
 CACHE_FORMAT = "simmim_fast.features/1"
 
 
-def encoder_from_checkpoint(path: str, preset: Optional[str] = None, config_file: Optional[str] = None,
-                            trust: bool = False):
-    """(featureless classifier with the checkpoint's weights, its config): the model from the checkpoint's
-    own config (simmim-fast pretraining or fine-tuning), else from ``preset`` / ``config_file``."""
+def model_from_checkpoint(path: str, preset: Optional[str] = None, config_file: Optional[str] = None,
+                          trust: bool = False, with_head: bool = False):
+    """(model in eval mode, config, class names or None) for a checkpoint: the model from its own config
+    (simmim-fast pretraining or fine-tuning), else from ``preset`` / ``config_file``; with its head when
+    ``with_head`` and it has one, else features only."""
     pretrained = read_pretrained(path, trust)
     if preset or config_file:
         config = build_config(preset, config_file)
@@ -44,9 +45,10 @@ def encoder_from_checkpoint(path: str, preset: Optional[str] = None, config_file
         config = merge(get_config(), saved)
     else:
         raise ValueError(f"{path} has no simmim-fast config; give --preset or --config for its model")
-    model = build_classifier(config, num_classes=0)
-    load_into(model, pretrained["model"], keep_head=False)
-    return model.eval(), config
+    head = pretrained["model"].get("head.weight")
+    model = build_classifier(config, num_classes=head.shape[0] if with_head and head is not None else 0)
+    load_into(model, pretrained["model"], keep_head=with_head)
+    return model.eval(), config, pretrained["classes"]
 
 
 def probe_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -146,7 +148,7 @@ def run_probes(checkpoint: str, data: Optional[str] = None, linear: bool = True,
     the labelled embedded scenes when None). Returns (and writes to ``output``, a JSON file) the metrics."""
     if not (linear or knn):
         raise ValueError("choose --linear, --knn or both")
-    model, config = encoder_from_checkpoint(checkpoint, preset, config_file, trust_checkpoint)
+    model, config, _ = model_from_checkpoint(checkpoint, preset, config_file, trust_checkpoint)
     model.to(device)
     train, val = open_splits(data)
     cache = Path(cache_dir) if cache_dir else Path(checkpoint).parent / "features"

@@ -56,6 +56,15 @@ def capture_rng(device: torch.device) -> Dict[str, Any]:
     return state
 
 
+def gathered_rng(device: torch.device, runtime) -> List[Dict[str, Any]]:
+    """Every process's RNG states, in rank order (all processes take part)."""
+    if not runtime.distributed:
+        return [capture_rng(device)]
+    states = [None] * runtime.world_size
+    torch.distributed.all_gather_object(states, capture_rng(device))
+    return [to_cpu(state) for state in states]
+
+
 def restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]

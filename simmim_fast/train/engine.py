@@ -70,10 +70,23 @@ def kernel_backend(spec: Optional[str]):
             os.environ[dispatch.ENV_VAR] = previous
 
 
-class OptimizerSteps:
-    """One optimizer step for a training loop that holds ``options`` (with ``fsdp``), ``runtime``,
+class TrainingSteps:
+    """The batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``), ``runtime``,
     ``model`` (unwrapped), ``train_model`` (DDP/FSDP/compiled), ``optimizer``, ``scaler`` (or None),
-    ``schedule``, ``step``, ``clip_grad``, ``device`` and ``amp_dtype``."""
+    ``schedule``, ``step``, ``clip_grad``, ``device``, ``amp_dtype``, ``loader`` (an ``EpochSampler``'s),
+    ``accumulation``, ``epoch`` and ``samples_into_epoch``."""
+
+    def _batches(self):
+        """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
+        world = self.runtime.world_size
+        while True:
+            self.loader.sampler.set_position(self.epoch, self.samples_into_epoch // world)
+            micro_batches = len(self.loader) // self.accumulation * self.accumulation
+            iterator = iter(self.loader)
+            for _ in range(micro_batches):
+                yield next(iterator)
+            self.epoch += 1
+            self.samples_into_epoch = 0
 
     def _micro_batch_context(self, last: bool):
         """Gradient sync only on the last micro-batch of an accumulation."""

@@ -22,7 +22,7 @@ from ..models.vit import Block as VitBlock
 from . import checkpoints, distributed, pictures
 from .configs import build_config
 from .data import PretrainDataset, SimMIMTransform, build_loader, open_image_source
-from .engine import NonFiniteLossError, OptimizerSteps, kernel_backend, resolve_amp, seed_everything, xla_sync
+from .engine import NonFiniteLossError, TrainingSteps, kernel_backend, resolve_amp, seed_everything, xla_sync
 from .monitor import Monitor
 from .optim import build_optimizer, build_schedule, scaled_lrs
 
@@ -67,7 +67,7 @@ def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
                                                use_reentrant=False)
 
 
-class Pretraining(OptimizerSteps):
+class Pretraining(TrainingSteps):
     """The state of one run; ``run()`` trains to the last step and returns a summary dict."""
 
     def __init__(self, options: PretrainOptions, runtime: distributed.Runtime):
@@ -147,11 +147,7 @@ class Pretraining(OptimizerSteps):
 
     def save(self) -> Optional[Path]:
         """Rank 0 writes; every rank takes part (RNG states, unreadable files, FSDP's gathered weights)."""
-        rng = [checkpoints.capture_rng(self.device)]
-        if self.runtime.distributed:
-            rng = [None] * self.runtime.world_size
-            torch.distributed.all_gather_object(rng, checkpoints.capture_rng(self.device))
-            rng = [checkpoints.to_cpu(state) for state in rng]
+        rng = checkpoints.gathered_rng(self.device, self.runtime)
         self._gather_unreadable()
         if not (self.runtime.is_main or self.options.fsdp):
             return None
@@ -215,18 +211,6 @@ class Pretraining(OptimizerSteps):
             batch["image"].to(self.device, non_blocking=True), batch["mask"].to(self.device, non_blocking=True)))
 
     # ---- the run -----------------------------------------------------------------------------------
-
-    def _batches(self):
-        """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
-        world = self.runtime.world_size
-        while True:
-            self.loader.sampler.set_position(self.epoch, self.samples_into_epoch // world)
-            micro_batches = len(self.loader) // self.accumulation * self.accumulation
-            iterator = iter(self.loader)
-            for _ in range(micro_batches):
-                yield next(iterator)
-            self.epoch += 1
-            self.samples_into_epoch = 0
 
     def _record_unreadable(self, batches) -> None:
         for batch in batches:
