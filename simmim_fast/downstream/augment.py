@@ -111,7 +111,8 @@ class RandAugment:
 
 
 def random_erasing(image: torch.Tensor, generator: torch.Generator, probability: float = 0.25,
-                   area: Tuple[float, float] = (0.02, 1 / 3), aspect: Tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+                   area: Tuple[float, float] = (0.02, 1 / 3),
+                   aspect: Tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
     """timm's RandomErasing(mode='pixel', max_count=1) on a normalised (C, H, W) image: with
     ``probability``, one rectangle of random area and log-uniform aspect gets N(0, 1) noise per pixel."""
     if _uniform(generator) >= probability:

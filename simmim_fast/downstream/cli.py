@@ -17,7 +17,8 @@ def add_commands(commands) -> None:
     parser.add_argument("--pretrained", metavar="CKPT", help="a simmim-fast or original SimMIM pretraining checkpoint "
                                                              "(omit for a random-initialisation baseline)")
     parser.add_argument("--preset", choices=list(PRESETS), help="the model, when the checkpoint carries no config")
-    parser.add_argument("--config", metavar="FILE", help="a YAML in the original layout (e.g. a simmim_finetune__*.yaml)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="a YAML in the original layout (e.g. a simmim_finetune__*.yaml)")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override a config key")
     parser.add_argument("--data", metavar="DIR")
     parser.add_argument("--output", metavar="DIR")
@@ -37,7 +38,8 @@ def add_commands(commands) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects (original checkpoints)")
 
     parser = commands.add_parser("eval", help="linear probe and/or k-NN of a checkpoint's frozen encoder")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint",
+                        help="omit (with --preset) for a randomly initialised encoder, seeded by --seed")
     parser.add_argument("--linear", action="store_true", help="linear probe on standardised pooled features")
     parser.add_argument("--knn", action="store_true", help="weighted k-NN (cosine, exp(sim/T))")
     parser.add_argument("--k", type=int, default=20)
@@ -80,4 +82,6 @@ def run(args) -> None:
     else:
         from .export import export_checkpoint
 
-        print(f"wrote {export_checkpoint(args.checkpoint, args.format, args.out, preset=args.preset, config_file=args.config, trust=args.trust_checkpoint)}")
+        folder = export_checkpoint(args.checkpoint, args.format, args.out, preset=args.preset, config_file=args.config,
+                                   trust=args.trust_checkpoint)
+        print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'}")

@@ -115,7 +115,8 @@ class FinetuneTransform:
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         left, top, crop_w, crop_h = random_resized_crop_box(image.width, image.height, generator, scale=(0.08, 1.0))
-        image = image.resize((self.img_size, self.img_size), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+        box = (left, top, left + crop_w, top + crop_h)
+        image = image.resize((self.img_size, self.img_size), Image.BICUBIC, box=box)
         if torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.rand_augment is not None:

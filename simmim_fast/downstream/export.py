@@ -46,7 +46,8 @@ def timm_layout(model, config) -> Tuple[Dict[str, torch.Tensor], dict]:
         args = {"img_size": size, "patch_size": vit.PATCH_SIZE, "embed_dim": vit.EMBED_DIM, "depth": vit.DEPTH,
                 "num_heads": vit.NUM_HEADS, "mlp_ratio": float(vit.MLP_RATIO), "qkv_bias": vit.QKV_BIAS,
                 "init_values": vit.INIT_VALUES, "use_abs_pos_emb": vit.USE_APE, "use_rel_pos_bias": vit.USE_RPB,
-                "use_shared_rel_pos_bias": vit.USE_SHARED_RPB, "global_pool": "avg" if vit.USE_MEAN_POOLING else "token",
+                "use_shared_rel_pos_bias": vit.USE_SHARED_RPB,
+                "global_pool": "avg" if vit.USE_MEAN_POOLING else "token",
                 "num_classes": num_classes}
         architecture = "beit_base_patch16_224"
     else:

@@ -241,7 +241,8 @@ class Finetuning(TrainingSteps):
         if aug.AUTO_AUGMENT in ("", "none") and aug.COLOR_JITTER > 0:
             raise ValueError("AUG.COLOR_JITTER without RandAugment is not implemented; set AUG.COLOR_JITTER=0")
         if aug.REMODE != "pixel" or aug.RECOUNT != 1 or aug.MIXUP_MODE != "batch":
-            raise ValueError("only AUG.REMODE=pixel, AUG.RECOUNT=1 and AUG.MIXUP_MODE=batch (the recipe's) are implemented")
+            raise ValueError("only AUG.REMODE=pixel, AUG.RECOUNT=1 and AUG.MIXUP_MODE=batch (the recipe's) "
+                             "are implemented")
         transform = FinetuneTransform(config.DATA.IMG_SIZE, aug.AUTO_AUGMENT, aug.REPROB)
         self.batch_size = config.DATA.BATCH_SIZE
         pin = config.DATA.PIN_MEMORY and self.device.type == "cuda"
@@ -260,7 +261,8 @@ class Finetuning(TrainingSteps):
         self.images_per_step = self.batch_size * runtime.world_size * self.accumulation
         self.steps_per_epoch = self.loader.sampler.samples_per_epoch // self.batch_size // self.accumulation
         if self.steps_per_epoch == 0:
-            raise ValueError(f"an epoch has fewer batches than --accum-steps {self.accumulation}; lower it or add images")
+            raise ValueError(f"an epoch has fewer batches than --accum-steps {self.accumulation}; "
+                             "lower it or add images")
         self.total_steps = options.steps or config.TRAIN.EPOCHS * self.steps_per_epoch
         schedule_epoch = self.total_steps / config.TRAIN.EPOCHS if options.steps else self.steps_per_epoch
         # Evaluate once per (possibly --steps-shortened) epoch and at the end.
@@ -396,13 +398,15 @@ class Finetuning(TrainingSteps):
                 f"{source}), {len(self.classes)} classes, {len(self.train_source)} train / {len(self.val_source)} val "
                 f"images, {config.DATA.IMG_SIZE}px; {self.images_per_step} images/step, {self.total_steps} steps "
                 f"({self.steps_per_epoch}/epoch), peak lr {self.schedule.base_lr:.3e}, layer decay "
-                f"{config.TRAIN.LAYER_DECAY}; device {self.device}, amp {self.amp_dtype or 'off'}; output {self.output}")
+                f"{config.TRAIN.LAYER_DECAY}; device {self.device}, amp {self.amp_dtype or 'off'}; "
+                f"output {self.output}")
 
     def _finish(self) -> Dict[str, Any]:
         final = self.evaluations[-1] if self.evaluations else {}
         metrics = {"final": final, "best_top1": max((row["top1"] for row in self.evaluations), default=None),
                    "evaluations": self.evaluations, "classes": list(self.classes), "steps": self.step,
-                   "pretrained": self.options.pretrained, "checkpoint": str(checkpoints.checkpoint_path(self.output, self.step))}
+                   "pretrained": self.options.pretrained,
+                   "checkpoint": str(checkpoints.checkpoint_path(self.output, self.step))}
         if self.runtime.is_main:
             save_atomic_json(metrics, self.output / "metrics.json")
             print(f"done: {self.step} steps; top-1 {final.get('top1', float('nan')):.2f}% top-5 "

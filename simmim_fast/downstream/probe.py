@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load_checkpoint, save_atomic
 from ..config import get_config, merge
 from ..train.configs import build_config
+from ..train.engine import seed_everything
 from .data import EVAL_RESIZE_RATIO, EvalSet, LabelledFolder, open_splits
 from .finetune import FINETUNE_SECTIONS, read_pretrained, topk_correct
 from .models import VisionTransformerClassifier, build_classifier, load_into
@@ -71,14 +72,17 @@ def _data_fingerprint(source) -> list:
     return [(source.describe(index), label) for index, label in enumerate(source.labels)]
 
 
-def cache_key(checkpoint: str, source, img_size: int, crop: bool) -> str:
-    key = {"format": CACHE_FORMAT, "checkpoint": _file_digest(Path(checkpoint)), "data": _data_fingerprint(source),
+def cache_key(weights: str, source, img_size: int, crop: bool) -> str:
+    """``weights``: a checkpoint path (keyed by its bytes) or a description of seeded random weights."""
+    checkpoint = _file_digest(Path(weights)) if Path(weights).is_file() else weights
+    key = {"format": CACHE_FORMAT, "checkpoint": checkpoint, "data": _data_fingerprint(source),
            "view": {"img_size": img_size, "crop": crop, "resize_ratio": EVAL_RESIZE_RATIO}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
-def extract(model: torch.nn.Module, source, img_size: int, crop: bool, batch_size: int, device) -> Dict[str, torch.Tensor]:
+def extract(model: torch.nn.Module, source, img_size: int, crop: bool, batch_size: int,
+            device) -> Dict[str, torch.Tensor]:
     loader = DataLoader(EvalSet(source, img_size, crop), batch_size=batch_size)
     features, labels = [], []
     for batch in loader:
@@ -87,10 +91,10 @@ def extract(model: torch.nn.Module, source, img_size: int, crop: bool, batch_siz
     return {"features": torch.cat(features), "labels": torch.cat(labels)}
 
 
-def cached_features(checkpoint: str, model, config, source, cache_dir: Path, batch_size: int, device) -> Dict[str, Any]:
+def cached_features(weights: str, model, config, source, cache_dir: Path, batch_size: int, device) -> Dict[str, Any]:
     """The features of ``source`` from the cache, or extracted and cached (atomically)."""
     img_size, crop = config.DATA.IMG_SIZE, config.get("TEST", {}).get("CROP", True)
-    path = cache_dir / f"features_{cache_key(checkpoint, source, img_size, crop)}.pt"
+    path = cache_dir / f"features_{cache_key(weights, source, img_size, crop)}.pt"
     if path.is_file():
         return {**load_checkpoint(path), "cached": True}
     found = extract(model, source, img_size, crop, batch_size, device)
@@ -140,22 +144,34 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     return {"top1": 100.0 * float(top1) / len(labels), "top5": 100.0 * float(top5) / len(labels)}
 
 
-def run_probes(checkpoint: str, data: Optional[str] = None, linear: bool = True, knn: bool = True,
+def run_probes(checkpoint: Optional[str], data: Optional[str] = None, linear: bool = True, knn: bool = True,
                preset: Optional[str] = None, config_file: Optional[str] = None, cache_dir: Optional[str] = None,
                output: Optional[str] = None, k: int = 20, temperature: float = 0.07, batch_size: int = 64,
                device: str = "cpu", trust_checkpoint: bool = False, seed: int = 0) -> Dict[str, Any]:
     """Linear probe and/or k-NN of ``checkpoint``'s frozen encoder on ``data`` (train/ and val/ inside;
-    the labelled embedded scenes when None). Returns (and writes to ``output``, a JSON file) the metrics."""
+    the labelled embedded scenes when None); without a checkpoint, of ``preset``'s encoder randomly
+    initialised with ``seed`` (the baseline). Returns (and writes to ``output``, a JSON file) the metrics."""
     if not (linear or knn):
         raise ValueError("choose --linear, --knn or both")
-    model, config, _ = model_from_checkpoint(checkpoint, preset, config_file, trust_checkpoint)
+    if checkpoint:
+        model, config, _ = model_from_checkpoint(checkpoint, preset, config_file, trust_checkpoint)
+        weights, default_cache = checkpoint, Path(checkpoint).parent / "features"
+    else:
+        if not (preset or config_file):
+            raise ValueError("give --checkpoint, or --preset/--config for a randomly initialised baseline")
+        config = build_config(preset, config_file)
+        seed_everything(seed)
+        model = build_classifier(config, num_classes=0).eval()
+        weights = f"random init {json.dumps(config.MODEL, sort_keys=True)} seed {seed}"
+        default_cache = Path("runs/features")
     model.to(device)
     train, val = open_splits(data)
-    cache = Path(cache_dir) if cache_dir else Path(checkpoint).parent / "features"
-    splits = {name: cached_features(checkpoint, model, config, source, cache, batch_size, device)
+    cache = Path(cache_dir) if cache_dir else default_cache
+    splits = {name: cached_features(weights, model, config, source, cache, batch_size, device)
               for name, source in (("train", train), ("val", val))}
     num_classes = len(train.classes)
-    results: Dict[str, Any] = {"checkpoint": str(checkpoint), "data": data or "embedded scenes",
+    results: Dict[str, Any] = {"checkpoint": str(checkpoint) if checkpoint else f"random init, seed {seed}",
+                               "data": data or "embedded scenes",
                                "classes": list(train.classes), "train_images": len(train), "val_images": len(val),
                                "feature_dim": int(splits["train"]["features"].shape[1]),
                                "features_cached": splits["train"]["cached"] and splits["val"]["cached"]}
