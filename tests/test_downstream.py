@@ -9,7 +9,7 @@ from simmim_fast import build_simmim, get_config
 from simmim_fast.checkpoint import save_atomic
 from simmim_fast.cli import main
 from simmim_fast.config import merge
-from simmim_fast.downstream.augment import Mixup, RandAugment, cutmix_box, mix_batch, random_erasing
+from simmim_fast.downstream.augment import Mixup, RandAugment, apply_op, cutmix_box, mix_batch, random_erasing
 from simmim_fast.downstream.data import LabelledFolder, open_splits, write_scene_folder
 from simmim_fast.downstream.finetune import layer_decay_groups
 from simmim_fast.downstream.models import build_classifier, load_into, resize_relative_position_table
@@ -118,6 +118,8 @@ def test_augmentations_are_reproducible_from_the_generator():
     rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
     area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     assert 0.02 * 32 * 32 - 40 <= area <= 32 * 32 / 3 + 40  # one rectangle of the allowed area
+    black = apply_op(image, "PosterizeIncreasing", 10.0)  # 0 bits kept: Pillow's own posterize refuses it
+    assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
     with pytest.raises(ValueError, match="RandAugment"):
         RandAugment.from_spec("v0")
 

@@ -28,6 +28,15 @@ def _solarize_add(image: Image.Image, add: int, threshold: int = 128) -> Image.I
     return image.point(lut * len(image.getbands()))
 
 
+def _posterize(image: Image.Image, bits: int) -> Image.Image:
+    """Keep the ``bits`` high bits of each channel; 0 bits gives black (Pillow's posterize refuses 0,
+    which the increasing level rule reaches at magnitude 10)."""
+    if bits >= 8:
+        return image
+    mask = ~(2 ** (8 - bits) - 1) & 0xFF
+    return image.point([value & mask for value in range(256)] * len(image.getbands()))
+
+
 def _affine(image: Image.Image, matrix, resample) -> Image.Image:
     return image.transform(image.size, Image.AFFINE, matrix, resample=resample, fillcolor=FILL)
 
@@ -41,7 +50,7 @@ RAND_AUGMENT_OPS: Dict[str, Tuple[Optional[Callable[[float, float], float]], Cal
     "Rotate": (lambda level, sign: sign * level / MAX_LEVEL * 30.0,
                lambda image, degrees, resample: image.rotate(degrees, resample=resample, fillcolor=FILL)),
     "PosterizeIncreasing": (lambda level, _: 4 - int(level / MAX_LEVEL * 4),
-                            lambda image, bits, _: image if bits >= 8 else ImageOps.posterize(image, bits)),
+                            lambda image, bits, _: _posterize(image, bits)),
     "SolarizeIncreasing": (lambda level, _: 256 - min(256, int(level / MAX_LEVEL * 256)),
                            lambda image, threshold, _: ImageOps.solarize(image, threshold)),
     "SolarizeAdd": (lambda level, _: min(128, int(level / MAX_LEVEL * 110)),
