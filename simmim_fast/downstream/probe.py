@@ -73,9 +73,8 @@ def _data_fingerprint(source) -> list:
 
 
 def cache_key(weights: str, source, img_size: int, crop: bool) -> str:
-    """``weights``: a checkpoint path (keyed by its bytes) or a description of seeded random weights."""
-    checkpoint = _file_digest(Path(weights)) if Path(weights).is_file() else weights
-    key = {"format": CACHE_FORMAT, "checkpoint": checkpoint, "data": _data_fingerprint(source),
+    """``weights``: the checkpoint file's digest, or a description of seeded random weights."""
+    key = {"format": CACHE_FORMAT, "checkpoint": weights, "data": _data_fingerprint(source),
            "view": {"img_size": img_size, "crop": crop, "resize_ratio": EVAL_RESIZE_RATIO}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -155,7 +154,7 @@ def run_probes(checkpoint: Optional[str], data: Optional[str] = None, linear: bo
         raise ValueError("choose --linear, --knn or both")
     if checkpoint:
         model, config, _ = model_from_checkpoint(checkpoint, preset, config_file, trust_checkpoint)
-        weights, default_cache = checkpoint, Path(checkpoint).parent / "features"
+        weights, default_cache = _file_digest(Path(checkpoint)), Path(checkpoint).parent / "features"
     else:
         if not (preset or config_file):
             raise ValueError("give --checkpoint, or --preset/--config for a randomly initialised baseline")
