@@ -1,6 +1,7 @@
 """Fine-tuning, probes and their pieces on the CPU (plain lane): checkpoint remap, layer decay,
 augmentation invariants, labelled folders and their errors, a few-step CLI run with resume."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -151,14 +152,18 @@ def test_finetune_cli_resumes_and_probes_cache(tmp_path, capsys):
     checkpoint = tmp_path / "pretrain.pth"
     save_atomic({"model": model.state_dict(), "config": get_config("vit-tiny").to_dict()}, checkpoint)
     common = ["finetune", "--pretrained", str(checkpoint), "--data", str(data), "--batch-size", "8",
-              "--num-workers", "0", "--output", str(tmp_path / "ft"), "--set", "TRAIN.EPOCHS=2"]
-    assert main(common + ["--steps", "2"]) == 0
-    first = json.loads((tmp_path / "ft" / "metrics.json").read_text())
-    assert first["steps"] == 2 and set(first["final"]) >= {"top1", "top5"}
-    assert main(common + ["--steps", "3"]) == 0  # resumes at step 2
-    resumed = json.loads((tmp_path / "ft" / "metrics.json").read_text())
-    assert resumed["steps"] == 3 and resumed["evaluations"][0] == first["evaluations"][0]
+              "--num-workers", "0", "--set", "TRAIN.EPOCHS=2", "--steps", "3"]  # evaluated and saved at steps 2, 3
+    assert main(common + ["--output", str(tmp_path / "ft")]) == 0
+    straight = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert straight["steps"] == 3 and [row["step"] for row in straight["evaluations"]] == [2, 3]
+    # An interrupted run: only the step-2 checkpoint; it resumes there and ends with the same weights.
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "ft" / "ckpt_step_0000002.pth", tmp_path / "cut")
+    assert main(common + ["--output", str(tmp_path / "cut")]) == 0
     ft_checkpoint = tmp_path / "ft" / "ckpt_step_0000003.pth"
+    resumed = torch.load(tmp_path / "cut" / "ckpt_step_0000003.pth", weights_only=True)["model"]
+    for key, value in torch.load(ft_checkpoint, weights_only=True)["model"].items():
+        assert torch.equal(resumed[key], value), key
     args = ["eval", "--checkpoint", str(ft_checkpoint), "--data", str(data), "--linear", "--knn"]
     assert main(args) == 0 and main(args) == 0
     outputs = capsys.readouterr().out
