@@ -27,8 +27,7 @@ from ..config import DEFAULTS, PRESETS, Config, merge, set_key, to_config
 from ..train import checkpoints, distributed
 from ..train.configs import parse_assignment, read_yaml_config
 from ..train.data import build_loader, sample_seed
-from ..train.engine import (NonFiniteLossError, TrainingSteps, kernel_backend, resolve_amp, seed_everything,
-                            xla_sync)
+from ..train.engine import NonFiniteLossError, TrainingSteps, kernel_backend, resolve_amp, seed_everything
 from ..train.monitor import Monitor
 from ..train.optim import build_optimizer, build_schedule, scaled_lrs, skips_weight_decay
 from .augment import Mixup
@@ -359,8 +358,6 @@ class Finetuning(TrainingSteps):
                 micro = [next(batches) for _ in range(self.accumulation)]
                 generator = torch.Generator().manual_seed(sample_seed(self.config.SEED, self.step, self.runtime.rank))
                 result = self.optimizer_step(micro, lambda batch: self._loss(batch, generator))
-                if self.runtime.is_xla:
-                    xla_sync()
                 self.step += 1
                 self.samples_into_epoch += self.images_per_step
                 rate = self.images_per_step / max(time.perf_counter() - window_start, 1e-9)
