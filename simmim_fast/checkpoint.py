@@ -79,6 +79,13 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def read_checkpoint_file(path: PathLike, trust: bool = False) -> Any:
+    """``load_checkpoint`` of a path that must be a file (a missing one is named as such)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    return load_checkpoint(path, trust_checkpoint=trust)
+
+
 def state_dict_of(checkpoint: Any) -> Mapping[str, torch.Tensor]:
     """The state_dict inside an original checkpoint ({'model': ...}), or the mapping itself."""
     if isinstance(checkpoint, Mapping) and "model" in checkpoint and isinstance(checkpoint["model"], Mapping):

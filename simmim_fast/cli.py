@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from .config import PRESETS
 from .user_errors import CommandLineParser, parse_arguments, run_reporting_errors
+from .downstream import cli as downstream
 
 
 def _pretrain_parser(commands) -> None:
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain_parser(commands)
     _reconstruct_parser(commands)
     _prepare_data_parser(commands)
+    downstream.add_commands(commands)
     return parser
 
 
@@ -109,6 +111,8 @@ def _run(args: argparse.Namespace) -> None:
         from .train.prepared import main_prepare
 
         main_prepare(args.source, args.destination, args.max_side, args.quality, args.workers)
+    elif args.command in downstream.COMMANDS:
+        downstream.run(args)
     else:
         path = reconstruct_images(args.checkpoint, args.images, args.out, count=args.count, seed=args.seed,
                                   preset=args.preset, config_file=args.config, device=args.device,

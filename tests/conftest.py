@@ -21,6 +21,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "csrc: the CUDA C++ extension (lane csrc; skipped where it is not built)")
     config.addinivalue_line("markers", "xla: torch_xla on its CPU device (lane xla; skipped without torch_xla)")
     config.addinivalue_line("markers", "slow: longer CPU tests (CLI runs, multi-process)")
+    config.addinivalue_line("markers", "downstream: against the real timm/transformers (lane downstream)")
     # The Triton interpreter's own numpy deprecation noise (tens of thousands per lane), not ours.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:triton.*")
 

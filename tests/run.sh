@@ -8,12 +8,14 @@
 #               tests/test_csrc.py (+ tests/test_gpu_csrc.py where there is a GPU)
 #   xla         the model on torch_xla's CPU device in .venv-xla vs eager (tests/test_xla.py)
 #   gpu-check-dry-run  benchmarks/gpu_check.sh --dry-run: the GPU check's every section on the CPU
+#   downstream  exports loaded into the real timm / transformers classes, augmentation vs timm's, in
+#               .venv-cuda plus torchvision 0.29.1, timm, transformers (the pair timm imports with)
 # `bash tests/run.sh plain` (or any list of lanes) runs only those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 PY=.venv/bin/python
-lanes=${*:-plain interpreter compile csrc xla gpu-check-dry-run}
+lanes=${*:-plain interpreter compile csrc downstream xla gpu-check-dry-run}
 
 # csrc and xla each get their own venv: a CUDA build of torch there, the torch_xla pin here.
 lane_venv() {  # lane_venv DIR REQUIREMENTS...: the venv with those, and this package without deps
@@ -45,6 +47,10 @@ for lane in $lanes; do
       lane_venv .venv-xla "torch==2.9.0" "torch_xla==2.9.0" "numpy<2.4" pytest pillow pyyaml tqdm matplotlib
       PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -q -m xla tests/test_xla.py ;;
     gpu-check-dry-run) PYTHON=$(pwd)/$PY bash benchmarks/gpu_check.sh --dry-run ;;
+    downstream)  # the csrc lane's venv (torch 2.14.1, a CUDA build) with the torchvision that loads beside it
+      lane_venv .venv-cuda "torch==2.14.1" "torchvision==0.29.1" timm transformers safetensors "numpy<2.4" \
+        pytest ninja pillow pyyaml tqdm matplotlib
+      .venv-cuda/bin/python -m pytest -q -m downstream tests/test_downstream_libraries.py ;;
     *) echo "unknown lane $lane" >&2; exit 2 ;;
   esac
 done

@@ -8,6 +8,6 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip "setuptools>=77"  # pyproject.toml: PEP 639 licence
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q "numpy<2.4" "triton==3.6.0" pytest pillow pyyaml tqdm nvidia-ml-py matplotlib
+.venv/bin/python -m pip install -q "numpy<2.4" "triton==3.6.0" pytest pillow pyyaml tqdm nvidia-ml-py matplotlib safetensors
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 echo "setup_env: $(.venv/bin/python -c 'import torch, triton, numpy; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__)')"

@@ -9,6 +9,7 @@ from Swin; the decoder and the loss are SimMIM's.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -114,11 +115,11 @@ class ConvNeXtForSimMIM(ConvNeXt):
         return {"mask_token"}
 
 
-@register_encoder("convnext")
-def build_convnext(config) -> ConvNeXtForSimMIM:
+@register_encoder("convnext", ConvNeXtForSimMIM)
+def convnext_kwargs(config) -> Dict[str, Any]:
     convnext = section(config, "MODEL.CONVNEXT")
-    return ConvNeXtForSimMIM(
-        img_size=read_key(config, "DATA.IMG_SIZE"), in_chans=convnext("IN_CHANS"), num_classes=0,
+    return dict(
+        img_size=read_key(config, "DATA.IMG_SIZE"), in_chans=convnext("IN_CHANS"),
         depths=list(convnext("DEPTHS")), dims=list(convnext("DIMS")),
         drop_path_rate=read_key(config, "MODEL.DROP_PATH_RATE"),
         layer_scale_init_value=convnext("LAYER_SCALE_INIT_VALUE"))

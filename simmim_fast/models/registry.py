@@ -1,35 +1,45 @@
-"""Encoder builders by ``MODEL.TYPE``: each encoder module registers the function that turns its
-config section into constructor keyword arguments, so ``build_simmim`` never grows an if/elif."""
+"""Encoders by ``MODEL.TYPE``: each encoder module registers its SimMIM encoder class and the function
+that turns its config section into constructor keyword arguments, so ``build_simmim`` never grows an
+if/elif, and fine-tuning builds its classifiers (subclasses) from the same keys."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
-EncoderBuilder = Callable[[Any], nn.Module]
-_BUILDERS: Dict[str, EncoderBuilder] = {}
+EncoderKwargs = Callable[[Any], Dict[str, Any]]
+_ENCODERS: Dict[str, Tuple[type, EncoderKwargs]] = {}
 
 
-def register_encoder(model_type: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
-    """``@register_encoder("swinv2")`` on ``build(config) -> encoder``; a second builder for a type is an error."""
-    def register(builder: EncoderBuilder) -> EncoderBuilder:
-        if model_type in _BUILDERS:
-            raise ValueError(f"MODEL.TYPE {model_type!r} already has an encoder builder")
-        _BUILDERS[model_type] = builder
-        return builder
+def register_encoder(model_type: str, encoder_class: type) -> Callable[[EncoderKwargs], EncoderKwargs]:
+    """``@register_encoder("swinv2", SwinTransformerV2ForSimMIM)`` on ``kwargs(config) -> constructor
+    keyword arguments``; a second registration of a type is an error."""
+    def register(kwargs_of: EncoderKwargs) -> EncoderKwargs:
+        if model_type in _ENCODERS:
+            raise ValueError(f"MODEL.TYPE {model_type!r} already has an encoder")
+        _ENCODERS[model_type] = (encoder_class, kwargs_of)
+        return kwargs_of
 
     return register
 
 
-def encoder_types():
-    return tuple(_BUILDERS)
+def encoder_types() -> Tuple[str, ...]:
+    return tuple(_ENCODERS)
 
 
-def build_encoder(config) -> nn.Module:
+def build_encoder(config, classes: Optional[Mapping[str, type]] = None, num_classes: int = 0) -> nn.Module:
+    """The SimMIM encoder of MODEL.TYPE; ``classes`` (by type: fine-tuning's classifiers) and
+    ``num_classes`` build other models from the same keys."""
     model_type = read_key(config, "MODEL.TYPE")
-    if model_type not in _BUILDERS:
-        raise ValueError(f"MODEL.TYPE must be one of {', '.join(map(repr, _BUILDERS))}, got {model_type!r}")
-    return _BUILDERS[model_type](config)
+    if model_type not in _ENCODERS:
+        raise ValueError(f"MODEL.TYPE must be one of {', '.join(map(repr, _ENCODERS))}, got {model_type!r}")
+    encoder_class, kwargs_of = _ENCODERS[model_type]
+    if classes is not None:
+        if model_type not in classes:
+            raise ValueError(f"MODEL.TYPE {model_type!r} has no classifier; there are classifiers for "
+                             f"{', '.join(map(repr, classes))}")
+        encoder_class = classes[model_type]
+    return encoder_class(**kwargs_of(config), num_classes=num_classes)
 
 
 def read_key(config, dotted_key: str):
@@ -47,5 +57,5 @@ def section(config, prefix: str) -> Callable[[str], Any]:
 
 def common_kwargs(config) -> Dict[str, Any]:
     """The constructor arguments every encoder reads from outside its own section."""
-    return dict(img_size=read_key(config, "DATA.IMG_SIZE"), num_classes=0,
+    return dict(img_size=read_key(config, "DATA.IMG_SIZE"),
                 drop_rate=read_key(config, "MODEL.DROP_RATE"), drop_path_rate=read_key(config, "MODEL.DROP_PATH_RATE"))

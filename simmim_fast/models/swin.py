@@ -6,7 +6,7 @@ Window attention and the masked patch embedding (with the patch LayerNorm) go th
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -321,7 +321,7 @@ def swin_kwargs(config, prefix: str):
         use_checkpoint=read_key(config, "TRAIN.USE_CHECKPOINT"))
 
 
-@register_encoder("swin")
-def build_swin(config) -> SwinTransformerForSimMIM:
+@register_encoder("swin", SwinTransformerForSimMIM)
+def swin_v1_kwargs(config) -> Dict[str, Any]:
     swin, kwargs = swin_kwargs(config, "MODEL.SWIN")
-    return SwinTransformerForSimMIM(**kwargs, qk_scale=swin("QK_SCALE"))
+    return dict(kwargs, qk_scale=swin("QK_SCALE"))

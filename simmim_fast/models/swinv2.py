@@ -17,6 +17,7 @@ so every gradient (logit_scale, cpb_mlp, q/v biases) flows through the op's auto
 from __future__ import annotations
 
 import math
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -154,7 +155,7 @@ class SwinTransformerV2ForSimMIM(MaskedSwinMixin, SwinTransformerV2):
     """The Swin V2 encoder of the successor's SimMIM."""
 
 
-@register_encoder("swinv2")
-def build_swinv2(config) -> SwinTransformerV2ForSimMIM:
+@register_encoder("swinv2", SwinTransformerV2ForSimMIM)
+def swinv2_kwargs(config) -> Dict[str, Any]:
     swin, kwargs = swin_kwargs(config, "MODEL.SWINV2")
-    return SwinTransformerV2ForSimMIM(**kwargs, pretrained_window_sizes=list(swin("PRETRAINED_WINDOW_SIZES")))
+    return dict(kwargs, pretrained_window_sizes=list(swin("PRETRAINED_WINDOW_SIZES")))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -220,10 +220,10 @@ def vit_norm_layer(eps: float = 1e-6):
     return partial(nn.LayerNorm, eps=eps)
 
 
-@register_encoder("vit")
-def build_vit(config) -> VisionTransformerForSimMIM:
+@register_encoder("vit", VisionTransformerForSimMIM)
+def vit_kwargs(config) -> Dict[str, Any]:
     vit = section(config, "MODEL.VIT")
-    return VisionTransformerForSimMIM(
+    return dict(
         **common_kwargs(config), patch_size=vit("PATCH_SIZE"), in_chans=vit("IN_CHANS"), embed_dim=vit("EMBED_DIM"),
         depth=vit("DEPTH"), num_heads=vit("NUM_HEADS"), mlp_ratio=vit("MLP_RATIO"), qkv_bias=vit("QKV_BIAS"),
         norm_layer=vit_norm_layer(1e-6), init_values=vit("INIT_VALUES"), use_abs_pos_emb=vit("USE_APE"),

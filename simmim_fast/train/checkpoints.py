@@ -66,6 +66,15 @@ def capture_rng(device: torch.device) -> Dict[str, Any]:
     return state
 
 
+def gathered_rng(device: torch.device, runtime) -> List[Dict[str, Any]]:
+    """Every process's RNG states, in rank order (all processes take part)."""
+    if not runtime.distributed:
+        return [capture_rng(device)]
+    states = [None] * runtime.world_size
+    torch.distributed.all_gather_object(states, capture_rng(device))
+    return [to_cpu(state) for state in states]
+
+
 def restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
@@ -77,8 +86,8 @@ def restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(path: Path, state: Dict[str, Any]) -> Path:
-    return save_atomic({"format": CHECKPOINT_FORMAT, **state}, path)
+def save_checkpoint(path: Path, state: Dict[str, Any], kind: str = CHECKPOINT_FORMAT) -> Path:
+    return save_atomic({"format": kind, **state}, path)
 
 
 def find_resume_checkpoint(resume: Optional[str], output: Path) -> Optional[Path]:
@@ -129,9 +138,10 @@ def config_differences(saved: Mapping, current: Mapping) -> Dict[str, tuple]:
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
 
 
-def check_resumable(checkpoint: Mapping, config: Mapping, path: Path) -> Dict[str, tuple]:
-    """Raise if the checkpoint's model or input settings differ from ``config``; return the other changes."""
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+def check_resumable(checkpoint: Mapping, config: Mapping, path: Path, kind: str = CHECKPOINT_FORMAT) -> Dict[str, tuple]:
+    """Raise if the checkpoint's model or input settings differ from ``config``; return the other changes.
+    ``kind``: the training checkpoint format expected (pretraining's by default)."""
+    if checkpoint.get("format") != kind:
         raise ValueError(f"{path} is not a simmim-fast training checkpoint (no resumable state); "
                          "load its weights with simmim_fast.load_pretrained instead")
     changes = config_differences(checkpoint["config"], config)

@@ -350,10 +350,12 @@ def build_loader(dataset: PretrainDataset, batch_size: int, world_size: int, ran
                       generator=torch.Generator().manual_seed(seed))
 
 
-def center_view(image: Image.Image, size: int) -> torch.Tensor:
-    """The shorter side resized to ``size``, then the centre square: the view for reconstruction pictures."""
-    scale = size / min(image.width, image.height)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+def center_view(image: Image.Image, size: int, resize: Optional[int] = None) -> torch.Tensor:
+    """The shorter side resized to ``resize`` (default ``size``), then the centre ``size`` square: the view
+    for reconstruction pictures and, with resize = 256/224 x size, the original's evaluation view."""
+    resize = resize or size
+    scale = resize / min(image.width, image.height)
+    width, height = max(resize, round(image.width * scale)), max(resize, round(image.height * scale))
     image = image.resize((width, height), Image.BICUBIC)
     left, top = (width - size) // 2, (height - size) // 2
     return to_normalized_tensor(image.crop((left, top, left + size, top + size)))

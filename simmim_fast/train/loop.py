@@ -5,22 +5,18 @@ step's loss is the mean over micro-batches and processes; a non-finite one skips
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from .. import dispatch, tuning
+from .. import tuning
 from .._checks import check_count, check_writable_folder
 from ..config import build_simmim
 from ..masking import MaskGenerator
@@ -30,12 +26,9 @@ from . import checkpoints, distributed, pictures
 from .configs import build_config
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
+from .engine import NonFiniteLossError, TrainingSteps, kernel_backend, resolve_amp, seed_everything, xla_sync
 from .monitor import Monitor
 from .optim import LRSchedule, build_optimizer, build_schedule, scaled_lrs
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had a NaN/inf loss."""
 
 
 @dataclass
@@ -91,19 +84,6 @@ def check_config_counts(config) -> None:
         check_count(key, (config[section] if section else config)[leaf], minimum)
 
 
-def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None = full precision). auto: bf16 on CUDA where supported, else fp16; off elsewhere."""
-    if choice == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if choice not in ("bf16", "fp16", "off"):
-        raise ValueError(f"--amp must be auto, bf16, fp16 or off, got {choice!r}")
-    if choice == "fp16" and device.type == "xla":
-        raise ValueError("--amp fp16 is not supported on XLA; use bf16")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
-
-
 def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
     """Activation checkpointing for ViT and ConvNeXt blocks (Swin does it itself from TRAIN.USE_CHECKPOINT);
     the forward is replaced on the instance, so parameter names and checkpoints stay the original's."""
@@ -113,24 +93,7 @@ def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
                                                use_reentrant=False)
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
-def xla_sync() -> None:
-    import torch_xla
-
-    if hasattr(torch_xla, "sync"):
-        torch_xla.sync()
-    else:
-        import torch_xla.core.xla_model as xm
-
-        xm.mark_step()
-
-
-class Pretraining:
+class Pretraining(TrainingSteps):
     """The state of one run; ``run()`` trains to the last step and returns a summary dict."""
 
     def __init__(self, options: PretrainOptions, runtime: distributed.Runtime):
@@ -222,11 +185,7 @@ class Pretraining:
 
     def save(self) -> Optional[Path]:
         """Rank 0 writes; every rank takes part (RNG states, unreadable files, FSDP's gathered weights)."""
-        rng = [checkpoints.capture_rng(self.device)]
-        if self.runtime.distributed:
-            rng = [None] * self.runtime.world_size
-            torch.distributed.all_gather_object(rng, checkpoints.capture_rng(self.device))
-            rng = [checkpoints.to_cpu(state) for state in rng]
+        rng = checkpoints.gathered_rng(self.device, self.runtime)
         self._gather_unreadable()
         if not (self.runtime.is_main or self.options.fsdp):
             return None
@@ -297,65 +256,13 @@ class Pretraining:
 
     # ---- one optimizer step ------------------------------------------------------------------------
 
-    def _micro_batch_context(self, last: bool):
-        """Gradient sync only on the last micro-batch of an accumulation."""
-        if self.options.fsdp:
-            self.model.set_requires_gradient_sync(last)
-            return contextlib.nullcontext()
-        if self.runtime.distributed and not last:
-            return self.train_model.no_sync()
-        return contextlib.nullcontext()
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def train_step(self, batches) -> Dict[str, Any]:
-        """Forward/backward over the micro-batches, then the update unless the loss is non-finite.
-        Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``)."""
-        lr = self.schedule.apply(self.optimizer, self.step)
-        loss_sum = torch.zeros((), device=self.device)
+        """The step's micro-batches with their masks (drawn on the device for the whole global step)."""
         step_masks = self.step_masks.for_step(self.epoch, self.samples_into_epoch // self.images_per_step)
-        for index, (batch, masks) in enumerate(zip(batches, step_masks)):
-            images = normalize(batch["image"].to(self.device, non_blocking=True))
-            with self._micro_batch_context(last=index == len(batches) - 1), self._autocast():
-                loss = self.train_model(images, masks)
-            scaled = loss.float() / len(batches)
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += loss.detach().float()
-        step_loss = distributed.mean_across(loss_sum / len(batches), self.runtime)
-        if not self.runtime.is_xla and not torch.isfinite(step_loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:  # an fp16 overflow is the usual cause: back the scale off
-                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
-            return {"loss": step_loss, "lr": lr, "grad_norm": None, "skipped": True}
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "skipped": False}
+        return self.optimizer_step(list(zip(batches, step_masks)), lambda batch_and_mask: self.train_model(
+            normalize(batch_and_mask[0]["image"].to(self.device, non_blocking=True)), batch_and_mask[1]))
 
     # ---- the run -----------------------------------------------------------------------------------
-
-    def _batches(self):
-        """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
-        world = self.runtime.world_size
-        while True:
-            self.loader.sampler.set_position(self.epoch, self.samples_into_epoch // world)
-            micro_batches = len(self.loader) // self.accumulation * self.accumulation
-            iterator = iter(self.loader)
-            for _ in range(micro_batches):
-                yield next(iterator)
-            self.epoch += 1
-            self.samples_into_epoch = 0
 
     def _record_unreadable(self, batches) -> None:
         for batch in batches:
@@ -498,25 +405,6 @@ class Pretraining:
                              f"loss curve: {summary['loss_curve']}")
             print("\n".join(lines), file=sys.stderr)
         return summary
-
-
-@contextlib.contextmanager
-def kernel_backend(spec: Optional[str]):
-    """--backend for the whole process: through the environment variable rather than ``use_backend``,
-    whose choice is per thread, as autograd runs the backward pass on its own threads on CUDA."""
-    if not spec:
-        yield
-        return
-    dispatch.parse_spec(spec)  # a typo fails here, before any work
-    previous = os.environ.get(dispatch.ENV_VAR)
-    os.environ[dispatch.ENV_VAR] = spec
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(dispatch.ENV_VAR, None)
-        else:
-            os.environ[dispatch.ENV_VAR] = previous
 
 
 def pretrain(options: PretrainOptions) -> Dict[str, Any]:

@@ -45,8 +45,10 @@ STARVATION_ADVICE = ("more loader processes (--num-workers) or a prepared copy o
 
 
 class Monitor:
-    def __init__(self, output: Path, total_steps: int, start_step: int, device: torch.device, enabled: bool):
+    def __init__(self, output: Path, total_steps: int, start_step: int, device: torch.device, enabled: bool,
+                 name: str = "pretrain"):
         self.enabled = enabled
+        self.name = name
         if not enabled:
             return
         from tqdm.auto import tqdm
@@ -54,7 +56,7 @@ class Monitor:
         self.log_path = Path(output) / "log.jsonl"
         self._drop_rows_after(start_step)
         self.log_file = open(self.log_path, "a")
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="pretrain")
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc=name)
         self.gpu = GpuStats(device)
         self.tensorboard = self._tensorboard(output)
 
@@ -83,7 +85,7 @@ class Monitor:
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"pretrain/{key}", value, row["step"])
+                    self.tensorboard.add_scalar(f"{self.name}/{key}", value, row["step"])
         postfix = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "img/s": f"{row['images_per_s']:.0f}"}
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(row["step"] - self.bar.n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -13,19 +13,23 @@ import torch.nn as nn
 LR_REFERENCE_BATCH = 512
 
 
-def param_groups(model: nn.Module) -> List[Dict]:
-    """[decayed, not decayed]: no decay for 1-D parameters, biases, the model's ``no_weight_decay()``
-    names and names containing one of its ``no_weight_decay_keywords()`` (the original's rule)."""
+def skips_weight_decay(model: nn.Module) -> Callable[[str, nn.Parameter], bool]:
+    """The original's rule for parameters without weight decay: 1-D ones, biases, the model's
+    ``no_weight_decay()`` names and names containing one of its ``no_weight_decay_keywords()``."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    return lambda name, param: (param.ndim == 1 or name.endswith(".bias") or name in skip
+                                or any(word in name for word in keywords))
+
+
+def param_groups(model: nn.Module) -> List[Dict]:
+    """[decayed, not decayed], by ``skips_weight_decay``."""
+    skips = skips_weight_decay(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim == 1 or name.endswith(".bias") or name in skip or any(word in name for word in keywords):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (no_decay if skips(name, param) else decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -36,10 +40,12 @@ def scaled_lrs(config, global_batch: int, accumulation_steps: int) -> Dict[str, 
             "min": config.TRAIN.MIN_LR * factor}
 
 
-def build_optimizer(model: nn.Module, config, lr: float, kind: str = "adamw", device_type: str = "cpu"):
+def build_optimizer(model: nn.Module, config, lr: float, kind: str = "adamw", device_type: str = "cpu",
+                    groups: Optional[List[Dict]] = None):
     """TRAIN.OPTIMIZER.NAME adamw (fused on CUDA) or sgd; ``kind='apex-fused-adam'`` takes NVIDIA apex's
-    FusedAdam (AdamW-style decay), which must already be installed."""
-    groups = param_groups(model)
+    FusedAdam (AdamW-style decay), which must already be installed. ``groups``: parameter groups
+    (default ``param_groups(model)``; fine-tuning passes its layer-decay groups)."""
+    groups = groups if groups is not None else param_groups(model)
     settings = config.TRAIN.OPTIMIZER
     name = settings.NAME.lower()
     if kind == "apex-fused-adam":
@@ -95,8 +101,8 @@ class LRSchedule:
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         lr = self(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # lr_scale: layer-wise LR decay (fine-tuning)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def state_dict(self) -> Dict:

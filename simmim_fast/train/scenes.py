@@ -120,3 +120,8 @@ def render_scene(index: int, size: int = SCENE_SIZE) -> Image.Image:
     image = SCENE_KINDS[index % len(SCENE_KINDS)](rng, size)
     image = image + rng.normal(0, 0.015, image.shape)  # a little sensor noise
     return Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def scene_label(index: int) -> str:
+    """The kind of scene ``index`` ('landscape', 'still_life' or 'texture'): its class for fine-tuning."""
+    return SCENE_KINDS[index % len(SCENE_KINDS)].__name__.lstrip("_")

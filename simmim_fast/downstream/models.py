@@ -1,0 +1,186 @@
+"""Classifiers on the SimMIM encoders (the original fine-tuning models: ViT with mean pooling or the CLS
+token, Swin with its pooled head), and loading a pretrained or fine-tuned checkpoint into one.
+
+Loading follows the original ``utils.load_pretrained``: the ``encoder.`` prefix and the decoder are
+dropped, a ViT's shared relative position bias is copied into every block, relative position bias
+tables are resized when the window changes (Swin 192/w6 -> 224/w7) and absolute position embeddings
+when the resolution changes, both bicubic with ``torch.nn.functional.interpolate`` (the original calls
+SciPy's ``interp2d``, which SciPy removed). Index buffers and Swin's attention masks are always the
+model's own. Anything else that does not fit is a ValueError.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.registry import build_encoder
+from ..models.swin import SwinTransformer
+from ..models.vit import VisionTransformer
+
+# Buffers the model computes from its own shapes; a checkpoint's copy is never used.
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
+VIT_CLS_BIAS_ENTRIES = 3  # cls-to-token, token-to-cls, cls-to-cls
+
+
+class VisionTransformerClassifier(VisionTransformer):
+    """The original fine-tuning ViT: mean of the patch tokens through ``fc_norm`` (USE_MEAN_POOLING) or
+    the CLS token through ``norm``, then ``head``."""
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + patches, embed_dim) after the last block and ``norm``."""
+        x = self.patch_embed(x)
+        cls_token = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat((cls_token, x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for block in self.blocks:
+            x = block(x, rel_pos_bias=rel_pos_bias)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, embed_dim) pooled features (before the head)."""
+        x = self.forward_tokens(x)
+        if self.fc_norm is not None:
+            return self.fc_norm(x[:, 1:].mean(1))
+        return x[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+class SwinTransformerClassifier(SwinTransformer):
+    """Swin with its head: the last stage's tokens, LayerNorm, average pooled, ``head``."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.avgpool(self.norm(x).transpose(1, 2)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+CLASSIFIERS = {"vit": VisionTransformerClassifier, "swin": SwinTransformerClassifier}
+
+
+def build_classifier(config, num_classes: int) -> nn.Module:
+    """The classifier of the config's MODEL section (``num_classes=0``: features only, no head)."""
+    return build_encoder(config, classes=CLASSIFIERS, num_classes=num_classes)
+
+
+def architecture_of(state: Mapping[str, torch.Tensor]) -> str:
+    """'vit', 'swin' or 'unknown', from the key layout of a (prefix-free) state dict."""
+    if any(key.startswith("layers.") for key in state):
+        return "swin"
+    if any(key.startswith("blocks.") for key in state):
+        return "vit"
+    return "unknown"
+
+
+def encoder_state(source: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A SimMIM state dict's encoder (``encoder.`` prefix removed, decoder and mask token dropped), or
+    a classifier's state dict as it is."""
+    if any(key.startswith("encoder.") for key in source):
+        source = {key[len("encoder."):]: value for key, value in source.items() if key.startswith("encoder.")}
+    return {key: value for key, value in source.items() if key != "mask_token"}
+
+
+def resize_relative_position_table(table: torch.Tensor, target_entries: int, extra_entries: int = 0) -> torch.Tensor:
+    """A ((2W-1)^2 + extra, heads) bias table resampled bicubically to ``target_entries`` rows; the
+    ``extra_entries`` last rows (ViT's CLS entries) are kept as they are."""
+    grid_entries = table.shape[0] - extra_entries
+    source_side = math.isqrt(grid_entries)
+    target_side = math.isqrt(target_entries - extra_entries)
+    if source_side ** 2 != grid_entries or target_side ** 2 != target_entries - extra_entries:
+        raise ValueError(f"relative position bias table of {table.shape[0]} rows cannot be resized to "
+                         f"{target_entries}: not a square grid of relative distances")
+    heads = table.shape[1]
+    grid = table[:grid_entries].float().T.reshape(1, heads, source_side, source_side)
+    resized = F.interpolate(grid, size=(target_side, target_side), mode="bicubic", align_corners=True)
+    resized = resized.reshape(heads, -1).T.to(table.dtype)
+    return torch.cat((resized, table[grid_entries:]), dim=0)
+
+
+def resize_position_embedding(embedding: torch.Tensor, target_tokens: int, prefix_tokens: int) -> torch.Tensor:
+    """(1, prefix + S*S, D) absolute position embeddings resampled bicubically to (1, prefix + T*T, D)."""
+    source_side = math.isqrt(embedding.shape[1] - prefix_tokens)
+    target_side = math.isqrt(target_tokens - prefix_tokens)
+    if source_side ** 2 != embedding.shape[1] - prefix_tokens or target_side ** 2 != target_tokens - prefix_tokens:
+        raise ValueError(f"position embedding of {embedding.shape[1]} tokens cannot be resized to {target_tokens}: "
+                         "not a square grid")
+    dim = embedding.shape[-1]
+    grid = embedding[:, prefix_tokens:].float().reshape(1, source_side, source_side, dim).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(target_side, target_side), mode="bicubic", align_corners=False)
+    resized = resized.permute(0, 2, 3, 1).reshape(1, -1, dim).to(embedding.dtype)
+    return torch.cat((embedding[:, :prefix_tokens], resized), dim=1)
+
+
+def remap_for(model: nn.Module, source: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``source`` (a SimMIM, original SimMIM or classifier state dict) in the layout and shapes of
+    ``model``: shared bias expanded, tables and position embeddings resized, derived buffers the model's."""
+    state = encoder_state(source)
+    target = model.state_dict()
+    expected, found = architecture_of(target), architecture_of(state)
+    if found != expected:
+        raise ValueError(f"the checkpoint holds a {found} encoder, but the model is a {expected} "
+                         f"(MODEL.TYPE); give the preset or config the checkpoint was trained with")
+    shared = "rel_pos_bias.relative_position_bias_table"
+    if shared in state and shared not in target:  # the original's per-block copies of the shared bias
+        table = state.pop(shared)
+        for key in target:
+            if key.endswith("attn.relative_position_bias_table"):
+                state[key] = table.clone()
+    for key in list(state):
+        if key.endswith(DERIVED_BUFFERS):
+            del state[key]
+        elif key.endswith("relative_position_bias_table") and key in target and state[key].shape != target[key].shape:
+            extra = VIT_CLS_BIAS_ENTRIES if expected == "vit" else 0
+            state[key] = resize_relative_position_table(state[key], target[key].shape[0], extra)
+        elif key in ("pos_embed", "absolute_pos_embed") and key in target and state[key].shape != target[key].shape:
+            state[key] = resize_position_embedding(state[key], target[key].shape[1], 1 if key == "pos_embed" else 0)
+    for key, value in target.items():
+        if key.endswith(DERIVED_BUFFERS):
+            state[key] = value
+    return state
+
+
+def load_into(model: nn.Module, source: Mapping[str, torch.Tensor], keep_head: bool = True) -> Dict[str, list]:
+    """Load ``source`` into the classifier ``model`` after ``remap_for``. What the model may lack from a
+    pretraining checkpoint (head, fc_norm: trained from their init, as the original) stays as it is; a
+    head of another class count is left out unless ``keep_head`` finds it fits. Any other missing,
+    unexpected or misshapen key is a ValueError. Returns {'missing': [...], 'unused': [...]}."""
+    state = remap_for(model, source)
+    target = model.state_dict()
+    fresh_prefixes = ("head.", "fc_norm.")
+    missing = [key for key in target if key not in state]
+    unused = [key for key in state if key not in target]
+    # The pretraining ViT's final norm has no place in a mean-pooling classifier (norm is Identity there).
+    tolerated_unused = [key for key in unused if key.startswith("norm.") and isinstance(model.norm, nn.Identity)
+                        or key.startswith(fresh_prefixes)]
+    bad_missing = [key for key in missing if not key.startswith(fresh_prefixes)]
+    bad_unused = [key for key in unused if key not in tolerated_unused]
+    misshapen = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in target.items()
+                 if key in state and state[key].shape != value.shape and not key.startswith("head.")]
+    if bad_missing or bad_unused or misshapen:
+        details = []
+        for label, keys in (("missing", bad_missing), ("unexpected", bad_unused), ("shape mismatch", misshapen)):
+            if keys:
+                details.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
+        raise ValueError("the checkpoint does not fit the model (another size or architecture?): " + "; ".join(details))
+    head_fits = all(key in state and state[key].shape == target[key].shape for key in target if key.startswith("head."))
+    if not (keep_head and head_fits):
+        state = {key: value for key, value in state.items() if not key.startswith("head.")}
+    loadable = {key: value for key, value in state.items() if key in target}
+    model.load_state_dict(loadable, strict=False)
+    return {"missing": [key for key in target if key not in loadable], "unused": unused}
+

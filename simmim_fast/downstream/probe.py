@@ -1,0 +1,187 @@
+"""``simmim-fast eval --linear / --knn``: quick checks of a frozen encoder on a labelled folder.
+
+Features are the encoder's pooled output (ViT: the mean of the patch tokens after the final norm, or
+``fc_norm`` of a fine-tuned one; Swin: the pooled last stage) of the evaluation view (resize to 256/224,
+centre crop). They are cached on disk under a key of the checkpoint's bytes, the images (paths, sizes,
+times, labels) and the view, so repeated probes skip the encoder.
+
+- Linear probe: a linear layer on standardised features (batch-norm without affine, as MAE), trained
+  full-batch with AdamW and a cosine schedule; reports top-1/top-5 on the validation split.
+- k-NN: cosine similarity to the training features, the k=20 nearest vote with weights exp(sim / 0.07)
+  (DINO's weighted k-NN, the usual one in the MIM literature).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..checkpoint import load_checkpoint, save_atomic
+from ..config import get_config, merge
+from ..train.configs import build_config
+from ..train.engine import seed_everything
+from .data import EVAL_RESIZE_RATIO, EvalSet, LabelledFolder, open_splits
+from .finetune import FINETUNE_SECTIONS, read_pretrained, topk_correct
+from .models import VisionTransformerClassifier, build_classifier, load_into
+
+CACHE_FORMAT = "simmim_fast.features/1"
+
+
+def model_from_checkpoint(path: str, preset: Optional[str] = None, config_file: Optional[str] = None,
+                          trust: bool = False, with_head: bool = False):
+    """(model in eval mode, config, class names or None) for a checkpoint: the model from its own config
+    (simmim-fast pretraining or fine-tuning), else from ``preset`` / ``config_file``; with its head when
+    ``with_head`` and it has one, else features only."""
+    pretrained = read_pretrained(path, trust)
+    if preset or config_file:
+        config = build_config(preset, config_file)
+    elif pretrained["config"] is not None:
+        saved = {key: value for key, value in pretrained["config"].items() if key not in FINETUNE_SECTIONS}
+        config = merge(get_config(), saved)
+    else:
+        raise ValueError(f"{path} has no simmim-fast config; give --preset or --config for its model")
+    head = pretrained["model"].get("head.weight")
+    model = build_classifier(config, num_classes=head.shape[0] if with_head and head is not None else 0)
+    load_into(model, pretrained["model"], keep_head=with_head)
+    return model.eval(), config, pretrained["classes"]
+
+
+def probe_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, VisionTransformerClassifier) and model.fc_norm is None:
+        return model.forward_tokens(images)[:, 1:].mean(1)
+    return model.forward_features(images)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _data_fingerprint(source) -> list:
+    if isinstance(source, LabelledFolder):
+        return [(str(path), path.stat().st_size, path.stat().st_mtime_ns, label) for path, label in source.samples]
+    return [(source.describe(index), label) for index, label in enumerate(source.labels)]
+
+
+def cache_key(weights: str, source, img_size: int, crop: bool) -> str:
+    """``weights``: the checkpoint file's digest, or a description of seeded random weights."""
+    key = {"format": CACHE_FORMAT, "checkpoint": weights, "data": _data_fingerprint(source),
+           "view": {"img_size": img_size, "crop": crop, "resize_ratio": EVAL_RESIZE_RATIO}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, source, img_size: int, crop: bool, batch_size: int,
+            device) -> Dict[str, torch.Tensor]:
+    loader = DataLoader(EvalSet(source, img_size, crop), batch_size=batch_size)
+    features, labels = [], []
+    for batch in loader:
+        features.append(probe_features(model, batch["image"].to(device)).float().cpu())
+        labels.append(batch["label"])
+    return {"features": torch.cat(features), "labels": torch.cat(labels)}
+
+
+def cached_features(weights: str, model, config, source, cache_dir: Path, batch_size: int, device) -> Dict[str, Any]:
+    """The features of ``source`` from the cache, or extracted and cached (atomically)."""
+    img_size, crop = config.DATA.IMG_SIZE, config.get("TEST", {}).get("CROP", True)
+    path = cache_dir / f"features_{cache_key(weights, source, img_size, crop)}.pt"
+    if path.is_file():
+        return {**load_checkpoint(path), "cached": True}
+    found = extract(model, source, img_size, crop, batch_size, device)
+    save_atomic(found, path)
+    return {**found, "cached": False}
+
+
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor, num_classes: int,
+                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class scores (N, C): the k nearest training samples by cosine similarity vote exp(sim / T)."""
+    train = F.normalize(train_features, dim=1)
+    scores = []
+    for start in range(0, len(features), chunk):
+        similarity = F.normalize(features[start:start + chunk], dim=1) @ train.T
+        top, index = similarity.topk(min(k, len(train)), dim=1)
+        votes = torch.zeros(len(top), num_classes, dtype=top.dtype)
+        votes.scatter_add_(1, train_labels[index], (top / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor, num_classes: int,
+                 epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0) -> torch.Tensor:
+    """Class scores (N, C) of a linear classifier trained full-batch on standardised training features."""
+    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    standardise = lambda x: (x - mean) / std  # noqa: E731
+    generator = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(train_features.shape[1], num_classes)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.01, generator=generator)
+        layer.bias.zero_()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    inputs = standardise(train_features)
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        loss = F.cross_entropy(layer(inputs), train_labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return layer(standardise(features))
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    top1, top5 = topk_correct(scores, labels)
+    return {"top1": 100.0 * float(top1) / len(labels), "top5": 100.0 * float(top5) / len(labels)}
+
+
+def run_probes(checkpoint: Optional[str], data: Optional[str] = None, linear: bool = True, knn: bool = True,
+               preset: Optional[str] = None, config_file: Optional[str] = None, cache_dir: Optional[str] = None,
+               output: Optional[str] = None, k: int = 20, temperature: float = 0.07, batch_size: int = 64,
+               device: str = "cpu", trust_checkpoint: bool = False, seed: int = 0) -> Dict[str, Any]:
+    """Linear probe and/or k-NN of ``checkpoint``'s frozen encoder on ``data`` (train/ and val/ inside;
+    the labelled embedded scenes when None); without a checkpoint, of ``preset``'s encoder randomly
+    initialised with ``seed`` (the baseline). Returns (and writes to ``output``, a JSON file) the metrics."""
+    if not (linear or knn):
+        raise ValueError("choose --linear, --knn or both")
+    if checkpoint:
+        model, config, _ = model_from_checkpoint(checkpoint, preset, config_file, trust_checkpoint)
+        weights, default_cache = _file_digest(Path(checkpoint)), Path(checkpoint).parent / "features"
+    else:
+        if not (preset or config_file):
+            raise ValueError("give --checkpoint, or --preset/--config for a randomly initialised baseline")
+        config = build_config(preset, config_file)
+        seed_everything(seed)
+        model = build_classifier(config, num_classes=0).eval()
+        weights = f"random init {json.dumps(config.MODEL, sort_keys=True)} seed {seed}"
+        default_cache = Path("runs/features")
+    model.to(device)
+    train, val = open_splits(data)
+    cache = Path(cache_dir) if cache_dir else default_cache
+    splits = {name: cached_features(weights, model, config, source, cache, batch_size, device)
+              for name, source in (("train", train), ("val", val))}
+    num_classes = len(train.classes)
+    results: Dict[str, Any] = {"checkpoint": str(checkpoint) if checkpoint else f"random init, seed {seed}",
+                               "data": data or "embedded scenes",
+                               "classes": list(train.classes), "train_images": len(train), "val_images": len(val),
+                               "feature_dim": int(splits["train"]["features"].shape[1]),
+                               "features_cached": splits["train"]["cached"] and splits["val"]["cached"]}
+    arguments = (splits["train"]["features"], splits["train"]["labels"], splits["val"]["features"], num_classes)
+    if knn:
+        results["knn"] = {"k": k, "temperature": temperature,
+                          **accuracy(knn_classify(*arguments, k=k, temperature=temperature), splits["val"]["labels"])}
+    if linear:
+        results["linear"] = accuracy(linear_probe(*arguments, seed=seed), splits["val"]["labels"])
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=2))
+    return results
+

@@ -1,0 +1,134 @@
+"""What every training loop of simmim_fast shares (pretraining in ``loop``, fine-tuning in
+``simmim_fast.downstream.finetune``): AMP choice, seeding, the kernel backend for the process, and one
+optimizer step over accumulated micro-batches (DDP/FSDP gradient sync on the last one, GradScaler,
+clipping, a skipped update on a non-finite loss).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from .. import dispatch
+from . import distributed
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss."""
+
+
+def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None = full precision). auto: bf16 on CUDA where supported, else fp16; off elsewhere."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if choice not in ("bf16", "fp16", "off"):
+        raise ValueError(f"--amp must be auto, bf16, fp16 or off, got {choice!r}")
+    if choice == "fp16" and device.type == "xla":
+        raise ValueError("--amp fp16 is not supported on XLA; use bf16")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def xla_sync() -> None:
+    import torch_xla
+
+    if hasattr(torch_xla, "sync"):
+        torch_xla.sync()
+    else:
+        import torch_xla.core.xla_model as xm
+
+        xm.mark_step()
+
+
+@contextlib.contextmanager
+def kernel_backend(spec: Optional[str]):
+    """--backend for the whole process: through the environment variable rather than ``use_backend``,
+    whose choice is per thread, as autograd runs the backward pass on its own threads on CUDA."""
+    if not spec:
+        yield
+        return
+    dispatch.parse_spec(spec)  # a typo fails here, before any work
+    previous = os.environ.get(dispatch.ENV_VAR)
+    os.environ[dispatch.ENV_VAR] = spec
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(dispatch.ENV_VAR, None)
+        else:
+            os.environ[dispatch.ENV_VAR] = previous
+
+
+class TrainingSteps:
+    """The batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``), ``runtime``,
+    ``model`` (unwrapped), ``train_model`` (DDP/FSDP/compiled), ``optimizer``, ``scaler`` (or None),
+    ``schedule``, ``step``, ``clip_grad``, ``device``, ``amp_dtype``, ``loader`` (an ``EpochSampler``'s),
+    ``accumulation``, ``epoch`` and ``samples_into_epoch``."""
+
+    def _batches(self):
+        """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
+        world = self.runtime.world_size
+        while True:
+            self.loader.sampler.set_position(self.epoch, self.samples_into_epoch // world)
+            micro_batches = len(self.loader) // self.accumulation * self.accumulation
+            iterator = iter(self.loader)
+            for _ in range(micro_batches):
+                yield next(iterator)
+            self.epoch += 1
+            self.samples_into_epoch = 0
+
+    def _micro_batch_context(self, last: bool):
+        """Gradient sync only on the last micro-batch of an accumulation."""
+        if self.options.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if self.runtime.distributed and not last:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def optimizer_step(self, batches, loss_of: Callable[[Any], torch.Tensor]) -> Dict[str, Any]:
+        """Forward/backward of ``loss_of(batch)`` over the micro-batches, then the update unless the loss is
+        non-finite. Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``)."""
+        lr = self.schedule.apply(self.optimizer, self.step)
+        loss_sum = torch.zeros((), device=self.device)
+        for index, batch in enumerate(batches):
+            with self._micro_batch_context(last=index == len(batches) - 1), self._autocast():
+                loss = loss_of(batch)
+            scaled = loss.float() / len(batches)
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+        step_loss = distributed.mean_across(loss_sum / len(batches), self.runtime)
+        if not self.runtime.is_xla and not torch.isfinite(step_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:  # an fp16 overflow is the usual cause: back the scale off
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            return {"loss": step_loss, "lr": lr, "grad_norm": None, "skipped": True}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "skipped": False}
+

@@ -1,0 +1,176 @@
+"""Fine-tuning, probes and their pieces on the CPU (plain lane): checkpoint remap, layer decay,
+augmentation invariants, labelled folders and their errors, a few-step CLI run with resume."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from simmim_fast import build_simmim, get_config
+from simmim_fast.checkpoint import save_atomic
+from simmim_fast.cli import main
+from simmim_fast.config import merge
+from simmim_fast.downstream.augment import Mixup, RandAugment, apply_op, cutmix_box, mix_batch, random_erasing
+from simmim_fast.downstream.data import LabelledFolder, open_splits, write_scene_folder
+from simmim_fast.downstream.finetune import layer_decay_groups
+from simmim_fast.downstream.models import build_classifier, load_into, resize_relative_position_table
+from simmim_fast.downstream.probe import knn_classify
+from simmim_fast.models.layers import relative_position_index
+from simmim_fast.train.scenes import render_scene
+
+VIT_FINETUNE = {"MODEL": {"VIT": {"USE_RPB": True, "USE_SHARED_RPB": False, "USE_MEAN_POOLING": True}}}
+
+
+def pretrained(preset):
+    model = build_simmim(preset)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.05)
+    return model
+
+
+def test_vit_shared_bias_becomes_per_block_and_encoder_features_match():
+    model = pretrained("vit-tiny")
+    classifier = build_classifier(merge(get_config("vit-tiny"), VIT_FINETUNE), 3)
+    report = load_into(classifier, model.state_dict())
+    assert sorted(report["missing"]) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    shared = model.encoder.rel_pos_bias.relative_position_bias_table
+    for block in classifier.blocks:
+        assert torch.equal(block.attn.relative_position_bias_table, shared)
+    # Same weights, no mask: the frozen classifier's tokens are the SimMIM encoder's.
+    frozen = build_classifier(get_config("vit-tiny"), 0).eval()
+    load_into(frozen, model.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    expected = model.eval().encoder(images, torch.zeros(2, 8, 8, dtype=torch.long)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(frozen.forward_tokens(images)[:, 1:], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_swin_bias_table_resized_bicubic_when_the_window_changes():
+    model = pretrained("swin-tiny")
+    config = merge(get_config("swin-tiny"), {"DATA": {"IMG_SIZE": 80}, "MODEL": {"SWIN": {"WINDOW_SIZE": 5}}})
+    classifier = build_classifier(config, 4)
+    load_into(classifier, model.state_dict())
+    source = model.encoder.layers[0].blocks[0].attn.relative_position_bias_table  # (7*7, heads)
+    resized = classifier.layers[0].blocks[0].attn
+    assert resized.relative_position_bias_table.shape == (81, source.shape[1])
+    assert torch.equal(resized.relative_position_index, relative_position_index((5, 5)))
+    # align_corners: the corner distances keep their values; the centre (distance 0) too.
+    grid = resized.relative_position_bias_table.detach().view(9, 9, -1)
+    torch.testing.assert_close(grid[0, 0], source.detach().view(7, 7, -1)[0, 0])
+    torch.testing.assert_close(grid[4, 4], source.detach().view(7, 7, -1)[3, 3])
+    assert classifier(torch.randn(2, 3, 80, 80)).shape == (2, 4)
+
+
+def test_resize_keeps_vit_cls_entries_and_is_identity_at_the_same_size():
+    table = torch.randn(15 * 15 + 3, 2)
+    assert torch.equal(resize_relative_position_table(table, table.shape[0], 3), table)
+    resized = resize_relative_position_table(table, 19 * 19 + 3, 3)
+    assert torch.equal(resized[-3:], table[-3:])
+
+
+def test_checkpoint_of_another_architecture_is_a_value_error():
+    with pytest.raises(ValueError, match="holds a swin encoder, but the model is a vit"):
+        load_into(build_classifier(get_config("vit-tiny"), 3), pretrained("swin-tiny").state_dict())
+    wider = merge(get_config("vit-tiny"), {"MODEL": {"VIT": {"EMBED_DIM": 48}}})
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_into(build_classifier(wider, 3), pretrained("vit-tiny").state_dict())
+
+
+def test_layer_decay_groups_follow_the_original_layers():
+    config = merge(get_config("vit-tiny"), {**VIT_FINETUNE, "TRAIN": {"LAYER_DECAY": 0.5}})
+    model = build_classifier(config, 3)
+    scales = {}
+    for group in layer_decay_groups(model, config):
+        for name, param in model.named_parameters():
+            if any(param is member for member in group["params"]):
+                scales[name] = (group["lr_scale"], group["weight_decay"])
+    depth = config.MODEL.VIT.DEPTH
+    assert scales["patch_embed.proj.weight"] == (0.5 ** (depth + 1), 0.05)
+    assert scales["blocks.0.attn.qkv.weight"] == (0.5 ** depth, 0.05)
+    assert scales["blocks.0.attn.proj.bias"] == (0.5 ** depth, 0.0)
+    assert scales["head.weight"] == (1.0, 0.05)
+    assert scales["cls_token"] == (0.5 ** (depth + 1), 0.0)
+    # The original ViT's no_weight_decay() is {pos_embed, cls_token}: its 2-D bias tables are decayed.
+    assert scales["blocks.3.attn.relative_position_bias_table"] == (0.5, 0.05)
+
+
+def test_mixup_targets_sum_to_one_and_cutmix_lambda_is_the_kept_area():
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+    box = cutmix_box(16, 16, 0.75, 8, 8)  # an 8x8 box: a quarter of the image
+    mixed, targets = mix_batch(images, labels, 3, 0.1, 0.75, box)
+    assert box == (4, 12, 4, 12)
+    assert torch.equal(mixed[0, :, 4:12, 4:12], images[3, :, 4:12, 4:12])
+    assert torch.equal(mixed[0, :, :4], images[0, :, :4])
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        _, soft = Mixup(3)(images, labels, generator)
+        torch.testing.assert_close(soft.sum(1), torch.ones(4))
+
+
+def test_augmentations_are_reproducible_from_the_generator():
+    image = render_scene(5)
+    augment = RandAugment.from_spec("rand-m9-mstd0.5-inc1")
+    first = augment(image, torch.Generator().manual_seed(3))
+    assert first.tobytes() == augment(image, torch.Generator().manual_seed(3)).tobytes()
+    pixels = torch.zeros(3, 32, 32)
+    erased = random_erasing(pixels, torch.Generator().manual_seed(1), probability=1.0)
+    changed = (erased != 0).any(0)
+    rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+    area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert 0.02 * 32 * 32 - 40 <= area <= 32 * 32 / 3 + 40  # one rectangle of the allowed area
+    black = apply_op(image, "PosterizeIncreasing", 10.0)  # 0 bits kept: Pillow's own posterize refuses it
+    assert black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    with pytest.raises(ValueError, match="RandAugment"):
+        RandAugment.from_spec("v0")
+
+
+def test_labelled_folder_errors(tmp_path):
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    render_scene(0).save(tmp_path / "one" / "cats" / "a.png")
+    with pytest.raises(ValueError, match="1 class folder"):
+        LabelledFolder(tmp_path / "one")
+    root = write_scene_folder(tmp_path / "scenes", train_count=8, val_count=4)
+    for child in (root / "val" / "texture").iterdir():
+        child.unlink()
+    (root / "val" / "texture").rmdir()
+    with pytest.raises(ValueError, match="missing texture"):
+        open_splits(str(root))
+
+
+def test_knn_votes_for_the_nearest_class():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    scores = knn_classify(train, labels, torch.tensor([[1.0, 0.05], [0.0, 2.0]]), 2, k=3)
+    assert scores.argmax(1).tolist() == [0, 1]
+
+
+@pytest.mark.slow
+def test_finetune_cli_resumes_and_probes_cache(tmp_path, capsys):
+    data = write_scene_folder(tmp_path / "data", train_count=24, val_count=12)
+    model = pretrained("vit-tiny")
+    checkpoint = tmp_path / "pretrain.pth"
+    save_atomic({"model": model.state_dict(), "config": get_config("vit-tiny").to_dict()}, checkpoint)
+    common = ["finetune", "--pretrained", str(checkpoint), "--data", str(data), "--batch-size", "8",
+              "--num-workers", "0", "--set", "TRAIN.EPOCHS=2", "--steps", "3"]  # evaluated and saved at steps 2, 3
+    assert main(common + ["--output", str(tmp_path / "ft")]) == 0
+    straight = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert straight["steps"] == 3 and [row["step"] for row in straight["evaluations"]] == [2, 3]
+    # An interrupted run: only the step-2 checkpoint; it resumes there and ends with the same weights.
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "ft" / "ckpt_step_0000002.pth", tmp_path / "cut")
+    assert main(common + ["--output", str(tmp_path / "cut")]) == 0
+    ft_checkpoint = tmp_path / "ft" / "ckpt_step_0000003.pth"
+    resumed = torch.load(tmp_path / "cut" / "ckpt_step_0000003.pth", weights_only=True)["model"]
+    for key, value in torch.load(ft_checkpoint, weights_only=True)["model"].items():
+        assert torch.equal(resumed[key], value), key
+    args = ["eval", "--checkpoint", str(ft_checkpoint), "--data", str(data), "--linear", "--knn"]
+    assert main(args) == 0 and main(args) == 0
+    outputs = capsys.readouterr().out
+    assert '"features_cached": false' in outputs and '"features_cached": true' in outputs
+    baseline = ["eval", "--preset", "vit-tiny", "--seed", "1", "--knn", "--data", str(data),
+                "--cache-dir", str(tmp_path / "features")]
+    assert main(baseline) == 0 and '"random init, seed 1"' in capsys.readouterr().out
+    assert main(["finetune", "--pretrained", str(checkpoint), "--preset", "swin-tiny", "--data", str(data),
+                 "--output", str(tmp_path / "bad")]) == 2
+    assert "holds a vit encoder, but the model is a swin" in capsys.readouterr().err
