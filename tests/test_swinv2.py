@@ -145,7 +145,8 @@ def test_large_windows_stay_on_the_fast_path():
     tokens = 24 * 24
     q = torch.zeros(2, 4, tokens, 32)
     args = dict(q=q, k=q, v=q, bias=torch.zeros(4, tokens, tokens), window_mask=None, scale=1.0, dropout_p=0.0)
-    assert registry()["triton"].not_supported_reasons("window_attention", args) == []
+    reasons = registry()["triton"].not_supported_reasons("window_attention", args)
+    assert all("triton runs on" in reason for reason in reasons), reasons  # at most: these are CPU tensors
     text = info.report()
     assert f"window_attention, windows of 24x24 = {tokens} tokens" in text
 

@@ -73,7 +73,7 @@ class TritonBackend(Backend):
         if op == "masked_patch_embed" and args["norm_weight"] is not None and len(args["norm_weight"]) > PATCH_NORM_MAX_DIM:
             reasons.append(f"patch_norm over {len(args['norm_weight'])} > {PATCH_NORM_MAX_DIM} channels")
         if op == "masked_decoder_loss" and args.get("norm_target_patch_size") is not None:
-            reasons.append("the normalised pixel target (norm_target_patch_size) is not fused into the decoder+loss "
+            reasons.append("the normalised pixel target (NORM_TARGET, norm_target_patch_size) is not fused into the decoder+loss "
                            "kernel yet; the reference computes it")
         return reasons
 

@@ -9,7 +9,7 @@ from Swin; the decoder and the loss are SimMIM's.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, Set
 
 import torch
 import torch.nn as nn
@@ -88,7 +88,7 @@ class ConvNeXt(nn.Module):
 class ConvNeXtForSimMIM(ConvNeXt):
     """forward(x, mask): mask (B, H/4, W/4) of 0/1 -> features (B, dims[-1], H/32, W/32)."""
 
-    def __init__(self, img_size=224, **kwargs):
+    def __init__(self, img_size: int = 224, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if self.num_classes != 0:
             raise ValueError(f"ConvNeXtForSimMIM needs num_classes=0, got {self.num_classes}")
@@ -99,7 +99,7 @@ class ConvNeXtForSimMIM(ConvNeXt):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.downsample_layers[0][0].out_channels))
         trunc_normal_(self.mask_token, mean=0.0, std=0.02)
 
-    def forward(self, x, mask):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _checks.check_encoder_inputs(x, mask, self.in_chans, self.img_size, (STEM_STRIDE, STEM_STRIDE))
         conv, norm = self.downsample_layers[0]
         tokens = ops.masked_patch_embed(x, mask, conv.weight, conv.bias, self.mask_token, None, norm.weight,
@@ -111,7 +111,7 @@ class ConvNeXtForSimMIM(ConvNeXt):
             x = stage(downsample(x))
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> Set[str]:
         return {"mask_token"}
 
 
