@@ -269,3 +269,25 @@ def test_checkpoints_follow_the_umask(tmp_path):
         finally:
             os.umask(previous)
         assert path.stat().st_mode & 0o777 == mode
+
+
+# The downstream commands follow the same rule (their count options share pretrain's checks).
+BAD_DOWNSTREAM_FLAGS = [
+    (["finetune", "--preset", "vit-tiny", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["finetune", "--preset", "vit-tiny", "--accum-steps", "-2"], "--accum-steps must be an integer >= 1, got -2"),
+    (["finetune", "--preset", "vit-tiny", "--keep-last", "-1"], "--keep-last must be an integer >= 0, got -1"),
+    (["finetune", "--preset", "vit-tiny", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["eval", "--preset", "vit-tiny", "--knn", "--k", "0"], "--k must be an integer >= 1, got 0"),
+    (["eval", "--preset", "vit-tiny", "--linear", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["eval", "--preset", "vit-tiny", "--knn", "--temperature", "0"], "--temperature must be > 0"),
+    (["export", "--checkpoint", "{root}/a_file.txt", "--format", "timm"], "not a readable checkpoint"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD_DOWNSTREAM_FLAGS, ids=[" ".join(a) for a, _ in BAD_DOWNSTREAM_FLAGS])
+def test_bad_downstream_flag_is_one_line_exit_2_and_writes_nothing(argv, expected, files, tmp_path, capsys):
+    output = tmp_path / "out"
+    flag = "--out" if argv[0] == "export" else "--output"
+    assert main([arg.format(root=files) for arg in argv] + [flag, str(output)]) == 2
+    expect_one_line(capsys.readouterr().err, expected)
+    assert not output.exists()

@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -27,7 +27,8 @@ from ..config import DEFAULTS, PRESETS, Config, merge, set_key, to_config
 from ..train import checkpoints, distributed
 from ..train.configs import parse_assignment, read_yaml_config
 from ..train.data import build_loader, sample_seed
-from ..train.engine import NonFiniteLossError, TrainingSteps, kernel_backend, resolve_amp, seed_everything
+from ..train.engine import (NonFiniteLossError, RunOptions, TrainingSteps, check_options, kernel_backend,
+                            resolve_amp, seed_everything)
 from ..train.monitor import Monitor
 from ..train.optim import build_optimizer, build_schedule, scaled_lrs, skips_weight_decay
 from .augment import Mixup
@@ -66,31 +67,12 @@ PRESET_CHANGES = {
 
 
 @dataclass
-class FinetuneOptions:
-    """The command line of ``simmim-fast finetune``; None = config/preset value."""
+class FinetuneOptions(RunOptions):
+    """The command line of ``simmim-fast finetune``; None = config/preset value (no FSDP: it stays off)."""
 
     pretrained: Optional[str] = None
-    preset: Optional[str] = None
-    config: Optional[str] = None
-    set: List[str] = field(default_factory=list)
-    data: Optional[str] = None
-    output: Optional[str] = None
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    batch_size: Optional[int] = None
-    accum_steps: Optional[int] = None
-    amp: str = "auto"
-    backend: Optional[str] = None
-    compile: bool = False
-    resume: Optional[str] = None
-    seed: Optional[int] = None
-    device: str = "auto"
-    num_workers: Optional[int] = None
-    log_every: Optional[int] = None
     keep_last: int = 2
-    max_nonfinite: int = 10
     trust_checkpoint: bool = False
-    fsdp: bool = False  # not offered: the shared optimizer step reads it
 
 
 def preset_of(model_section) -> Optional[str]:
@@ -217,6 +199,7 @@ class Finetuning(TrainingSteps):
     """One fine-tuning run; ``run()`` trains to the last step, evaluating every epoch."""
 
     def __init__(self, options: FinetuneOptions, runtime: distributed.Runtime):
+        check_options(options)
         self.options, self.runtime = options, runtime
         pretrained = read_pretrained(options.pretrained, options.trust_checkpoint) if options.pretrained else None
         self.config = config = finetune_config(options, pretrained and pretrained["config"])

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .._checks import check_count
 from ..checkpoint import load_checkpoint, save_atomic
 from ..config import get_config, merge
 from ..train.configs import build_config
@@ -152,6 +153,10 @@ def run_probes(checkpoint: Optional[str], data: Optional[str] = None, linear: bo
     initialised with ``seed`` (the baseline). Returns (and writes to ``output``, a JSON file) the metrics."""
     if not (linear or knn):
         raise ValueError("choose --linear, --knn or both")
+    check_count("--k", k, 1)
+    check_count("--batch-size", batch_size, 1)
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be > 0 (the k-NN votes are exp(similarity / T)), got {temperature}")
     if checkpoint:
         model, config, _ = model_from_checkpoint(checkpoint, preset, config_file, trust_checkpoint)
         weights, default_cache = _file_digest(Path(checkpoint)), Path(checkpoint).parent / "features"

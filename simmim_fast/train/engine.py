@@ -8,13 +8,53 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .. import dispatch
+from .._checks import check_count
 from . import distributed
+
+
+@dataclass
+class RunOptions:
+    """The command-line options ``pretrain`` and ``finetune`` share; None = the config's or preset's value."""
+
+    preset: Optional[str] = None
+    config: Optional[str] = None
+    set: List[str] = field(default_factory=list)
+    data: Optional[str] = None
+    output: Optional[str] = None
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    accum_steps: Optional[int] = None
+    amp: str = "auto"
+    backend: Optional[str] = None
+    compile: bool = False
+    resume: Optional[str] = None
+    seed: Optional[int] = None
+    device: str = "auto"
+    fsdp: bool = False
+    num_workers: Optional[int] = None
+    log_every: Optional[int] = None
+    max_nonfinite: int = 10
+
+
+# Options that count things, and the smallest value each allows (None: the config's value).
+COUNT_OPTIONS = {"steps": 1, "epochs": 1, "batch_size": 1, "accum_steps": 1, "num_workers": 0, "log_every": 1,
+                 "save_every": 1, "picture_every": 1, "keep_last": 0, "picture_count": 1, "max_nonfinite": 1}
+
+
+def check_options(options: RunOptions) -> None:
+    """Refuse counts out of range up front (``--steps 0`` is not "unset", ``--accum-steps -2`` not 1)."""
+    for name, minimum in COUNT_OPTIONS.items():
+        value = getattr(options, name, None)  # each command has its own subset
+        if value is not None:
+            check_count("--" + name.replace("_", "-"), value, minimum)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -9,7 +9,7 @@ import functools
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -26,56 +26,27 @@ from . import checkpoints, distributed, pictures
 from .configs import build_config
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
-from .engine import NonFiniteLossError, TrainingSteps, kernel_backend, resolve_amp, seed_everything, xla_sync
+from .engine import (NonFiniteLossError, RunOptions, TrainingSteps, check_options, kernel_backend, resolve_amp,
+                     seed_everything, xla_sync)
 from .monitor import Monitor
 from .optim import LRSchedule, build_optimizer, build_schedule, scaled_lrs
 
 
 @dataclass
-class PretrainOptions:
+class PretrainOptions(RunOptions):
     """The command line of ``simmim-fast pretrain`` (see ``simmim_fast.cli``); None = config/preset value."""
 
-    preset: Optional[str] = None
-    config: Optional[str] = None
-    set: List[str] = field(default_factory=list)
-    data: Optional[str] = None
-    output: Optional[str] = None
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    batch_size: Optional[int] = None
-    accum_steps: Optional[int] = None
-    amp: str = "auto"
-    backend: Optional[str] = None
-    compile: bool = False
     grad_checkpoint: bool = False
-    resume: Optional[str] = None
-    seed: Optional[int] = None
-    device: str = "auto"
-    fsdp: bool = False
-    num_workers: Optional[int] = None
-    log_every: Optional[int] = None
     save_every: Optional[int] = None
     keep_last: int = 3
     picture_every: Optional[int] = None
     picture_count: int = 8
     optimizer: str = "adamw"
-    max_nonfinite: int = 10
 
 
-# Options that count things, and the smallest value each allows (None: the config's value).
-COUNT_OPTIONS = {"steps": 1, "epochs": 1, "batch_size": 1, "accum_steps": 1, "num_workers": 0, "log_every": 1,
-                 "save_every": 1, "picture_every": 1, "keep_last": 0, "picture_count": 1, "max_nonfinite": 1}
-# The same for the config keys the loop reads (they also come from --config and --set).
+# Config keys the loop reads that count things (they also come from --config and --set), and their minimum.
 COUNT_CONFIG_KEYS = {"TRAIN.EPOCHS": 1, "TRAIN.WARMUP_EPOCHS": 0, "TRAIN.ACCUMULATION_STEPS": 0,
                      "DATA.BATCH_SIZE": 1, "DATA.NUM_WORKERS": 0, "SAVE_FREQ": 1, "PRINT_FREQ": 1}
-
-
-def check_options(options: PretrainOptions) -> None:
-    """Refuse counts out of range up front (``--steps 0`` is not "unset", ``--accum-steps -2`` not 1)."""
-    for name, minimum in COUNT_OPTIONS.items():
-        value = getattr(options, name)
-        if value is not None:
-            check_count("--" + name.replace("_", "-"), value, minimum)
 
 
 def check_config_counts(config) -> None:
