@@ -293,14 +293,8 @@ class Finetuning(TrainingSteps):
             raise ValueError(f"cannot resume from {path}: its classes {state['classes']} differ from the data's")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.samples_into_epoch = state["data"]["samples_into_epoch"]
-        self.nonfinite_skipped = state["nonfinite_skipped"]
         self.evaluations = list(state["evaluations"])
-        saved_rng = state["rng"]
-        checkpoints.restore_rng(saved_rng[self.runtime.rank % len(saved_rng)], self.device)
+        self.restore_progress(state)
         if self.runtime.is_main:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
         return path

@@ -9,14 +9,14 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 
 from .. import dispatch
 from .._checks import check_count
-from . import distributed
+from . import checkpoints, distributed
 
 
 @dataclass
@@ -141,6 +141,17 @@ class TrainingSteps:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def restore_progress(self, state: Mapping[str, Any]) -> None:
+        """What a resumed run takes back besides weights and optimizer: the loss scaler, the position in
+        the data, the skipped-step count, and this rank's random state (last: nothing draws after it)."""
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.samples_into_epoch = state["data"]["samples_into_epoch"]
+        self.nonfinite_skipped = state["nonfinite_skipped"]
+        saved_rng = state["rng"]
+        checkpoints.restore_rng(saved_rng[self.runtime.rank % len(saved_rng)], self.device)
 
     def optimizer_step(self, batches, loss_of: Callable[[Any], torch.Tensor]) -> Dict[str, Any]:
         """Forward/backward of ``loss_of(batch)`` over the micro-batches, then the update unless the loss is

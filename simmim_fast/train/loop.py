@@ -191,15 +191,9 @@ class Pretraining(TrainingSteps):
         else:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.samples_into_epoch = state["data"]["samples_into_epoch"]
-        self.nonfinite_skipped = state["nonfinite_skipped"]
         self.unreadable = set(state["unreadable"])
         self.history = {key: list(values) for key, values in state["history"].items()}
-        saved_rng = state["rng"]
-        checkpoints.restore_rng(saved_rng[self.runtime.rank % len(saved_rng)], self.device)
+        self.restore_progress(state)
         exact = state["data"]["world_size"] == self.runtime.world_size and \
             state["data"]["images_per_step"] == self.images_per_step
         if self.runtime.is_main:
