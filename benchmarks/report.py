@@ -17,7 +17,7 @@ KERNEL_COLUMNS = (
 E2E_COLUMNS = (
     "model", "batch", "provider", "status", "reason", "images_per_s", "speedup_vs_reference", "speedup_vs_compile",
     "step_ms_median", "step_ms_p20", "step_ms_p80", "reps", "forward_gflops_per_image", "achieved_tflops",
-    "mfu_vs_measured_matmul", "mfu_vs_datasheet", "peak_mem_gb", "first_step_s", "first_loss", "backends", "telemetry",
+    "mfu_vs_measured_matmul", "mfu_vs_datasheet", "peak_mem_gb", "first_step_s", "tune_s", "first_loss", "backends", "telemetry",
     "sm_clock_mhz_median", "sm_clock_mhz_min", "power_w_median", "power_w_max", "memory_used_gb_max",
     "gpu_util_pct_median",
 )
