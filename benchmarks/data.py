@@ -8,6 +8,8 @@ Paths (all from the same ImageNet-like folder of JPEGs, 400x300 to 1024x768, qua
              (313 for 192, 365 for 224: every crop is still a downscale)
   prepared-small  the same with the longer side at ``SMALL_MAX_SIDE`` (224 for 192, 256 for 224, the
              "resize 256" of ImageNet evaluation): crops are upsampled, cheaper to decode
+  prepared-raw  ``FastCrop`` reading a ``prepare-data --format raw`` store at ``lossless_max_side(size)``:
+             uint8 pixels memory-mapped, no decoding
   gpu-decode file bytes and the crop geometry from the CPU, JPEG decode + crop + flip on CUDA (torchvision)
 
 Per core: each path runs ``dataset[key]`` in this process (one thread), interleaved with the others
@@ -41,11 +43,11 @@ from simmim_fast.train.prepared import PreparedImages, lossless_max_side, prepar
 
 from .report import error_reason, write_csv
 
-PATHS = ("original", "fast", "prepared", "prepared-small", "gpu-decode")
+PATHS = ("original", "fast", "prepared", "prepared-small", "prepared-raw", "gpu-decode")
 SMALL_MAX_SIDE = {192: 224, 224: 256}
 SIZES = (192, 224)
 DATA_COLUMNS = (
-    "path", "img_size", "max_side", "status", "reason", "images_per_s_per_core", "images_per_cpu_s",
+    "path", "img_size", "max_side", "store_bytes_per_image", "status", "reason", "images_per_s_per_core", "images_per_cpu_s",
     "speedup_vs_original",
     "rounds", "samples_per_round", "loader_workers", "loader_images_per_s", "loader_images_per_s_per_worker",
     "crop_area_mean", "crop_log_aspect_mean", "flip_fraction", "pixel_mean", "pixel_std", "psnr_vs_original_db",
@@ -178,14 +180,17 @@ def run_data_suite(folder: Optional[Path], work: Path, plan: DataPlan, workers: 
     print(f"  {len(files)} images from {folder}")
     with tempfile.TemporaryDirectory(dir=work) as scratch:
 
-        def store(max_side: int) -> PreparedImages:
+        def store(max_side: int, encoding: str = "jpeg") -> PreparedImages:
             start = time.perf_counter()
-            prepare(str(folder), str(Path(scratch) / f"prepared-{max_side}"), max_side=max_side, progress=False)
-            print(f"  prepare-data --max-side {max_side}: {len(files) / (time.perf_counter() - start):.1f} images/s")
-            return PreparedImages(Path(scratch) / f"prepared-{max_side}")
+            destination = Path(scratch) / f"prepared-{max_side}-{encoding}"
+            prepare(str(folder), str(destination), max_side=max_side, progress=False, encoding=encoding)
+            print(f"  prepare-data --max-side {max_side} --format {encoding}: "
+                  f"{len(files) / (time.perf_counter() - start):.1f} images/s")
+            return PreparedImages(destination)
         rows: List[Dict] = []
         for size in SIZES:
-            stores = {"prepared": store(lossless_max_side(size)), "prepared-small": store(SMALL_MAX_SIDE[size])}
+            stores = {"prepared": store(lossless_max_side(size)), "prepared-small": store(SMALL_MAX_SIDE[size]),
+                      "prepared-raw": store(lossless_max_side(size), "raw")}
             rows += _measure_size(size, files, stores, plan, workers, device)
             after_each(rows)
     return rows
@@ -197,10 +202,10 @@ def _measure_size(size: int, files: ImageFiles, stores: Dict[str, PreparedImages
     datasets = {"original": PretrainDataset(files, SimMIMTransform(size, masks), seed=0),
                 "fast": PretrainDataset(files, FastCrop(size), seed=0)}
     datasets.update({name: PretrainDataset(store, FastCrop(size), seed=0) for name, store in stores.items()})
-    gpu = GpuJpegCrop(size, device)
-    gpu_reason = gpu_decode_unavailable_reason(device)
+    gpu = GpuJpegCrop(size, device, files, seed=0)
+    gpu_reason = gpu_decode_unavailable_reason(device, files)
     if gpu_reason is None:
-        datasets["gpu-decode"] = gpu.dataset(files, seed=0)
+        datasets["gpu-decode"] = gpu.dataset()
     samples = min(plan.samples_per_round, len(files))
 
     def loop(dataset):
@@ -210,7 +215,7 @@ def _measure_size(size: int, files: ImageFiles, stores: Dict[str, PreparedImages
         read_files = loops["gpu-decode"]
 
         def read_and_decode(round_index):  # the CPU's part and the GPU's, synchronised
-            gpu.crops(read_files(round_index))
+            gpu.crops(gpu.collate(read_files(round_index)))
             torch.cuda.synchronize()
         loops["gpu-decode"] = read_and_decode
     threads = torch.get_num_threads()
@@ -225,7 +230,8 @@ def _measure_size(size: int, files: ImageFiles, stores: Dict[str, PreparedImages
     rows = []
     for name in PATHS:
         row = {"path": name, "img_size": size, "samples_per_round": samples, "loader_workers": workers,
-               "max_side": stores[name].manifest["max_side"] if name in stores else None}
+               "max_side": stores[name].manifest["max_side"] if name in stores else None,
+               "store_bytes_per_image": stores[name].manifest["bytes"] / len(stores[name]) if name in stores else None}
         if name == "gpu-decode" and gpu_reason is not None:
             rows.append(row | {"status": "skipped", "reason": gpu_reason})
             print(f"  {size}px {name}: skipped ({gpu_reason})")
@@ -235,8 +241,8 @@ def _measure_size(size: int, files: ImageFiles, stores: Dict[str, PreparedImages
             dataset = datasets[name]
             if name == "gpu-decode":
                 stats, _ = _distribution(dataset, keys, _sizes(files, keys), reference_images,
-                                         decode=lambda sample: normalize(gpu.crops([sample]))[0].cpu())
-                row["loader_images_per_s"] = _loader_rate(dataset, workers, plan, gpu.collate_crops, gpu.crops)
+                                         decode=lambda sample: normalize(gpu.crops(gpu.collate([sample])))[0].cpu())
+                row["loader_images_per_s"] = _loader_rate(dataset, workers, plan, gpu.collate, gpu.crops)
             else:
                 stats, _ = _distribution(dataset, keys, _sizes(dataset.source, keys), reference_images)
                 row["loader_images_per_s"] = _loader_rate(dataset, workers, plan)
@@ -269,13 +275,14 @@ def data_markdown(rows: List[Dict], environment: Dict, settings: Dict) -> str:
              "Per core: one process, one thread, paths interleaved round by round, median round. Wall-clock rates on "
              "a shared machine are low bounds; CPU-second rates are what one dedicated core would give.", "",
              "| path | px | images/s per core | per CPU s | × original | loader images/s (per worker) | crop area | "
-             "flips | pixel mean / std | PSNR vs original dB | same crop stats |",
-             "|" + "---|" * 11]
+             "flips | pixel mean / std | PSNR vs original dB | same crop stats | KB/image stored |",
+             "|" + "---|" * 12]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {_label(row)} | {row['img_size']} | {row['status']}: {row.get('reason', '')} |" + " |" * 8)
+            lines.append(f"| {_label(row)} | {row['img_size']} | {row['status']}: {row.get('reason', '')} |" + " |" * 9)
             continue
         psnr = row.get("psnr_vs_original_db")
+        stored = row.get("store_bytes_per_image")
         lines.append(
             f"| {_label(row)} | {row['img_size']} | {row['images_per_s_per_core']:.1f} | "
             f"{row['images_per_cpu_s']:.1f} | "
@@ -284,7 +291,8 @@ def data_markdown(rows: List[Dict], environment: Dict, settings: Dict) -> str:
             f"{_cell(row, 'flip_fraction', '.2f')} | "
             f"{_cell(row, 'pixel_mean', '.3f')} / {_cell(row, 'pixel_std', '.3f')} | "
             f"{'–' if psnr is None else ('∞' if math.isinf(psnr) else f'{psnr:.1f}')} | "
-            f"{'–' if 'crop_stats_match' not in row else ('yes' if row['crop_stats_match'] else 'NO')} |")
+            f"{'–' if 'crop_stats_match' not in row else ('yes' if row['crop_stats_match'] else 'NO')} | "
+            f"{'–' if stored is None else f'{stored / 1000:.0f}'} |")
     return "\n".join(lines) + "\n"
 
 

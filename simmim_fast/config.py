@@ -24,6 +24,8 @@ DEFAULTS: Dict[str, Any] = {
         # Ours (simmim_fast.masking): random (the original), patch, block, grid; MASK_RATIO_END set: the
         # ratio moves linearly from MASK_RATIO at the first epoch to MASK_RATIO_END at the last.
         "MASK_STRATEGY": "random", "MASK_RATIO_END": None,
+        # Ours (simmim_fast.train.gpu_decode): where pretraining decodes JPEGs: cpu, gpu or auto.
+        "DECODE": "cpu",
     },
     "MODEL": {
         "TYPE": "swin", "NAME": "swin_tiny_patch4_window7_224", "RESUME": "", "NUM_CLASSES": 1000,

@@ -95,7 +95,8 @@ def test_data_suite_smoke_measures_every_cpu_path_with_equal_crop_statistics(tmp
     assert columns == list(DATA_COLUMNS)
     ok = [row for row in rows if row["status"] == "ok"]
     assert {(row["path"], row["img_size"]) for row in ok} == {
-        (path, size) for path in ("original", "fast", "prepared", "prepared-small") for size in ("192", "224")}
+        (path, size) for path in ("original", "fast", "prepared", "prepared-small", "prepared-raw")
+        for size in ("192", "224")}
     assert all(float(row["images_per_s_per_core"]) > 0 and float(row["loader_images_per_s"]) > 0 for row in ok)
     assert all(row["crop_stats_match"] == "True" for row in ok)
     skipped = [row for row in rows if row["status"] == "skipped"]

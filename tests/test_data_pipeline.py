@@ -200,21 +200,69 @@ def test_pretrain_reads_a_prepared_store_and_logs_the_data_wait(tmp_path):
     assert all(0 < row["data_wait_fraction"] < 1 for row in rows)
 
 
+def test_raw_store_holds_the_shrunk_pixels_and_crops_as_the_jpeg_store(tmp_path, capsys):
+    source = write_jpegs(tmp_path / "src", [(400, 300), (120, 90), (300, 500)])
+    Image.open(source / "0.jpg").convert("L").save(source / "grey.png")
+    assert main(["prepare-data", str(source), str(tmp_path / "raw"), "--max-side", "200", "--format", "raw"]) == 0
+    assert "raw RGB pixels" in capsys.readouterr().out
+    prepare(str(source), str(tmp_path / "jpeg"), max_side=200, progress=False)
+    raw, jpeg = PreparedImages(tmp_path / "raw"), PreparedImages(tmp_path / "jpeg")
+    assert raw.encoding == "raw" and raw.manifest["quality"] is None and len(raw) == 4
+    assert raw.manifest["bytes"] == sum(width * height * 3 for width, height in
+                                        [(200, 150), (120, 90), (120, 200), (200, 150)])
+    from simmim_fast.train.prepared import shrink
+
+    for index, name in enumerate(["0.jpg", "1.jpg", "2.jpg", "grey.png"]):  # the sorted order
+        with raw.open(index) as image:
+            assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(shrink(source / name, 200)))
+    # The same crops as the JPEG store, but for its re-encoding (a grey level or two).
+    for key in [(0, 0), (1, 2), (2, 3)]:
+        from_raw = PretrainDataset(raw, FastCrop(64), seed=5)[key]["image"].float()
+        from_jpeg = PretrainDataset(jpeg, FastCrop(64), seed=5)[key]["image"].float()
+        assert from_raw.shape == (3, 64, 64) and (from_raw - from_jpeg).abs().mean() < 3
+    assert main(["prepare-data", str(source), str(tmp_path / "other"), "--max-side", "200", "--format", "png"]) == 2
+    assert "--format" in capsys.readouterr().err
+
+
 def test_gpu_decode_falls_back_with_a_reason_off_cuda(tmp_path):
-    from simmim_fast.train.gpu_decode import EncodedCrop, gpu_decode_unavailable_reason
+    from simmim_fast.train.data import EmbeddedScenes
+    from simmim_fast.train.gpu_decode import EncodedCrop, gpu_decode_unavailable_reason, resolve_decode
 
     reason = gpu_decode_unavailable_reason(torch.device("cpu"))
     assert reason is not None and "CUDA" in reason
+    assert resolve_decode("auto", torch.device("cpu"), None) == ("cpu", reason)
+    assert resolve_decode("cpu", torch.device("cuda"), None) == ("cpu", None)
+    assert "not JPEG files" in resolve_decode("gpu", torch.device("cuda"), EmbeddedScenes(2))[1]
+    with pytest.raises(ValueError, match="--decode / DATA.DECODE must be one of cpu, gpu, auto"):
+        resolve_decode("nvjpeg", torch.device("cpu"), None)
     # The CPU half still runs anywhere: the file's bytes and the same crop and flip as FastCrop.
     folder = write_jpegs(tmp_path / "jpg", [(300, 200)])
     source = ImageFiles(find_images(folder), folder)
-    sample = PretrainDataset(source, EncodedCrop(), seed=4)[(0, 0)]
+    sample = PretrainDataset(source, EncodedCrop(32), seed=4)[(0, 0)]
     assert bytes(sample["jpeg"].numpy()) == (folder / "0.jpg").read_bytes()
     from simmim_fast.train.data import crop_and_flip, sample_seed
 
     generator = torch.Generator().manual_seed(sample_seed(4, 0, 0))
     box, flip = crop_and_flip(300, 200, generator)
     assert sample["box"].tolist() == list(box) and bool(sample["flip"]) == flip
+
+
+def test_pretrain_decode_gpu_off_cuda_says_why_once_and_trains_on_the_cpu_path(tmp_path, capsys):
+    from simmim_fast.train.monitor import read_log
+
+    write_jpegs(tmp_path / "src", [(120, 90)] * 4)
+    common = ["pretrain", "--preset", "vit-tiny", "--set", "MODEL.VIT.DEPTH=1", "--set", "MODEL.VIT.EMBED_DIM=48",
+              "--set", "MODEL.VIT.NUM_HEADS=2", "--data", str(tmp_path / "src"), "--batch-size", "4",
+              "--num-workers", "0", "--steps", "1", "--device", "cpu", "--picture-every", "1000"]
+    losses = {}
+    for decode in ("cpu", "gpu", "auto"):
+        assert main(common + ["--decode", decode, "--output", str(tmp_path / decode)]) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "--decode gpu" in line]
+        assert len(warnings) == (decode == "gpu")
+        if warnings:
+            assert "needs a CUDA device" in warnings[0] and "decoding on the CPU" in warnings[0]
+        losses[decode] = read_log(tmp_path / decode / "log.jsonl")[0]["loss"]
+    assert losses["cpu"] == losses["gpu"] == losses["auto"]
 
 
 @pytest.mark.gpu
@@ -227,11 +275,11 @@ def test_gpu_decode_matches_the_cpu_crop(tmp_path):
         pytest.skip(reason)
     folder = write_jpegs(tmp_path / "jpg", [(640, 480), (300, 400), (1024, 768)])
     source = ImageFiles(find_images(folder), folder)
-    gpu = GpuJpegCrop(96, device)
-    encoded = gpu.dataset(source, seed=2)
+    gpu = GpuJpegCrop(96, device, source, seed=2)
+    encoded = gpu.dataset()
     cpu = PretrainDataset(source, FastCrop(96, draft=False, reducing_gap=None), seed=2)
     keys = [(0, index) for index in range(3)]
-    on_gpu = gpu.crops([encoded[key] for key in keys]).cpu().float()
+    on_gpu = gpu.crops(gpu.collate([encoded[key] for key in keys])).cpu().float()
     on_cpu = torch.stack([cpu[key]["image"] for key in keys]).float()
     # nvJPEG's IDCT and upsampling, and torch's antialiased bilinear vs Pillow's: a few grey levels.
     assert on_gpu.shape == on_cpu.shape and (on_gpu - on_cpu).abs().mean() < 3

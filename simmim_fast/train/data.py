@@ -339,14 +339,14 @@ class EpochSampler(Sampler):
 
 
 def build_loader(dataset: PretrainDataset, batch_size: int, world_size: int, rank: int, seed: int,
-                 num_workers: int, pin_memory: bool) -> DataLoader:
+                 num_workers: int, pin_memory: bool, collate_fn=None) -> DataLoader:
     sampler = EpochSampler(dataset, world_size, rank, seed)
     if sampler.samples_per_epoch < batch_size:
         raise ValueError(f"{len(dataset)} images give {sampler.samples_per_epoch} per process, fewer than one "
                          f"batch of {batch_size}; lower --batch-size or add images")
     # The loader's own generator keeps worker seeding off the global torch RNG (drop path uses it).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed))
 
 

@@ -26,6 +26,7 @@ from . import checkpoints, distributed, pictures
 from .configs import build_config
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
+from .gpu_decode import GpuJpegCrop, resolve_decode
 from .engine import (NonFiniteLossError, RunOptions, TrainingSteps, check_options, kernel_backend, resolve_amp,
                      seed_everything, xla_sync)
 from .monitor import Monitor
@@ -42,6 +43,7 @@ class PretrainOptions(RunOptions):
     picture_every: Optional[int] = None
     picture_count: int = 8
     optimizer: str = "adamw"
+    decode: Optional[str] = None
 
 
 # Config keys the loop reads that count things (they also come from --config and --set), and their minimum.
@@ -73,7 +75,7 @@ class Pretraining(TrainingSteps):
         self.runtime = runtime
         self.config = build_config(options.preset, options.config, options.set, flags={
             "DATA.DATA_PATH": options.data, "DATA.BATCH_SIZE": options.batch_size,
-            "DATA.NUM_WORKERS": options.num_workers, "TRAIN.EPOCHS": options.epochs,
+            "DATA.NUM_WORKERS": options.num_workers, "DATA.DECODE": options.decode, "TRAIN.EPOCHS": options.epochs,
             "TRAIN.ACCUMULATION_STEPS": options.accum_steps, "SEED": options.seed,
             "TRAIN.USE_CHECKPOINT": True if options.grad_checkpoint else None, "OUTPUT": options.output})
         config = self.config
@@ -103,9 +105,13 @@ class Pretraining(TrainingSteps):
         self.mask_generator = mask_generator
         self.dataset = PretrainDataset(open_image_source(config.DATA.DATA_PATH), FastCrop(config.DATA.IMG_SIZE),
                                        seed=config.SEED)
+        self.gpu_decode = self._gpu_decode(config.DATA.DECODE)
         self.batch_size = config.DATA.BATCH_SIZE
-        self.loader = build_loader(self.dataset, self.batch_size, runtime.world_size, runtime.rank, config.SEED,
-                                   config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY and self.device.type == "cuda")
+        self.loader = build_loader(
+            self.gpu_decode.dataset() if self.gpu_decode else self.dataset, self.batch_size, runtime.world_size,
+            runtime.rank, config.SEED, config.DATA.NUM_WORKERS,
+            pin_memory=config.DATA.PIN_MEMORY and self.device.type == "cuda",
+            collate_fn=self.gpu_decode.collate if self.gpu_decode else None)
         self.accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
         self.images_per_step = self.batch_size * runtime.world_size * self.accumulation
         self.step_masks = StepMasks(mask_generator, self.device, config.SEED, runtime.world_size, runtime.rank,
@@ -140,6 +146,17 @@ class Pretraining(TrainingSteps):
         self.nonfinite_skipped = 0
         self.unreadable: set = set()
         self.history: Dict[str, List] = {"step": [], "loss": []}
+
+    def _gpu_decode(self, choice: str) -> Optional[GpuJpegCrop]:
+        """The GPU decoder when DATA.DECODE asks for it and it can run; else None (the CPU path), with
+        the reason: one line on stderr for an explicit gpu, the description line for auto."""
+        decode, reason = resolve_decode(choice, self.device, self.dataset.source)
+        self.decode_note = f"decode {decode}" + (f" ({choice}: {reason})" if reason else "")
+        if reason and choice == "gpu" and self.runtime.is_main:
+            print(f"warning: --decode gpu: {reason}; decoding on the CPU", file=sys.stderr)
+        if decode == "cpu":
+            return None
+        return GpuJpegCrop(self.config.DATA.IMG_SIZE, self.device, self.dataset.source, self.config.SEED)
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
@@ -225,7 +242,13 @@ class Pretraining(TrainingSteps):
         """The step's micro-batches with their masks (drawn on the device for the whole global step)."""
         step_masks = self.step_masks.for_step(self.epoch, self.samples_into_epoch // self.images_per_step)
         return self.optimizer_step(list(zip(batches, step_masks)), lambda batch_and_mask: self.train_model(
-            normalize(batch_and_mask[0]["image"].to(self.device, non_blocking=True)), batch_and_mask[1]))
+            normalize(self._pixels(batch_and_mask[0])), batch_and_mask[1]))
+
+    def _pixels(self, batch) -> torch.Tensor:
+        """A micro-batch's (B, 3, S, S) uint8 crops on the device."""
+        if self.gpu_decode:
+            return self.gpu_decode.crops(batch)
+        return batch["image"].to(self.device, non_blocking=True)
 
     # ---- the run -----------------------------------------------------------------------------------
 
@@ -278,8 +301,8 @@ class Pretraining(TrainingSteps):
                 wait_start = time.perf_counter()
                 micro = [next(batches) for _ in range(self.accumulation)]
                 window_wait += time.perf_counter() - wait_start
-                self._record_unreadable(micro)
                 result = self.train_step(micro)
+                self._record_unreadable(micro)  # after: GPU decoding adds the files it redid on the CPU
                 if self.runtime.is_xla:
                     xla_sync()
                 self.step += 1
@@ -349,7 +372,7 @@ class Pretraining(TrainingSteps):
                 f"patches; {self.runtime.world_size} process(es) x batch {self.batch_size} x accumulation "
                 f"{self.accumulation} = {self.images_per_step} images/step; {self.total_steps} steps "
                 f"({self.steps_per_epoch}/epoch); peak lr {self.schedule.base_lr:.3e}; device {self.device}, "
-                f"amp {self.amp_dtype or 'off'}; output {self.output}")
+                f"amp {self.amp_dtype or 'off'}; {self.decode_note}; output {self.output}")
 
     def _finish(self, last_picture: Optional[Path]) -> Dict[str, Any]:
         summary = {"output": self.output, "steps": self.step, "losses": list(self.history["loss"]),
