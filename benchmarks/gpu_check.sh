@@ -5,7 +5,8 @@
 #      op, and one ViT-B and one Swin-B step against the reference: tests/test_training_step.py)
 #   3. the rest of the GPU tests (-m gpu) and of the kernel tests (-m interpreter), which take a
 #      `device` fixture (tests/conftest.py) and so run natively on CUDA
-#   4. python -m benchmarks.run --suite all, with time budgets from what is left
+#   4. python -m benchmarks.run --suite all, with time budgets from what is left; then --suite data, and
+#      a short pretrain --decode gpu (benchmarks/decode_smoke.py; the dry run checks its CPU fallback)
 #   5. results tarred into $OUT (when set: the device tool returns files from there), summary last.
 # Tests run with SIMMIM_FAST_AUTOTUNE=0 (one config per kernel: they check numbers, and autotuning
 # every specialisation would compile for minutes); the benchmarks tune as users do.
@@ -102,7 +103,8 @@ tests "$REST_CAP_S" "rest" "not training" "${REST_ONLY_COLLECT[@]}"
 
 section "benchmarks (--suite all$([ "$DRY_RUN" = 1 ] && echo ' --smoke'))"
 DATA_RESERVE_S=60  # the input-pipeline section after this one
-left=$(( TOTAL_CAP_S - $(elapsed) - 15 - DATA_RESERVE_S ))
+DECODE_RESERVE_S=45  # and the pretrain --decode gpu smoke after that
+left=$(( TOTAL_CAP_S - $(elapsed) - 15 - DATA_RESERVE_S - DECODE_RESERVE_S ))
 # Each suite stops starting new measurements after its budget; the rest of the time absorbs the one
 # in flight (a torch.compile of a whole model can take a minute). Skipped work is listed as skipped.
 kernel_budget=$(( left * 30 / 100 ))
@@ -127,7 +129,7 @@ fi
 section "input pipeline (--suite data: CPU paths, and GPU JPEG decode where torchvision can)"
 # In the DATA_RESERVE_S kept for it (or what is left); its own folder, never benchmarks/results.
 DATA_OUT=${OUT:-$SHADOW}/data-benchmark
-data_cap=$(( TOTAL_CAP_S - $(elapsed) - 5 )); [ "$data_cap" -gt "$DATA_RESERVE_S" ] && data_cap=$DATA_RESERVE_S
+data_cap=$(( TOTAL_CAP_S - $(elapsed) - 5 - DECODE_RESERVE_S )); [ "$data_cap" -gt "$DATA_RESERVE_S" ] && data_cap=$DATA_RESERVE_S
 if [ "$data_cap" -ge 20 ]; then
   capped "$data_cap" "data benchmark" "$PY" -m benchmarks.run --suite data --data-workers 4 \
     $([ "$DRY_RUN" = 1 ] && echo --smoke) --out "$DATA_OUT"
@@ -135,6 +137,10 @@ if [ "$data_cap" -ge 20 ]; then
 else
   echo "!!! no time left for the data benchmark"; FAILED+=("data benchmark")
 fi
+
+section "pretrain --decode gpu (JPEGs decoded by nvJPEG in the training process; dry run: the CPU fallback)"
+capped "$DECODE_RESERVE_S" "pretrain --decode gpu" env -u TRITON_INTERPRET SIMMIM_FAST_AUTOTUNE=0 \
+  "$PY" -m benchmarks.decode_smoke --device "$([ "$DRY_RUN" = 1 ] && echo cpu || echo cuda)"
 
 section "results"
 if [ "$DRY_RUN" = 0 ] && [ -n "${OUT:-}" ] && [ -n "$RESULTS" ]; then

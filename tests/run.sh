@@ -10,6 +10,7 @@
 #   gpu-check-dry-run  benchmarks/gpu_check.sh --dry-run: the GPU check's every section on the CPU
 #   downstream  exports loaded into the real timm / transformers classes, augmentation vs timm's, in
 #               .venv-cuda plus torchvision 0.29.1, timm, transformers (the pair timm imports with)
+#               and pretrain --decode gpu with torchvision's decoder running on the CPU
 # `bash tests/run.sh plain` (or any list of lanes) runs only those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ for lane in $lanes; do
     downstream)  # the csrc lane's venv (torch 2.14.1, a CUDA build) with the torchvision that loads beside it
       lane_venv .venv-cuda "torch==2.14.1" "torchvision==0.29.1" timm transformers safetensors "numpy<2.4" \
         pytest ninja pillow pyyaml tqdm matplotlib
-      .venv-cuda/bin/python -m pytest -q -m downstream tests/test_downstream_libraries.py ;;
+      .venv-cuda/bin/python -m pytest -q -m downstream tests/test_downstream_libraries.py tests/test_gpu_decode_pretrain.py ;;
     *) echo "unknown lane $lane" >&2; exit 2 ;;
   esac
 done
