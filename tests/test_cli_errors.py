@@ -65,6 +65,8 @@ BAD_PRETRAIN_FLAGS = [
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["--amp", "fp32"], "argument --amp: invalid choice: 'fp32'"),
     (["--optimizer", "lamb"], "argument --optimizer: invalid choice: 'lamb'"),
+    (["--decode", "nvjpeg"], "argument --decode: invalid choice: 'nvjpeg'"),
+    (["--set", "DATA.DECODE=nvjpeg"], "--decode / DATA.DECODE must be one of cpu, gpu, auto, got 'nvjpeg'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--set", "DATA.BATCH_SIZE=abc"], "type mismatch for config key 'DATA.BATCH_SIZE': expected int"),
     (["--set", "TRAIN.BASE_LR=fast"], "type mismatch for config key 'TRAIN.BASE_LR': expected float"),
