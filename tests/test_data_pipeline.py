@@ -185,12 +185,13 @@ def test_data_wait_warning_names_the_remedies(tmp_path):
     assert len(lines) == 1 and "50%" in lines[0] and "--num-workers" in lines[0] and "prepare-data" in lines[0]
 
 
-def test_pretrain_reads_a_prepared_store_and_logs_the_data_wait(tmp_path):
+@pytest.mark.parametrize("encoding", ["jpeg", "raw"])
+def test_pretrain_reads_a_prepared_store_and_logs_the_data_wait(tmp_path, encoding):
     from simmim_fast.train import PretrainOptions, pretrain
     from simmim_fast.train.monitor import read_log
 
     write_jpegs(tmp_path / "src", [(120, 90)] * 8)
-    prepare(str(tmp_path / "src"), str(tmp_path / "prepared"), max_side=100, progress=False)
+    prepare(str(tmp_path / "src"), str(tmp_path / "prepared"), max_side=100, progress=False, encoding=encoding)
     summary = pretrain(PretrainOptions(
         preset="vit-tiny", set=["MODEL.VIT.DEPTH=1", "MODEL.VIT.EMBED_DIM=48", "MODEL.VIT.NUM_HEADS=2"],
         data=str(tmp_path / "prepared"), output=str(tmp_path / "run"), batch_size=4, num_workers=0, steps=2,
