@@ -26,9 +26,9 @@ from . import checkpoints, distributed, pictures
 from .configs import build_config
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
-from .gpu_decode import GpuJpegCrop, resolve_decode
 from .engine import (NonFiniteLossError, RunOptions, TrainingSteps, check_options, kernel_backend, resolve_amp,
                      seed_everything, xla_sync)
+from .gpu_decode import GpuJpegCrop, resolve_decode
 from .monitor import Monitor
 from .optim import LRSchedule, build_optimizer, build_schedule, scaled_lrs
 
