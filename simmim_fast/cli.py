@@ -85,7 +85,7 @@ def _prepare_data_parser(commands) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes encoding in parallel")
     parser.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", dest="encoding",
                         help="jpeg: 20-30 KB an image at --max-side 365; raw: uint8 pixels, no decoding, about "
-                             "twice the images/s per core for 10-15x the disk (300 KB an image at 365)")
+                             "1.5x the images/s per core for 10-15x the disk (300 KB an image at 365)")
 
 
 def build_parser() -> argparse.ArgumentParser:
