@@ -172,7 +172,8 @@ def _l1_loss_case(shape) -> Case:
     return Case("masked_l1_loss", shape.label + f" stride{stride}", build, ("reconstruction",))
 
 
-def _decoder_loss_case(shape) -> Case:
+def _decoder_loss_case(shape, norm_target: Optional[int] = None) -> Case:
+    """The decoder + loss; ``norm_target``: the successor's normalised target with that window."""
     stride, channels, side = _decoder_shape(shape)
 
     def build(device, dtype, seed):
@@ -182,9 +183,9 @@ def _decoder_loss_case(shape) -> Case:
                     weight=_randn((3 * stride * stride, channels, 1, 1), device, dtype, g, 0.02),
                     bias=_randn((3 * stride * stride,), device, dtype, g, 0.02),
                     target=_randn((shape.batch, 3, shape.image, shape.image), device, dtype, g),
-                    encoder_stride=stride, patch_size=shape.patch, in_chans=3)
-    return Case("masked_decoder_loss", shape.label + f" C{channels} stride{stride}", build,
-                ("features", "weight", "bias"))
+                    encoder_stride=stride, patch_size=shape.patch, in_chans=3, norm_target_patch_size=norm_target)
+    label = shape.label + f" C{channels} stride{stride}" + (f" NORM_TARGET {norm_target}" if norm_target else "")
+    return Case("masked_decoder_loss", label, build, ("features", "weight", "bias"))
 
 
 def recipe_cases(shape) -> List[Case]:
@@ -194,6 +195,8 @@ def recipe_cases(shape) -> List[Case]:
     else:
         cases = [_blend_case(shape), _patch_embed_case(shape, layer_norm=True)]
         cases += [_window_attention_case(shape, stage) for stage in range(len(shape.heads))]
+        # Swin V2's recipe (the successor's): the same decoder geometry on the normalised target, window 47.
+        cases.append(_decoder_loss_case(shape, norm_target=47))
     return cases + [_l1_loss_case(shape), _decoder_loss_case(shape)]
 
 
@@ -266,14 +269,19 @@ def _l1_loss_traffic(reconstruction, target, mask, patch_size, in_chans, shuffle
     return forward, 0.0, backward, 0.0
 
 
-def _decoder_loss_traffic(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans):
+def _decoder_loss_traffic(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
+                          norm_target_patch_size=None):
     batch, channels, side, _ = features.shape
     cells_per_side = encoder_stride // patch_size
     grid = mask.view(batch, side, cells_per_side, side, cells_per_side)
-    decoded_cells = float(grid.amax(dim=(2, 4)).float().mean())  # feature cells with any masked pixel
-    masked_pixels = masked_fraction(mask)
+    active = grid.amax(dim=(2, 4)).float()  # feature cells with any masked pixel
+    decoded_cells = float(active.mean())
+    target_read = masked_fraction(mask)
+    if norm_target_patch_size:  # the normalised target reads the cells within the window's reach of an active one
+        reach = -(-(norm_target_patch_size // 2) // encoder_stride)
+        target_read = float(torch.nn.functional.max_pool2d(active, 2 * reach + 1, 1, reach).mean())
     gemm = 2.0 * decoded_cells * batch * side * side * channels * weight.shape[0]
-    reads = decoded_cells * nbytes(features) + masked_pixels * nbytes(target) + nbytes(mask, weight, bias)
+    reads = decoded_cells * nbytes(features) + target_read * nbytes(target) + nbytes(mask, weight, bias)
     backward = reads + nbytes(features, weight, bias)  # dense feature gradient, weight and bias gradients
     return reads, gemm, backward, 2 * gemm
 

@@ -129,9 +129,9 @@ def _query_block_of_program(H, N, num_windows, BLOCK_M: tl.constexpr, HEAD_DIM_P
     return batch_head, b, batch_head % H, b % num_windows, offs_m, tl.arange(0, HEAD_DIM_PAD)
 
 
-# Integer arguments that vary with the batch or the Swin stage are not specialised (divisibility, == 1):
-# they bound loops and index windows, and a new batch size must not compile the kernels again.
-@triton.jit(do_not_specialize=["num_windows"])
+# Integer arguments that vary with the batch or the Swin stage are not specialised (divisibility, == 1): they
+# bound loops and index windows, and a new batch size (or a stage with 16 heads) must not compile the kernels again.
+@triton.jit(do_not_specialize=["H", "num_windows"])
 def _attention_fwd_kernel(
     Q, K, V, Bias, Mask, Out, Lse,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -198,7 +198,7 @@ def _attention_fwd_kernel(
         tl.store(lse_ptrs, lse, mask=m_ok)
 
 
-@triton.jit(do_not_specialize=["num_windows"])
+@triton.jit(do_not_specialize=["H", "num_windows"])
 def _attention_bwd_dq_kernel(
     Q, K, V, Bias, Mask, Out, DOut, Lse, Delta, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -261,7 +261,7 @@ def _attention_bwd_dq_kernel(
                 (dq * sm_scale).to(DQ.dtype.element_ty), m_ok, d_ok, EVEN_M, EVEN_HEADDIM)
 
 
-@triton.jit(do_not_specialize=["B", "num_windows", "batches_per_group"])
+@triton.jit(do_not_specialize=["B", "H", "num_windows", "batches_per_group"])
 def _attention_bwd_dkdv_dbias_kernel(
     Q, K, V, Bias, Mask, DOut, Lse, Delta, DK, DV, DBiasPartial,
     stride_qb, stride_qh, stride_qn, stride_qd,

@@ -26,6 +26,16 @@ at 65535, which ViT-B's token blocks pass from batch ~21k), neighbouring program
 block. Registered as the custom ops ``simmim_fast_triton::masked_decoder_loss`` and ``..._backward``
 (fake implementations, autograd): torch.compile treats them as opaque calls.
 
+Normalised target (the successor's NORM_TARGET, ``reference.normalized_target``): a first kernel computes it
+for the active tokens only, from the raw image, and the forward kernel reads it in place of the target (row p
+of a (tokens, s*s*3) fp32 buffer, p the token's active-first position). Per (active token, channel) program,
+the window sums of x and x^2 over the token's s x s pixels are two banded 0/1 matmuls over its neighbourhood
+(s + window - 1 pixels a side, zeros outside the image): the rows band sums each column, the columns band sums
+those; the window's in-image count is arithmetic. No normalised image is ever made, and no pixel outside an
+active token's neighbourhood is read. The band matmuls use ``tf32x3`` (three TF32 products: fp32 accuracy on
+tensor cores; the 0/1 bands are exact in TF32). The target then gets no gradient (the dispatch sends a target
+that requires one to the reference).
+
 Tokens with no masked pixel are never read, so non-finite features there do not reach the loss (the
 reference's would give NaN); a NaN reconstruction at a masked pixel gives a NaN loss and, as the int8
 sign holds no NaN, a zero gradient there.
@@ -42,6 +52,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from simmim_fast.backends.triton import NORM_TARGET_MAX_NEIGHBOURHOOD
+from simmim_fast.reference import NORM_TARGET_EPS
 
 from ._autotune import autotune
 from ._compaction import selected_first_order
@@ -80,21 +93,84 @@ def _mask_offsets(image, fy, fx, o, stride_b, stride_h, stride_w, STRIDE: tl.con
             + ((i // PATCH) * stride_h + (j // PATCH) * stride_w)[None, :])
 
 
+_NORM_TARGET_EPS = tl.constexpr(NORM_TARGET_EPS)  # kernels see globals only as constexpr
+
+
+@triton.jit
+def _normalized_target_kernel(
+    normalized_ptr, target_ptr, order_ptr, num_active_ptr, tokens_per_image, grid_w, height, width, O,
+    stride_tb, stride_tc, stride_th, stride_tw,
+    STRIDE: tl.constexpr, RADIUS: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Row p, channel c's s x s block of ``normalized``: the normalised target of the pixels of the token at
+    active-first position p, (x - mean) / sqrt(var + eps) over each pixel's window clipped to the image."""
+    position = tl.program_id(0)
+    channel = tl.program_id(1)
+    is_active = position < tl.load(num_active_ptr)
+    token = tl.load(order_ptr + position, mask=is_active, other=0)
+    cell = token % tokens_per_image
+    top = (cell // grid_w) * STRIDE
+    left = (cell % grid_w) * STRIDE
+    channel_base = target_ptr + (token // tokens_per_image).to(tl.int64) * stride_tb + channel * stride_tc
+
+    block = tl.arange(0, BLOCK_S)  # the token's rows i (and columns j) of pixels
+    span = STRIDE + 2 * RADIUS  # the neighbourhood's side; region row r is image row top - RADIUS + r
+    window_sum = tl.zeros((BLOCK_S, BLOCK_S), dtype=tl.float32)
+    window_square_sum = tl.zeros((BLOCK_S, BLOCK_S), dtype=tl.float32)
+    region_end = tl.where(is_active, span, 0)  # programs past the active tokens skip the sums
+    for col_start in range(0, region_end, CHUNK):
+        region_cols = col_start + tl.arange(0, CHUNK)
+        image_cols = left - RADIUS + region_cols
+        cols_inside = (region_cols < span) & (image_cols >= 0) & (image_cols < width)
+        column_sums = tl.zeros((BLOCK_S, CHUNK), dtype=tl.float32)
+        column_square_sums = tl.zeros((BLOCK_S, CHUNK), dtype=tl.float32)
+        for row_start in range(0, region_end, CHUNK):
+            region_rows = row_start + tl.arange(0, CHUNK)
+            image_rows = top - RADIUS + region_rows
+            rows_inside = (region_rows < span) & (image_rows >= 0) & (image_rows < height)
+            pixels = tl.load(channel_base + image_rows[:, None] * stride_th + image_cols[None, :] * stride_tw,
+                             mask=rows_inside[:, None] & cols_inside[None, :], other=0.0).to(tl.float32)
+            # Pixel row i's window is region rows i .. i + 2 RADIUS.
+            rows_band = ((region_rows[None, :] >= block[:, None])
+                         & (region_rows[None, :] <= block[:, None] + 2 * RADIUS)).to(tl.float32)
+            column_sums = tl.dot(rows_band, pixels, column_sums, input_precision="tf32x3")
+            column_square_sums = tl.dot(rows_band, pixels * pixels, column_square_sums, input_precision="tf32x3")
+        cols_band = ((region_cols[:, None] >= block[None, :])
+                     & (region_cols[:, None] <= block[None, :] + 2 * RADIUS)).to(tl.float32)
+        window_sum = tl.dot(column_sums, cols_band, window_sum, input_precision="tf32x3")
+        window_square_sum = tl.dot(column_square_sums, cols_band, window_square_sum, input_precision="tf32x3")
+
+    rows, cols = top + block, left + block
+    rows_count = tl.minimum(rows + RADIUS, height - 1) - tl.maximum(rows - RADIUS, 0) + 1
+    cols_count = tl.minimum(cols + RADIUS, width - 1) - tl.maximum(cols - RADIUS, 0) + 1
+    inside = (block < STRIDE)[:, None] & (block < STRIDE)[None, :] & is_active
+    count = tl.where(inside, rows_count[:, None] * cols_count[None, :], 2).to(tl.float32)  # 2: no 0/0 in padding
+    mean = tl.math.div_rn(window_sum, count)
+    square_mean = tl.math.div_rn(window_square_sum, count)
+    # As the reference: the unbiased variance, clamped at 0 where rounding makes it negative.
+    variance = tl.maximum((square_mean - mean * mean) * tl.math.div_rn(count, count - 1.0), 0.0)
+    pixel = tl.load(channel_base + rows[:, None] * stride_th + cols[None, :] * stride_tw, mask=inside,
+                    other=0.0).to(tl.float32)
+    normalized = tl.math.div_rn(pixel - mean, tl.math.sqrt_rn(variance + _NORM_TARGET_EPS))
+    outputs = channel * STRIDE * STRIDE + block[:, None] * STRIDE + block[None, :]
+    tl.store(normalized_ptr + position.to(tl.int64) * O + outputs, normalized, mask=inside)
+
+
 # Tiles are fixed by the launcher (their order of summation is the result's), and so are the warps of the kernels
 # whose tl.sum reduces over a layout that num_warps sets (the loss partials, d bias): only their stages are tuned.
 _TILE_KEY = ["K", "O", "DOT_DTYPE", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
 
 
 @autotune([triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=8, num_stages=4)],
-          key=_TILE_KEY + ["STRIDE", "PATCH"])
+          key=_TILE_KEY + ["STRIDE", "PATCH", "NORM_TARGET"])
 @triton.jit
 def _masked_decoder_loss_fwd_kernel(
-    sign_ptr, abs_partial_ptr, count_partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, mask_ptr, order_ptr,
-    num_active_ptr,
+    sign_ptr, abs_partial_ptr, count_partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, normalized_ptr,
+    mask_ptr, order_ptr, num_active_ptr,
     tokens_per_image, grid_w, K, O,
     stride_fb, stride_fc, stride_fh, stride_fw, stride_wo, stride_wk,
     stride_tb, stride_tc, stride_th, stride_tw, stride_mb, stride_mh, stride_mw,
-    STRIDE: tl.constexpr, PATCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STRIDE: tl.constexpr, PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_TARGET: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -130,8 +206,11 @@ def _masked_decoder_loss_fwd_kernel(
                      mask=valid, other=0) != 0
     # Masked by the token and channel, not by the pixel's mask entry (loaded data, unknown to the compiler): rows of
     # STRIDE pixels are then vector loads. Only Swin-like tokens (stride > patch) can hold unmasked pixels it reads.
-    target = tl.load(target_ptr + _pixel_offsets(image, fy, fx, o, stride_tb, stride_tc, stride_th, stride_tw, STRIDE),
-                     mask=valid, other=0.0).to(tl.float32)
+    if NORM_TARGET:  # rows of the normalised target, in the same active-first order
+        target = tl.load(normalized_ptr + rows.to(tl.int64)[:, None] * O + o[None, :], mask=valid, other=0.0)
+    else:
+        target = tl.load(target_ptr + _pixel_offsets(image, fy, fx, o, stride_tb, stride_tc, stride_th, stride_tw,
+                                                     STRIDE), mask=valid, other=0.0).to(tl.float32)
     diff = tl.where(masked, decoded - target, 0.0)
     sign = tl.where(diff > 0, 1, 0) - tl.where(diff < 0, 1, 0)
     tl.store(sign_ptr + rows.to(tl.int64)[:, None] * O + o[None, :], sign.to(tl.int8), mask=valid)
@@ -257,10 +336,29 @@ def _weight_grad_splits(num_tokens: int, tiles: int, block_m: int, device: torch
     return max(1, min(triton.cdiv(num_tokens, block_m), triton.cdiv(8 * sm_count(device), tiles)))
 
 
+def _normalized_targets(target: torch.Tensor, order: torch.Tensor, num_active: torch.Tensor, encoder_stride: int,
+                        window: int, grid_w: int, num_tokens: int) -> torch.Tensor:
+    """(tokens, s*s*C) fp32: row p is the normalised target of the token at active-first position p, its
+    outputs in the decoder's channel order (c, i, j); rows past the active count are left unwritten."""
+    batch, channels, height, width = target.shape
+    neighbourhood = encoder_stride + window - 1
+    assert neighbourhood <= NORM_TARGET_MAX_NEIGHBOURHOOD, "the dispatch sends larger windows to the reference"
+    normalized = torch.empty((num_tokens, channels * encoder_stride * encoder_stride), device=target.device,
+                             dtype=torch.float32)
+    with on_device_of(target):
+        _normalized_target_kernel[(num_tokens, channels)](
+            normalized, target, order, num_active, num_tokens // batch, grid_w, height, width, normalized.shape[1],
+            *target.stride(), STRIDE=encoder_stride, RADIUS=window // 2,
+            BLOCK_S=max(16, triton.next_power_of_2(encoder_stride)),
+            CHUNK=16, num_warps=4,
+        )
+    return normalized
+
+
 def _launch_forward(
     features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    target: torch.Tensor, encoder_stride: int, patch_size: int, in_chans: int, dot_dtype: torch.dtype,
-    out_dtype: torch.dtype, input_precision: str,
+    target: torch.Tensor, encoder_stride: int, patch_size: int, in_chans: int, norm_target_patch_size: Optional[int],
+    dot_dtype: torch.dtype, out_dtype: torch.dtype, input_precision: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fp32 denominator, active-first token order, active count, int8 sign(rec - target) * mask per
     active token and output channel): the loss and what the backward needs."""
@@ -270,6 +368,9 @@ def _launch_forward(
     weight_2d = weight.reshape(weight.shape[0], in_channels)
     out_channels = weight_2d.shape[0]
     order, num_active = _active_first_order(mask, encoder_stride, patch_size)
+    normalized = (None if norm_target_patch_size is None else
+                  _normalized_targets(target, order, num_active, encoder_stride, norm_target_patch_size, grid_w,
+                                      num_tokens))
     block_m, block_n, block_k = _launch_shapes(out_channels, in_channels)
 
     num_programs = triton.cdiv(out_channels, block_n) * triton.cdiv(num_tokens, block_m)
@@ -279,9 +380,9 @@ def _launch_forward(
     with on_device_of(features):
         _masked_decoder_loss_fwd_kernel[(num_programs,)](
             sign, abs_partials, count_partials, features, weight_2d, None if bias is None else bias.contiguous(),
-            target, mask, order, num_active, tokens_per_image, grid_w, in_channels, out_channels,
+            target, normalized, mask, order, num_active, tokens_per_image, grid_w, in_channels, out_channels,
             *features.stride(), *weight_2d.stride(), *target.stride(), *mask.stride(),
-            STRIDE=encoder_stride, PATCH=patch_size, HAS_BIAS=bias is not None,
+            STRIDE=encoder_stride, PATCH=patch_size, HAS_BIAS=bias is not None, NORM_TARGET=normalized is not None,
             DOT_DTYPE=_TL_DTYPES[dot_dtype], INPUT_PRECISION=input_precision,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         )
@@ -293,8 +394,8 @@ _forward_op = torch.library.custom_op("simmim_fast_triton::masked_decoder_loss",
 
 
 @_forward_op.register_fake
-def _(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans, dot_dtype, out_dtype,
-      input_precision):
+def _(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans, norm_target_patch_size, dot_dtype,
+      out_dtype, input_precision):
     num_tokens = features.shape[0] * features.shape[2] * features.shape[3]
     return (features.new_empty((), dtype=out_dtype), features.new_empty((), dtype=torch.float32),
             features.new_empty((num_tokens,), dtype=torch.int32), features.new_empty((1,), dtype=torch.int32),
@@ -369,7 +470,7 @@ def _(grad_loss, denominator, features, weight, bias, target, order, num_active,
 
 
 def _save_for_backward(ctx, inputs, output):
-    features, _, weight, bias, target, encoder_stride, _, in_chans, dot_dtype, _, input_precision = inputs
+    features, _, weight, bias, target, encoder_stride, _, in_chans, _, dot_dtype, _, input_precision = inputs
     _, denominator, order, num_active, sign = output
     ctx.save_for_backward(features, weight, bias, target, order, num_active, sign, denominator)
     ctx.geometry = (encoder_stride, in_chans, dot_dtype, input_precision)
@@ -382,7 +483,7 @@ def _backward(ctx, grad_loss, *_grad_saved_outputs):
                          *ctx.geometry, needs[0], needs[2] or needs[3], needs[4])
     grad_features, grad_weight, grad_bias, grad_target = (grad if need else None for grad, need in
                                                           zip(grads, (needs[0], needs[2], needs[3], needs[4])))
-    return grad_features, None, grad_weight, grad_bias, grad_target, None, None, None, None, None, None
+    return grad_features, None, grad_weight, grad_bias, grad_target, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_save_for_backward)
@@ -414,9 +515,10 @@ def masked_decoder_loss(
     in_chans: int,
     norm_target_patch_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """``simmim_fast.reference.masked_decoder_loss`` on raw pixels; the dispatch sends the normalised
-    target (norm_target_patch_size) to the reference until this kernel fuses it."""
-    assert norm_target_patch_size is None, "the normalised target is not fused; the dispatch sends it elsewhere"
+    """``simmim_fast.reference.masked_decoder_loss``, the normalised target (norm_target_patch_size) included;
+    with it, the target gets no gradient (the dispatch sends a target that requires one to the reference)."""
+    if norm_target_patch_size is not None and target.requires_grad:
+        raise RuntimeError("the fused normalised target gives the target no gradient; use the reference backend")
     dot_dtype, out_dtype, input_precision = _dtypes(features, weight, bias, target, mask)
-    return _forward_op(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans, dot_dtype,
-                       out_dtype, input_precision)[0]
+    return _forward_op(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
+                       norm_target_patch_size, dot_dtype, out_dtype, input_precision)[0]

@@ -177,7 +177,10 @@ def run_case(case, dtype: torch.dtype, seed: int = 0, optional_grads: bool = Fal
     module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
     op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
     args = case.build(torch.device("cpu"), dtype, seed)
-    for name in case.grad_names + (tuple(name for name in OPTIONAL_GRADS if name in args) if optional_grads else ()):
+    # The normalised target gives the target no gradient (the dispatch sends that case to the reference).
+    optional = [name for name in OPTIONAL_GRADS if name in args
+                and not (name == "target" and args.get("norm_target_patch_size"))] if optional_grads else []
+    for name in (*case.grad_names, *optional):
         args[name].requires_grad_()
     out = op(**args)
     out.backward(torch.ones_like(out))

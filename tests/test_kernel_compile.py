@@ -126,7 +126,7 @@ def test_compile_only_reads_resources():
 
 # ---- the training configuration: what a first step compiles at each published recipe ----------
 
-RECIPES = ["vit-base-224", "swin-base-192-w6", "swin-large-192-w12"]
+RECIPES = ["vit-base-224", "swin-base-192-w6", "swin-large-192-w12", "swinv2-base-192-w12"]
 MAX_COMPILES_PER_RECIPE = 40  # with the ops' backward, ~2 min of ptxas on a host CPU at most
 
 

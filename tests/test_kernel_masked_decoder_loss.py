@@ -40,21 +40,21 @@ def make_inputs(stride, patch_size, mask_kind="random", bias=True, dtype=torch.f
     return features, mask, weight, bias, target
 
 
-def run(op, features, mask, weight, bias, target, stride, patch_size):
+def run(op, features, mask, weight, bias, target, stride, patch_size, norm_target=None):
     """Loss and the gradients of (features, weight, bias, target) that exist (bias may be None)."""
     inputs = [t for t in (features, weight, bias, target) if t is not None and t.requires_grad]
-    loss = op(features, mask, weight, bias, target, stride, patch_size, CHANS)
+    loss = op(features, mask, weight, bias, target, stride, patch_size, CHANS, norm_target)
     return loss.detach(), torch.autograd.grad(loss, inputs)
 
 
-def fast(*args):
+def fast(*args, norm_target=None):
     with simmim_fast.use_backend("triton"):
-        return run(ops.masked_decoder_loss, *args)
+        return run(ops.masked_decoder_loss, *args, norm_target=norm_target)
 
 
-def assert_matches_reference(*args, dtype=torch.float32):
-    loss, grads = fast(*args)
-    ref_loss, ref_grads = run(reference.masked_decoder_loss, *args)
+def assert_matches_reference(*args, dtype=torch.float32, norm_target=None):
+    loss, grads = fast(*args, norm_target=norm_target)
+    ref_loss, ref_grads = run(reference.masked_decoder_loss, *args, norm_target=norm_target)
     assert loss.dtype == ref_loss.dtype
     assert_close_cpu(loss, ref_loss, "loss", dtype)
     assert len(grads) == len(ref_grads)
@@ -137,11 +137,14 @@ def test_grids_fit_cuda_limits_at_large_batch(recipe):
     target = torch.empty(LARGE_BATCH, 3, image, image, **meta)
     with recorded_launches(masked_decoder_loss, masked_l1_loss) as launches:
         loss, denominator, order, num_active, sign = masked_decoder_loss._launch_forward(
-            features, mask, weight, bias, target, stride, patch, 3, torch.bfloat16, torch.float32, "ieee")
+            features, mask, weight, bias, target, stride, patch, 3, None, torch.bfloat16, torch.float32, "ieee")
         masked_decoder_loss._launch_backward(loss, denominator, features, weight, bias, target, order, num_active,
                                              sign, stride, 3, torch.bfloat16, "ieee", True, True, True)
+        masked_decoder_loss._launch_forward(features, mask, weight, bias, target, stride, patch, 3, 47,
+                                            torch.bfloat16, torch.float32, "ieee")
     assert_grids_fit(launches, ["_masked_decoder_loss_fwd_kernel", "_masked_l1_loss_finish_kernel",
-                                "_masked_decoder_loss_bwd_features_kernel", "_masked_decoder_loss_bwd_weight_kernel"])
+                                "_masked_decoder_loss_bwd_features_kernel", "_masked_decoder_loss_bwd_weight_kernel",
+                                "_normalized_target_kernel"])
 
 
 def test_weight_grad_splits_tokens_across_programs():
@@ -173,3 +176,67 @@ def test_torch_compile_fullgraph_matches_eager():
     assert_compiled_matches_eager(
         lambda features, weight, bias, target: masked_decoder_loss(features, mask, weight, bias, target, 8, 4, CHANS),
         features, weight, bias, target)
+
+
+# ---- the normalised target (the successor's NORM_TARGET) ----------------------------------------------
+
+@pytest.mark.parametrize("stride, patch_size, size, window, mask_kind", [
+    (8, 8, (HEIGHT, WIDTH), 47, "random"),  # the window wider than the image: every window clipped
+    (8, 4, (HEIGHT, WIDTH), 5, "ones"),
+    (8, 4, (HEIGHT, WIDTH), 3, "random"),
+    (6, 3, (36, 60), 7, "random"),  # a stride that is not a power of two
+], ids=["vit_like_w47", "swin_like_w5_all_masked", "swin_like_w3", "stride6_w7"])
+def test_norm_target_matches_reference(stride, patch_size, size, window, mask_kind):
+    features, mask, weight, bias, target = make_inputs(stride, patch_size, mask_kind, size=size)
+    target = target.detach()  # the fused normalised target gives the target no gradient
+    target[0, :, :10, :12] = 0.7  # a flat region: variance 0 there
+    assert_matches_reference(features, mask, weight, bias, target, stride, patch_size, norm_target=window)
+
+
+def test_norm_target_all_zero_mask_and_channels_last_target_without_bias():
+    features, mask, weight, _, target = make_inputs(8, 4, "zeros", bias=False)
+    loss, grads = fast(features, mask, weight, None, target.detach(), 8, 4, norm_target=5)
+    assert loss.item() == 0.0 and all(torch.count_nonzero(g) == 0 for g in grads)
+    features, mask, weight, _, target = make_inputs(8, 4, bias=False, channels_last_view=True)
+    target = target.detach().to(memory_format=torch.channels_last)
+    assert_matches_reference(features, mask, weight, None, target, 8, 4, norm_target=9)
+
+
+def test_normalized_targets_within_twice_torch_error():
+    """The kernel's normalised target itself, at every active token's pixels, against the float64 oracle:
+    no further from it than twice the fp32 reference (the variance's E[x^2] - E[x]^2 cancels in both).
+    Unnormalised pixels in 0..255 and a flat region make the cancellation real."""
+    from simmim_fast.kernels.masked_decoder_loss import _active_first_order, _normalized_targets
+    from tests.tolerances import assert_within_torch_error
+
+    stride, patch, window, (height, width) = 8, 4, 11, (40, 56)
+    target = torch.randint(0, 256, (BATCH, CHANS, height, width)).float()
+    target[1, :, 8:30, 8:30] = 117.0
+    mask = torch.rand(BATCH, height // patch, width // patch) < 0.5
+    grid = (height // stride, width // stride)
+    order, num_active = _active_first_order(mask, stride, patch)
+    active = order[:int(num_active)].long()
+    got = _normalized_targets(target, order, num_active, stride, window, grid[1], BATCH * grid[0] * grid[1])
+
+    def per_token(image):  # (B, C, H, W) -> the kernel's rows: (token, c * s * s + i * s + j)
+        tokens = image.reshape(BATCH, CHANS, grid[0], stride, grid[1], stride).permute(0, 2, 4, 1, 3, 5)
+        return tokens.reshape(-1, CHANS * stride * stride)[active]
+
+    assert_within_torch_error(got[:len(active)], per_token(reference.normalized_target(target, window)),
+                              per_token(reference.normalized_target(target.double(), window)), "normalised target")
+
+
+def test_norm_target_deterministic():
+    features, mask, weight, bias, target = make_inputs(8, 4)
+    first = fast(features, mask, weight, bias, target.detach(), 8, 4, norm_target=7)
+    second = fast(features, mask, weight, bias, target.detach(), 8, 4, norm_target=7)
+    assert torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("window, target_grad, reason", [(251, False, "neighbourhood 258 > 256"),
+                                                         (5, True, "target requires grad")])
+def test_norm_target_refusals_name_the_reason(window, target_grad, reason):
+    features, mask, weight, bias, target = make_inputs(8, 4)
+    target.requires_grad_(target_grad)
+    with simmim_fast.use_backend("triton"), pytest.raises(simmim_fast.dispatch.BackendError, match=reason):
+        ops.masked_decoder_loss(features, mask, weight, bias, target, 8, 4, CHANS, window)

@@ -1,6 +1,7 @@
 """The successor's normalised pixel target (NORM_TARGET) in the reference decoder+loss: forward and
 every gradient against a direct transcription of its norm_targets, odd shapes, the mask extremes, the
-argument checks, and the dispatch refusing it where a backend cannot do it."""
+argument checks, and what the Triton backend (which fuses it, tests/test_kernel_masked_decoder_loss.py)
+cannot take."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,13 +78,18 @@ def test_bad_window_is_a_value_error(bad):
         ops.masked_decoder_loss(features, mask, weight, bias, target, stride, patch, 3, bad)
 
 
-def test_dispatch_keeps_norm_target_off_backends_that_cannot_do_it(monkeypatch):
+def test_triton_takes_norm_target_and_names_what_it_cannot(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton backend is available; its reasons are what we test
     features, mask, weight, bias, target, stride, patch = decoder_case("random")
     args = dict(features=features.detach(), mask=mask, weight=weight.detach(), bias=bias.detach(), target=target,
                 encoder_stride=stride, patch_size=patch, in_chans=3, norm_target_patch_size=47)
     triton = registry()["triton"]
-    assert any("NORM_TARGET" in reason for reason in triton.reasons("masked_decoder_loss", args))
-    assert triton.reasons("masked_decoder_loss", dict(args, norm_target_patch_size=None)) == []
+    assert triton.reasons("masked_decoder_loss", args) == []
+    assert triton.reasons("masked_decoder_loss", dict(args, norm_target_patch_size=249)) == []  # 256 a side
+    too_wide = triton.reasons("masked_decoder_loss", dict(args, norm_target_patch_size=251))
+    assert len(too_wide) == 1 and "NORM_TARGET window 251" in too_wide[0] and "258 > 256" in too_wide[0]
+    with_grad = triton.reasons("masked_decoder_loss", dict(args, target=target.requires_grad_()))
+    assert len(with_grad) == 1 and "NORM_TARGET" in with_grad[0]
+    assert triton.reasons("masked_decoder_loss", dict(args, target=target, norm_target_patch_size=None)) == []
     with sf.use_backend("triton"), pytest.raises(dispatch.BackendError, match="NORM_TARGET"):
-        ops.masked_decoder_loss(**args)
+        ops.masked_decoder_loss(**dict(args, norm_target_patch_size=251))

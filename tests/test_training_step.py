@@ -3,7 +3,7 @@ forward under autocast, backward. The triton backend against the reference backe
 every parameter gradient within twice the reference's own autocast error, both measured against the
 reference in fp32 (tests/tolerances.py's rule).
 
-On a GPU it is the published ViT-B 224 and Swin-B 192 w6 models in bf16 (benchmarks/gpu_check.sh runs
+On a GPU it is the published ViT-B 224, Swin-B 192 w6 and Swin V2-B 192 w12 (normalised target) models in bf16 (benchmarks/gpu_check.sh runs
 these first); under the interpreter the tiny presets in fp16, since its bf16 tl.dot is wrong.
 """
 import pytest
@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.interpreter, pytest.mark.training]
 
 # family -> (preset on a GPU, preset under the interpreter); batch on a GPU, under the interpreter
 BATCH = (8, 2)
-PRESETS = {"vit": ("vit-base-224", "vit-tiny"), "swin": ("swin-base-192-w6", "swin-tiny")}
+PRESETS = {"vit": ("vit-base-224", "vit-tiny"), "swin": ("swin-base-192-w6", "swin-tiny"),
+           "swinv2": ("swinv2-base-192-w12", "swinv2-tiny")}  # Swin V2 with the normalised target (window 47, 15)
 
 
 def loss_and_grads(model, images, mask, backend, autocast_dtype):

@@ -22,6 +22,9 @@ KERNEL_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 DOT_OPS = {"masked_patch_embed", "attention", "window_attention", "masked_decoder_loss"}
 ATTENTION_HEAD_DIMS = range(16, 257)  # power-of-two padding inside the kernel; > 256 would spill
 PATCH_NORM_MAX_DIM = 1024  # masked_patch_embed's LayerNorm keeps a full channel row in registers
+# masked_decoder_loss's normalised target sums a token's neighbourhood (stride + window - 1 pixels a side) in one
+# program: Swin's stride 32 with the successor's window 47 takes 78.
+NORM_TARGET_MAX_NEIGHBOURHOOD = 256
 _IMPLEMENTATIONS: Dict[str, Callable] = {}  # a plain dict: torch.compile reads it as a constant
 
 
@@ -72,9 +75,13 @@ class TritonBackend(Backend):
             reasons.append("CPU autocast to bfloat16 would run tl.dot in bf16, which is wrong under TRITON_INTERPRET=1")
         if op == "masked_patch_embed" and args["norm_weight"] is not None and len(args["norm_weight"]) > PATCH_NORM_MAX_DIM:
             reasons.append(f"patch_norm over {len(args['norm_weight'])} > {PATCH_NORM_MAX_DIM} channels")
-        if op == "masked_decoder_loss" and args.get("norm_target_patch_size") is not None:
-            reasons.append("the normalised pixel target (NORM_TARGET, norm_target_patch_size) is not fused into the decoder+loss "
-                           "kernel yet; the reference computes it")
+        window = args.get("norm_target_patch_size") if op == "masked_decoder_loss" else None
+        if window is not None:
+            if stride and stride + window - 1 > NORM_TARGET_MAX_NEIGHBOURHOOD:
+                reasons.append(f"NORM_TARGET window {window} with encoder_stride {stride}: a token's neighbourhood "
+                               f"{stride + window - 1} > {NORM_TARGET_MAX_NEIGHBOURHOOD} pixels a side")
+            if args["target"].requires_grad:
+                reasons.append("the target requires grad; with NORM_TARGET the fused op gives it none")
         return reasons
 
     def implementation(self, op):
