@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -20,27 +20,36 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def require(condition: bool, message: str) -> None:
+def require(condition: bool, message: Union[str, Callable[[], str]]) -> None:
+    """ValueError(message) unless ``condition``. A message that formats values is given as a lambda: it is
+    built only on failure, so a passing check costs no formatting and formats no symbolic size while
+    torch.compile traces (``dynamic=True``)."""
     if not condition:
-        raise ValueError(message)
+        _raise_value_error(message)
+
+
+@torch.compiler.disable  # run eagerly, on real sizes: Dynamo mis-formats ints in a resumed frame
+def _raise_value_error(message: Union[str, Callable[[], str]]) -> None:
+    raise ValueError(message() if callable(message) else message)
 
 
 def check_count(name: str, value, minimum: int) -> None:
     """A setting that counts things (steps, images, workers): an int (not a bool) of at least ``minimum``."""
     require(not isinstance(value, bool) and isinstance(value, int) and value >= minimum,
-            f"{name} must be an integer >= {minimum}, got {value!r}")
+            lambda: f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def check_writable_folder(flag: str, folder) -> None:
     """An output folder (``flag`` names it) must be a folder we can write in, or creatable in one."""
     folder = Path(folder)
     existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
-    require(existing.is_dir(), f"{flag} {folder}: {existing} is a file; give a folder (created if missing)")
-    require(os.access(existing, os.W_OK | os.X_OK), f"{flag} {folder}: the folder {existing} is not writable")
+    require(existing.is_dir(), lambda: f"{flag} {folder}: {existing} is a file; give a folder (created if missing)")
+    require(os.access(existing, os.W_OK | os.X_OK), lambda: f"{flag} {folder}: the folder {existing} is not writable")
 
 
 def check_floating(name: str, t: torch.Tensor) -> None:
-    require(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (float32/float16/bfloat16), got {t.dtype}")
+    require(t.dtype in FLOAT_DTYPES,
+            lambda: f"{name} must be a floating tensor (float32/float16/bfloat16), got {t.dtype}")
 
 
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
@@ -53,7 +62,7 @@ def check_mask_values(mask: torch.Tensor) -> None:
     """dtype always; values only on the CPU (see module doc)."""
     require(
         mask.dtype == torch.bool or not mask.dtype.is_complex,
-        f"mask must be a bool, integer or floating 0/1 tensor, got {mask.dtype}",
+        lambda: f"mask must be a bool, integer or floating 0/1 tensor, got {mask.dtype}",
     )
     if mask.dtype == torch.bool or mask.device.type != "cpu" or mask.numel() == 0 or torch.compiler.is_compiling():
         return
@@ -71,13 +80,13 @@ def check_token_mask(mask: torch.Tensor, batch: int, grid: Sequence[int], what: 
 
 
 def check_image(image: torch.Tensor, in_chans: int, img_size: Optional[Sequence[int]] = None) -> None:
-    require(image.dim() == 4, f"image must be (B, C, H, W), got {_shape(image)}")
+    require(image.dim() == 4, lambda: f"image must be (B, C, H, W), got {_shape(image)}")
     check_floating("image", image)
-    require(image.shape[1] == in_chans, f"image must have {in_chans} channels, got {_shape(image)}")
+    require(image.shape[1] == in_chans, lambda: f"image must have {in_chans} channels, got {_shape(image)}")
     if img_size is not None:
         require(
             tuple(image.shape[2:]) == tuple(img_size),
-            f"image size {tuple(image.shape[2:])} does not match the model's img_size {tuple(img_size)}",
+            lambda: f"image size {tuple(image.shape[2:])} does not match the model's img_size {tuple(img_size)}",
         )
 
 
@@ -90,25 +99,25 @@ def check_encoder_inputs(image: torch.Tensor, mask: torch.Tensor, in_chans: int,
 
 
 def check_mask_token_blend(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> None:
-    require(tokens.dim() == 3, f"tokens must be (B, L, D), got {_shape(tokens)}")
+    require(tokens.dim() == 3, lambda: f"tokens must be (B, L, D), got {_shape(tokens)}")
     check_floating("tokens", tokens)
     batch, length, dim = tokens.shape
     check_shape("mask_token", mask_token, (1, 1, dim))
     require(mask.dim() in (2, 3) and mask.shape[0] == batch,
-            f"mask must be (B, h, w) or (B, L) with B={batch}, got {_shape(mask)}")
-    require(mask[0].numel() == length, f"mask must cover L={length} tokens, got {_shape(mask)}")
+            lambda: f"mask must be (B, h, w) or (B, L) with B={batch}, got {_shape(mask)}")
+    require(mask[0].numel() == length, lambda: f"mask must cover L={length} tokens, got {_shape(mask)}")
     check_mask_values(mask)
 
 
 def check_masked_patch_embed(image, mask, weight, bias, mask_token, pos_embed=None, norm_weight=None, norm_bias=None,
                              norm_eps=1e-5) -> None:
     require(weight.dim() == 4 and weight.shape[2] == weight.shape[3],
-            f"weight must be (D, C, p, p), got {_shape(weight)}")
+            lambda: f"weight must be (D, C, p, p), got {_shape(weight)}")
     dim, in_chans, patch, _ = weight.shape
     check_image(image, in_chans)
     batch, _, height, width = image.shape
     require(height % patch == 0 and width % patch == 0,
-            f"image size ({height}, {width}) must be a multiple of the patch size {patch}")
+            lambda: f"image size ({height}, {width}) must be a multiple of the patch size {patch}")
     grid = (height // patch, width // patch)
     check_token_mask(mask, batch, grid, f"image {height}x{width} / patch {patch}")
     if bias is not None:
@@ -123,11 +132,11 @@ def check_masked_patch_embed(image, mask, weight, bias, mask_token, pos_embed=No
 
 
 def check_attention(q, k, v, bias) -> None:
-    require(q.dim() == 4, f"q must be (B, H, N, d), got {_shape(q)}")
+    require(q.dim() == 4, lambda: f"q must be (B, H, N, d), got {_shape(q)}")
     check_floating("q", q)
     check_shape("k", k, q.shape, "same as q")
     check_shape("v", v, q.shape, "same as q")
-    require(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    require(q.dtype == k.dtype == v.dtype, lambda: f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _, heads, tokens, _ = q.shape
     if bias is not None:
         check_shape("bias", bias, (heads, tokens, tokens), "(H, N, N), shared over the batch")
@@ -139,25 +148,26 @@ def check_window_attention(q, k, v, bias, window_mask) -> None:
     if window_mask is not None:
         tokens = q.shape[2]
         require(window_mask.dim() == 3 and tuple(window_mask.shape[1:]) == (tokens, tokens),
-                f"window_mask must be (nW, {tokens}, {tokens}), got {_shape(window_mask)}")
+                lambda: f"window_mask must be (nW, {tokens}, {tokens}), got {_shape(window_mask)}")
         require(q.shape[0] % window_mask.shape[0] == 0,
-                f"batch*windows {q.shape[0]} is not a multiple of the mask's window count {window_mask.shape[0]}")
+                lambda: f"batch*windows {q.shape[0]} is not a multiple of the mask's window count "
+                        f"{window_mask.shape[0]}")
 
 
 def check_loss_geometry(reconstruction_shape, target, mask, patch_size: int, shuffle_stride: int) -> None:
     """Shapes of the masked L1 loss: target image, (pre-shuffle) reconstruction, token mask."""
-    require(target.dim() == 4, f"target must be (B, C, H, W), got {_shape(target)}")
+    require(target.dim() == 4, lambda: f"target must be (B, C, H, W), got {_shape(target)}")
     check_floating("target", target)
     batch, chans, height, width = target.shape
     s = shuffle_stride
     require(s >= 1 and height % s == 0 and width % s == 0,
-            f"target size ({height}, {width}) must be a multiple of shuffle_stride {s}")
+            lambda: f"target size ({height}, {width}) must be a multiple of shuffle_stride {s}")
     expected = (batch, chans * s * s, height // s, width // s)
     if tuple(reconstruction_shape) != expected:
         what = "image-shaped" if s == 1 else f"decoder output before PixelShuffle({s})"
         raise ValueError(f"reconstruction must have shape {expected} ({what}), got {tuple(reconstruction_shape)}")
     require(patch_size >= 1 and height % patch_size == 0 and width % patch_size == 0,
-            f"target size ({height}, {width}) must be a multiple of patch_size {patch_size}")
+            lambda: f"target size ({height}, {width}) must be a multiple of patch_size {patch_size}")
     check_token_mask(mask, batch, (height // patch_size, width // patch_size),
                      f"image {height}x{width} / patch {patch_size}")
 
@@ -172,14 +182,14 @@ def check_norm_target(norm_target_patch_size) -> None:
     window = norm_target_patch_size
     require(window is None or isinstance(window, int) and not isinstance(window, bool) and window >= 3
             and window % 2 == 1,
-            f"norm_target_patch_size must be None or an odd int >= 3 (the successor uses 47), got {window!r}")
+            lambda: f"norm_target_patch_size must be None or an odd int >= 3 (the successor uses 47), got {window!r}")
 
 
 def check_masked_decoder_loss(features, mask, weight, bias, target, encoder_stride, patch_size,
                               norm_target_patch_size=None) -> None:
-    require(features.dim() == 4, f"features must be (B, C, h, w), got {_shape(features)}")
+    require(features.dim() == 4, lambda: f"features must be (B, C, h, w), got {_shape(features)}")
     check_floating("features", features)
-    require(target.dim() == 4, f"target must be (B, C, H, W), got {_shape(target)}")
+    require(target.dim() == 4, lambda: f"target must be (B, C, H, W), got {_shape(target)}")
     batch, channels, fh, fw = features.shape
     out_channels = encoder_stride * encoder_stride * target.shape[1]
     check_shape("weight", weight, (out_channels, channels, 1, 1), "decoder.0, a 1x1 conv")

@@ -17,7 +17,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "training: the training configuration (bf16 autocast); benchmarks/gpu_check.sh "
                                        "runs these first. Added to every gpu/interpreter test with a bfloat16 parameter")
-    config.addinivalue_line("markers", "compile: compiles the Triton kernels for sm_90/sm_80 without a GPU (lane compile)")
+    config.addinivalue_line("markers", "compile: compiles the Triton kernels for sm_90/sm_80 without a GPU, and "
+                                       "torch.compile's Inductor on the CPU (lane compile)")
     config.addinivalue_line("markers", "csrc: the CUDA C++ extension (lane csrc; skipped where it is not built)")
     config.addinivalue_line("markers", "xla: torch_xla on its CPU device (lane xla; skipped without torch_xla)")
     config.addinivalue_line("markers", "slow: longer CPU tests (CLI runs, multi-process)")

@@ -3,7 +3,8 @@
 #   plain       every CPU test on the reference path (kernel tests deselected)
 #   interpreter the Triton kernel tests under TRITON_INTERPRET=1 with SIMMIM_FAST_BACKEND=triton
 #   compile     every Triton kernel compiled for sm_90 and sm_80 (no GPU needed): lowering, shared
-#               memory and register spills at the recipes' shapes (tests/test_kernel_compile.py)
+#               memory and register spills at the recipes' shapes (tests/test_kernel_compile.py);
+#               torch.compile(dynamic=True) with Inductor on the CPU (tests/test_dynamic_compile.py)
 #   csrc        builds the CUDA extension (csrc/) in .venv-cuda (CUDA torch, no GPU needed), then
 #               tests/test_csrc.py (+ tests/test_gpu_csrc.py where there is a GPU)
 #   xla         the model on torch_xla's CPU device in .venv-xla vs eager (tests/test_xla.py)

@@ -27,7 +27,7 @@ def window_partition(x, window_size):
 
 
 def window_reverse(windows, window_size, height, width):
-    batch = int(windows.shape[0] / (height * width / window_size / window_size))
+    batch = windows.shape[0] // ((height // window_size) * (width // window_size))  # ints: exact when traced
     x = windows.view(batch, height // window_size, width // window_size, window_size, window_size, -1)
     return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(batch, height, width, -1)
 
