@@ -16,21 +16,22 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _sizes(sizes: Sequence[int]) -> str:
+    """"(2, 3, 224, 224)". f-strings, not str(): while torch.compile traces with dynamic shapes, Dynamo's
+    str() of a size gives back an int."""
+    return "(" + ", ".join([f"{size}" for size in sizes]) + ")"
+
+
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return _sizes(t.shape)
 
 
 def require(condition: bool, message: Union[str, Callable[[], str]]) -> None:
     """ValueError(message) unless ``condition``. A message that formats values is given as a lambda: it is
-    built only on failure, so a passing check costs no formatting and formats no symbolic size while
-    torch.compile traces (``dynamic=True``)."""
+    built only on failure, so a passing check formats nothing (nor any symbolic size while torch.compile
+    traces with ``dynamic=True``)."""
     if not condition:
-        _raise_value_error(message)
-
-
-@torch.compiler.disable  # run eagerly, on real sizes: Dynamo mis-formats ints in a resumed frame
-def _raise_value_error(message: Union[str, Callable[[], str]]) -> None:
-    raise ValueError(message() if callable(message) else message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def check_count(name: str, value, minimum: int) -> None:
@@ -55,7 +56,7 @@ def check_floating(name: str, t: torch.Tensor) -> None:
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
         hint = f" ({what})" if what else ""
-        raise ValueError(f"{name} must have shape {tuple(expected)}{hint}, got {_shape(t)}")
+        raise ValueError(f"{name} must have shape {_sizes(expected)}{hint}, got {_shape(t)}")
 
 
 def check_mask_values(mask: torch.Tensor) -> None:
@@ -75,7 +76,7 @@ def check_token_mask(mask: torch.Tensor, batch: int, grid: Sequence[int], what: 
     """mask must be (B, h, w) with (h, w) == grid, or (B, h*w) when grid is given flat."""
     expected = (batch, *grid)
     if tuple(mask.shape) != expected:
-        raise ValueError(f"mask must have shape {expected} ({what}), got {_shape(mask)}")
+        raise ValueError(f"mask must have shape {_sizes(expected)} ({what}), got {_shape(mask)}")
     check_mask_values(mask)
 
 
@@ -86,7 +87,7 @@ def check_image(image: torch.Tensor, in_chans: int, img_size: Optional[Sequence[
     if img_size is not None:
         require(
             tuple(image.shape[2:]) == tuple(img_size),
-            lambda: f"image size {tuple(image.shape[2:])} does not match the model's img_size {tuple(img_size)}",
+            lambda: f"image size {_sizes(image.shape[2:])} does not match the model's img_size {_sizes(img_size)}",
         )
 
 
@@ -165,7 +166,8 @@ def check_loss_geometry(reconstruction_shape, target, mask, patch_size: int, shu
     expected = (batch, chans * s * s, height // s, width // s)
     if tuple(reconstruction_shape) != expected:
         what = "image-shaped" if s == 1 else f"decoder output before PixelShuffle({s})"
-        raise ValueError(f"reconstruction must have shape {expected} ({what}), got {tuple(reconstruction_shape)}")
+        raise ValueError(f"reconstruction must have shape {_sizes(expected)} ({what}), "
+                         f"got {_sizes(reconstruction_shape)}")
     require(patch_size >= 1 and height % patch_size == 0 and width % patch_size == 0,
             lambda: f"target size ({height}, {width}) must be a multiple of patch_size {patch_size}")
     check_token_mask(mask, batch, (height // patch_size, width // patch_size),

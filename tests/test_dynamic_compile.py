@@ -2,7 +2,7 @@
 of an evaluation, a fine-tune's varying batches), on the values eager gives; and a wrong input under
 the compiled model is still the ValueError naming it. Plain PyTorch ops (the reference backend), Inductor
 on the CPU: the two failures this caught were Dynamo formatting symbolic sizes in the input checks'
-messages and Swin's window_reverse dividing sizes as floats (which Inductor cannot order)."""
+messages (str() of a size) and Swin's window_reverse dividing sizes as floats (which Inductor cannot order)."""
 import pytest
 import torch
 
