@@ -75,7 +75,7 @@ def _prepare_data_parser(commands) -> None:
     parser = commands.add_parser(
         "prepare-data", help="write a folder of images once, smaller (JPEG or raw pixels), in memory-mapped shards",
         description="Shrink every image of SRC so its longer side is at most --max-side and store them in DST, "
-                    "which pretrain --data DST then reads (faster decoding). See README, 'Input pipeline'.")
+                    "which pretrain --data DST then reads (faster decoding). See docs/input-pipeline.md.")
     parser.add_argument("source", metavar="SRC", help="a folder of images, any nesting")
     parser.add_argument("destination", metavar="DST", help="a new folder for the prepared data")
     parser.add_argument("--max-side", type=int, required=True,

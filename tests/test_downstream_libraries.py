@@ -1,4 +1,4 @@
-"""Against the real timm and transformers (lane downstream, .venv-downstream): exported checkpoints load
+"""Against the real timm and transformers (lane downstream, .venv-cuda): exported checkpoints load
 with strict key matching and give our features; our torch-only augmentation follows timm's rules."""
 import json
 import random

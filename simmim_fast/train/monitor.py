@@ -41,7 +41,7 @@ class GpuStats:
 # Above this fraction of an interval spent waiting for batches, the accelerator is starved.
 DATA_WAIT_WARNING = 0.10
 STARVATION_ADVICE = ("more loader processes (--num-workers) or a prepared copy of the data "
-                     "(simmim-fast prepare-data SRC DST --max-side N, then --data DST; README: Input pipeline)")
+                     "(simmim-fast prepare-data SRC DST --max-side N, then --data DST; docs/input-pipeline.md)")
 
 
 class Monitor:

@@ -10,7 +10,7 @@ folder without it is not a prepared dataset).
 Two encodings (``prepared.json``'s "encoding"): ``jpeg`` (the default: JPEG files, 20-30 KB an image at
 N = 365) and ``raw`` (uint8 RGB pixels, row-major HWC, width x height x 3 bytes: 300 KB at N = 365, no
 decoding at all and no re-encoding loss; FFCV's RAW mode). Raw costs 10-15x the disk and page cache of
-jpeg for about 1.5x its images/s per core (README, Input pipeline).
+jpeg for about 1.5x its images/s per core (docs/input-pipeline.md).
 
 Why a memory-mapped store rather than tar shards read in sequence: it is indexed like the folder, so
 the same ``EpochSampler`` (a full per-epoch shuffle split across ranks), exact mid-epoch resume and the
