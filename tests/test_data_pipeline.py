@@ -13,7 +13,7 @@ from simmim_fast.masking import MaskGenerator
 from simmim_fast.train.data import (FastCrop, ImageFiles, PretrainDataset, SimMIMTransform, find_images,
                                     open_image_source)
 from simmim_fast.train.device_batches import StepMasks, normalize
-from simmim_fast.train.monitor import DATA_WAIT_WARNING, Monitor
+from simmim_fast.train.monitor import DATA_WAIT_WARNING, DataWaitWatch, Monitor
 from simmim_fast.train.prepared import PreparedImages, lossless_max_side, prepare
 from simmim_fast.train.scenes import render_scene
 
@@ -175,14 +175,29 @@ def test_lossless_max_side_keeps_the_smallest_crop_a_downscale():
         assert smallest >= size and np.sqrt(0.67 * ((side - 1) ** 2 * 3 / 4) * 3 / 4) < size
 
 
-def test_data_wait_warning_names_the_remedies(tmp_path):
-    monitor = Monitor(tmp_path, 10, 0, torch.device("cpu"), enabled=True)
+def test_data_wait_warns_once_with_the_remedies_then_summarises(tmp_path):
+    monitor = Monitor(tmp_path, 100, 0, torch.device("cpu"), enabled=True)
     lines = []
     monitor.message = lines.append
-    monitor.warn_data_wait(DATA_WAIT_WARNING / 2, step=5)
-    monitor.warn_data_wait(0.5, step=10)
-    monitor.close()
+    monitor.bar.write = lines.append
+    monitor.record_data_wait(DATA_WAIT_WARNING / 2 * 10.0, 10.0, step=5)
+    assert lines == []
+    for step in range(10, 100, 5):  # a starved short run: 18 intervals, as the demo on 2 cores
+        monitor.record_data_wait(5.0, 10.0, step=step)
     assert len(lines) == 1 and "50%" in lines[0] and "--num-workers" in lines[0] and "prepare-data" in lines[0]
+    monitor.close()
+    assert len(lines) == 2 and lines[1].startswith("data wait: 48% of the training time (90.5 s of 190.0 s")
+    assert "bottleneck" in lines[1]
+
+
+def test_data_wait_reminds_only_when_starvation_holds_over_the_interval():
+    watch = DataWaitWatch(remind_after_s=100.0)
+    assert watch.record(5.0, 10.0, step=1).startswith("warning: step 1: 50%")
+    # Fed over the next long interval as a whole: no reminder.
+    assert [watch.record(0.0, 10.0, step=s) for s in range(2, 12)] == [None] * 10
+    said = [watch.record(3.0, 10.0, step=s) for s in range(12, 22)]  # 30% for 100 s
+    assert said[:-1] == [None] * 9 and said[-1] == "warning: step 21: still 30% of the last 2 minutes spent waiting for data"
+    assert watch.summary().startswith("data wait: 17% of the training time (35.0 s of 210.0 s")
 
 
 @pytest.mark.parametrize("encoding", ["jpeg", "raw"])

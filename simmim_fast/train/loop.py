@@ -317,7 +317,7 @@ class Pretraining(TrainingSteps):
                     rate = window_steps * self.images_per_step / max(elapsed, 1e-9)
                     self.data_wait_fraction = window_wait / max(elapsed, 1e-9)
                     if not first_window:  # the first one includes the workers' start
-                        monitor.warn_data_wait(self.data_wait_fraction, self.step)
+                        monitor.record_data_wait(window_wait, elapsed, self.step)
                     first_window = False
                     for row in pending:
                         consecutive_nonfinite = self._log(row, rate, monitor, consecutive_nonfinite)

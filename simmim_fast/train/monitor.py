@@ -40,8 +40,60 @@ class GpuStats:
 
 # Above this fraction of an interval spent waiting for batches, the accelerator is starved.
 DATA_WAIT_WARNING = 0.10
+# After the first warning, starvation is reported again only when it held over this much training time
+# since the last report: a long run keeps the warning meaningful, a short one prints it once.
+DATA_WAIT_REMIND_AFTER_S = 1800.0
 STARVATION_ADVICE = ("more loader processes (--num-workers) or a prepared copy of the data "
                      "(simmim-fast prepare-data SRC DST --max-side N, then --data DST; docs/input-pipeline.md)")
+
+
+class DataWaitWatch:
+    """The share of training time spent waiting for batches: one warning with the remedies the first time an
+    interval passes ``DATA_WAIT_WARNING``, a reminder only when the share since the last report stays above it
+    over ``DATA_WAIT_REMIND_AFTER_S``, and the run's total for the closing summary."""
+
+    def __init__(self, remind_after_s: float = DATA_WAIT_REMIND_AFTER_S):
+        self.remind_after_s = remind_after_s
+        self.total_wait_s = self.total_s = 0.0
+        self.warned = False
+        self.since_report_wait_s = self.since_report_s = 0.0
+
+    def record(self, wait_s: float, elapsed_s: float, step: int) -> str | None:
+        """Add one logged interval; the line to print, if any."""
+        self.total_wait_s += wait_s
+        self.total_s += elapsed_s
+        self.since_report_wait_s += wait_s
+        self.since_report_s += elapsed_s
+        fraction = wait_s / max(elapsed_s, 1e-9)
+        if not self.warned:
+            if fraction <= DATA_WAIT_WARNING:
+                self.since_report_wait_s = self.since_report_s = 0.0
+                return None
+            self.warned = True
+            self._restart_reporting_window()
+            return (f"warning: step {step}: {fraction:.0%} of the last interval was spent waiting for data "
+                    f"(over {DATA_WAIT_WARNING:.0%}); the input pipeline is the bottleneck: try "
+                    + STARVATION_ADVICE + ". The share stays on every log line ('data wait'); this warning "
+                    f"repeats only if it holds for {self.remind_after_s / 60:.0f} minutes.")
+        if self.since_report_s < self.remind_after_s:
+            return None
+        share = self.since_report_wait_s / self.since_report_s
+        minutes = self.since_report_s / 60
+        self._restart_reporting_window()
+        if share <= DATA_WAIT_WARNING:
+            return None
+        return f"warning: step {step}: still {share:.0%} of the last {minutes:.0f} minutes spent waiting for data"
+
+    def _restart_reporting_window(self) -> None:
+        self.since_report_wait_s = self.since_report_s = 0.0
+
+    def summary(self) -> str | None:
+        if self.total_s <= 0:
+            return None
+        share = self.total_wait_s / self.total_s
+        line = (f"data wait: {share:.0%} of the training time ({self.total_wait_s:.1f} s of {self.total_s:.1f} s, "
+                "the first interval, while the loader starts, not counted)")
+        return line + ("; the input pipeline was the bottleneck" if share > DATA_WAIT_WARNING else "")
 
 
 class Monitor:
@@ -58,6 +110,7 @@ class Monitor:
         self.log_file = open(self.log_path, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc=name)
         self.gpu = GpuStats(device)
+        self.data_wait = DataWaitWatch()
         self.tensorboard = self._tensorboard(output)
 
     def _drop_rows_after(self, step: int) -> None:
@@ -95,12 +148,10 @@ class Monitor:
         if self.enabled:
             self.bar.update(step - self.bar.n)
 
-    def warn_data_wait(self, fraction: float, step: int) -> None:
-        """A line when the last interval waited for data more than ``DATA_WAIT_WARNING`` of its time."""
-        if fraction > DATA_WAIT_WARNING:
-            self.message(f"warning: step {step}: {fraction:.0%} of the last interval was spent waiting for data "
-                         f"(over {DATA_WAIT_WARNING:.0%}); the input pipeline is the bottleneck: try "
-                         + STARVATION_ADVICE)
+    def record_data_wait(self, wait_s: float, elapsed_s: float, step: int) -> None:
+        """One logged interval's time waiting for batches, of ``elapsed_s``; warns as ``DataWaitWatch`` decides."""
+        if self.enabled and (line := self.data_wait.record(wait_s, elapsed_s, step)):
+            self.message(line)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -109,6 +160,9 @@ class Monitor:
     def close(self) -> None:
         if not self.enabled:
             return
+        summary = self.data_wait.summary()
+        if summary:
+            self.bar.write(summary)
         self.bar.close()
         self.log_file.close()
         if self.tensorboard is not None:
