@@ -17,7 +17,7 @@ grep -v -i -E "^($(IFS='|'; echo "${UPGRADED[*]}" | sed 's/_/[-_]/g'))==" tools/
 "$VENV/bin/python" -m pip install -q --upgrade -c "$VENV/pins.txt" "${UPGRADED[@]}"
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 echo "=== versions that differ from tools/constraints/cuda.txt"
-"$VENV/bin/python" -m pip freeze --all 2>/dev/null | grep -v -i "simmim" | sort > "$VENV/freeze.txt"
+"$VENV/bin/python" -m pip freeze --all 2>/dev/null | grep -v -i -E "^-e |simmim" | sort > "$VENV/freeze.txt"
 grep -v "^#" tools/constraints/cuda.txt | sort | comm -13 - "$VENV/freeze.txt" | sed 's/^/  now /'
 echo "=== the downstream lane against them"
 "$VENV/bin/python" -m pytest -q -m downstream -rf tests/test_downstream_libraries.py tests/test_third_party_imports.py \
