@@ -20,12 +20,13 @@ class CheckpointReadError(ValueError):
     """A file that cannot be read as a checkpoint (truncated, corrupt, not a torch file, pickled objects)."""
 
 
-def _os_error_in_chain(error: BaseException) -> Optional[OSError]:
-    """The OSError behind ``error``: torch.save reports a full disk as a RuntimeError from its zip writer
-    ("[enforce fail at inline_container.cc]") with the real cause only in the chained exception."""
+def _cause_in_chain(error: BaseException) -> Optional[BaseException]:
+    """The OSError or KeyboardInterrupt behind ``error``: torch.save reports a full disk, or a Ctrl-C that
+    lands in one of its writes, as a RuntimeError from its zip writer ("[enforce fail at
+    inline_container.cc]") with the real cause only in the chained exception."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError) and error.errno is not None:
+        if isinstance(error, KeyboardInterrupt) or isinstance(error, OSError) and error.errno is not None:
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
@@ -37,7 +38,7 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     never leaves a truncated file at ``path`` (the rename is atomic on POSIX) nor the temp file. The file
     gets the umask's usual mode (as every other output); a failed write removes its temp file and, when
     the system refused it (a full disk, a read-only folder), raises that OSError naming ``path`` instead
-    of the writer's own error (torch.save's RuntimeError)."""
+    of the writer's own error (torch.save's RuntimeError), and a Ctrl-C as the KeyboardInterrupt it is."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -50,7 +51,9 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
         os.replace(temp, path)
     except BaseException as error:
         temp.unlink(missing_ok=True)
-        cause = _os_error_in_chain(error)
+        cause = _cause_in_chain(error)
+        if isinstance(error, RuntimeError) and isinstance(cause, KeyboardInterrupt):
+            raise cause from None
         if isinstance(error, RuntimeError) and cause is not None:
             raise OSError(cause.errno, f"{os.strerror(cause.errno)} (writing {path})") from error
         raise

@@ -46,7 +46,7 @@ def one_line(message) -> str:
 def describe(error: BaseException) -> Optional[Tuple[str, int]]:
     """(one-line message, exit status) for an error the user can act on; None for a bug (traceback)."""
     from .dispatch import BackendError
-    from .train.loop import NonFiniteLossError
+    from .train.engine import NonFiniteLossError
 
     if isinstance(error, OSError):
         if error.strerror:  # "[Errno 28] No space left on device: 'x'" -> "No space left on device: x"

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..checkpoint import read_checkpoint_file, state_dict_of, write_atomic
-from ..train import run_lock
 from ..config import DEFAULTS, PRESETS, Config, merge, set_key, to_config
 from ..train import checkpoints, distributed
 from ..train.configs import parse_assignment, read_yaml_config
@@ -315,16 +314,6 @@ class Finetuning(TrainingSteps):
             with open(self.output / "log.jsonl", "a") as log:
                 log.write(json_text({"eval": True, "time": time.time(), **result}) + "\n")
         return result
-
-    def run(self) -> Dict[str, Any]:
-        # The folder's lock first (a second run is refused before it reads a checkpoint another run may be
-        # replacing); a checkpoint that cannot be continued leaves no trace (run_lock removes a new folder).
-        with run_lock.holding(self.output, self.runtime.is_main):
-            self.resume()
-            try:
-                return self._train()
-            except KeyboardInterrupt:
-                raise self.interrupted() from None
 
     def _train(self) -> Dict[str, Any]:
         monitor = Monitor(self.output, self.total_steps, self.step, self.device, enabled=self.runtime.is_main,

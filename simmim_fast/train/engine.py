@@ -23,7 +23,7 @@ import torch
 
 from .. import dispatch
 from .._checks import check_count
-from . import checkpoints, distributed
+from . import checkpoints, distributed, run_lock
 
 
 @dataclass
@@ -131,10 +131,22 @@ def kernel_backend(spec: Optional[str]):
 
 
 class TrainingSteps:
-    """The batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``), ``runtime``,
+    """The run, batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``,
+    ``keep_last``, ``max_nonfinite``), ``output``, ``runtime``,
     ``model`` (unwrapped), ``train_model`` (DDP/FSDP/compiled), ``optimizer``, ``scaler`` (or None),
     ``schedule``, ``step``, ``clip_grad``, ``device``, ``amp_dtype``, ``loader`` (an ``EpochSampler``'s),
-    ``accumulation``, ``epoch`` and ``samples_into_epoch``."""
+    ``accumulation``, ``epoch`` and ``samples_into_epoch``, and defines ``resume()`` and ``_train()``."""
+
+    def run(self) -> Dict[str, Any]:
+        """Train to the last step (``_train``) from where ``resume`` puts the run; returns its summary.
+        The folder's lock first: a second run is refused before it reads a checkpoint this one may be
+        replacing, and a checkpoint that cannot be continued leaves no trace (run_lock removes a new folder)."""
+        with run_lock.holding(self.output, self.runtime.is_main):
+            self.resume()
+            try:
+                return self._train()
+            except KeyboardInterrupt:
+                raise self.interrupted() from None
 
     def _batches(self):
         """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
@@ -252,7 +264,9 @@ class TrainingSteps:
             checkpoints.keep_last(self.output, self.options.keep_last)
 
     def interrupted(self) -> RunInterrupted:
-        newest = self.last_good or self.unconfirmed
+        """The one line of a Ctrl-C: the step, and the checkpoint --resume auto takes."""
+        good = checkpoints.list_checkpoints(self.output)
+        newest = good[-1] if good else None
         where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written"
         return RunInterrupted(f"interrupted at step {self.step}; no checkpoint is written on interrupt: {where}"
                               + (" (--resume auto continues from it)" if newest else ""))

@@ -24,11 +24,11 @@ from ..config import build_simmim
 from ..masking import MaskGenerator
 from ..models.convnext import Block as ConvNeXtBlock
 from ..models.vit import Block as VitBlock
-from . import checkpoints, distributed, pictures, run_lock
+from . import checkpoints, distributed, pictures
 from .configs import build_config
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
-from .engine import (NonFiniteLossError, RunOptions, TrainingSteps, check_options, kernel_backend, resolve_amp,
+from .engine import (RunOptions, TrainingSteps, check_options, kernel_backend, resolve_amp,
                      seed_everything, xla_sync)
 from .gpu_decode import GpuJpegCrop, resolve_decode
 from .monitor import Monitor
@@ -280,16 +280,6 @@ class Pretraining(TrainingSteps):
         if self.history["step"]:
             pictures.save_loss_curve(self.history["step"], self.history["loss"], self.output / "loss_curve.png")
         return path
-
-    def run(self) -> Dict[str, Any]:
-        # The folder's lock first (a second run is refused before it reads a checkpoint another run may be
-        # replacing); a checkpoint that cannot be continued leaves no trace (run_lock removes a new folder).
-        with run_lock.holding(self.output, self.runtime.is_main):
-            self.resume()
-            try:
-                return self._train()
-            except KeyboardInterrupt:
-                raise self.interrupted() from None
 
     def _train(self) -> Dict[str, Any]:
         if self.runtime.is_main:
