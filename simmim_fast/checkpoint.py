@@ -5,9 +5,10 @@ import os
 import pickle
 import re
 import secrets
+import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -19,40 +20,49 @@ class CheckpointReadError(ValueError):
     """A file that cannot be read as a checkpoint (truncated, corrupt, not a torch file, pickled objects)."""
 
 
-def _os_error_in_chain(error: BaseException) -> Optional[OSError]:
-    """The OSError behind ``error``: torch.save reports a full disk as a RuntimeError from its zip writer
-    ("[enforce fail at inline_container.cc]") with the real cause only in the chained exception."""
+def _cause_in_chain(error: BaseException) -> Optional[BaseException]:
+    """The OSError or KeyboardInterrupt behind ``error``: torch.save reports a full disk, or a Ctrl-C that
+    lands in one of its writes, as a RuntimeError from its zip writer ("[enforce fail at
+    inline_container.cc]") with the real cause only in the chained exception."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError) and error.errno is not None:
+        if isinstance(error, KeyboardInterrupt) or isinstance(error, OSError) and error.errno is not None:
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
 
 
-def save_atomic(obj: Any, path: PathLike) -> Path:
-    """torch.save to a hidden temp file in the same folder, fsync, then rename: a crash never leaves a
-    truncated file at ``path`` (the rename is atomic on POSIX). The file gets the umask's usual mode (as
-    every other output); a failed write removes its temp file and, when the system refused it (a full
-    disk, a read-only folder), raises that OSError naming ``path`` instead of torch's RuntimeError."""
+def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(file)`` to a hidden temp file in the same folder, fsync, then rename: a crash or Ctrl-C
+    never leaves a truncated file at ``path`` (the rename is atomic on POSIX) nor the temp file. The file
+    gets the umask's usual mode (as every other output); a failed write removes its temp file and, when
+    the system refused it (a full disk, a read-only folder), raises that OSError naming ``path`` instead
+    of the writer's own error (torch.save's RuntimeError), and a Ctrl-C as the KeyboardInterrupt it is."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
         # os.open with 0o666 applies the umask (mkstemp would force 0600).
         with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
     except BaseException as error:
         temp.unlink(missing_ok=True)
-        cause = _os_error_in_chain(error)
+        cause = _cause_in_chain(error)
+        if isinstance(error, RuntimeError) and isinstance(cause, KeyboardInterrupt):
+            raise cause from None
         if isinstance(error, RuntimeError) and cause is not None:
             raise OSError(cause.errno, f"{os.strerror(cause.errno)} (writing {path})") from error
         raise
     return path
+
+
+def save_atomic(obj: Any, path: PathLike) -> Path:
+    """torch.save through ``write_atomic``."""
+    return write_atomic(path, lambda file: torch.save(obj, file))
 
 
 def load_checkpoint(path: PathLike, map_location="cpu", trust_checkpoint: bool = False) -> Any:
@@ -60,6 +70,8 @@ def load_checkpoint(path: PathLike, map_location="cpu", trust_checkpoint: bool =
     ``trust_checkpoint``, which unpickles any object (the original trainer's checkpoints hold a yacs
     config) and so runs code from the file: trusted files only. A file that is not a readable
     checkpoint raises ``CheckpointReadError`` (a ValueError) naming it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as error:
@@ -70,13 +82,17 @@ def load_checkpoint(path: PathLike, map_location="cpu", trust_checkpoint: bool =
             f"{path} holds pickled Python objects besides tensors ({refused_object.group(1)}; the original "
             "SimMIM's checkpoints keep a yacs config); if you trust the file, load it with trust_checkpoint=True "
             "(on the command line --trust-checkpoint)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, AttributeError, ImportError) as error:
-        # A truncated or foreign file: torch reports it as any of these, depending on where it breaks.
-        raise CheckpointReadError(f"{path} is not a readable checkpoint ({_first_line(error)})") from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, AttributeError, ImportError,
+            ValueError, KeyError, IndexError, struct.error) as error:
+        # A truncated or foreign file: torch reports it as any of these depending on where it breaks (a
+        # cut in the zip's data records is an OSError "Invalid argument" from its reader).
+        reason = "an empty file" if Path(path).stat().st_size == 0 else f"cut short or corrupt: {_first_line(error)}"
+        raise CheckpointReadError(f"{path} is not a readable checkpoint ({reason})") from None
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """The error's first sentence (torch's zip reader appends a paragraph of advice)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
 
 
 def read_checkpoint_file(path: PathLike, trust: bool = False) -> Any:
@@ -86,13 +102,43 @@ def read_checkpoint_file(path: PathLike, trust: bool = False) -> Any:
     return load_checkpoint(path, trust_checkpoint=trust)
 
 
-def state_dict_of(checkpoint: Any) -> Mapping[str, torch.Tensor]:
-    """The state_dict inside an original checkpoint ({'model': ...}), or the mapping itself."""
-    if isinstance(checkpoint, Mapping) and "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        return checkpoint["model"]
-    if isinstance(checkpoint, Mapping) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+def state_dict_of(checkpoint: Any, source: PathLike = "the checkpoint") -> Mapping[str, torch.Tensor]:
+    """The state_dict inside an original checkpoint ({'model': ...}), or the mapping itself; else a
+    ``CheckpointReadError`` naming ``source`` and what it holds instead."""
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
+        checkpoint = checkpoint["model"]
+    if isinstance(checkpoint, Mapping) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
-    raise ValueError("expected a state_dict or a checkpoint dict with a 'model' entry")
+    if isinstance(checkpoint, Mapping):
+        found = f"a dict of {', '.join(sorted({type(v).__name__ for v in checkpoint.values()})) or 'nothing'}"
+    else:
+        found = f"a {type(checkpoint).__name__}"
+    raise CheckpointReadError(f"{source} holds {found}, not model weights (a state_dict, or a checkpoint dict "
+                              "with a 'model' state_dict)")
+
+
+def key_differences(missing: List[str], unexpected: List[str], misshapen: List[str], shown: int = 4) -> str:
+    """'missing: a, b ... (7); unexpected: ...; shape mismatch: ...': the first keys of each kind."""
+    details = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen)):
+        if keys:
+            details.append(f"{label}: {', '.join(keys[:shown])}{' ...' if len(keys) > shown else ''} ({len(keys)})")
+    return "; ".join(details)
+
+
+def fitting_state_dict(model: nn.Module, state_dict: Any, source: PathLike) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` (or the one inside a checkpoint dict) when ``model.load_state_dict`` takes it strictly;
+    else a ``CheckpointReadError`` naming ``source`` and the first keys that differ (torch's RuntimeError
+    lists every key on many lines)."""
+    target = model.state_dict()
+    state_dict = state_dict_of(state_dict, source)
+    misshapen = [f"{key} {tuple(value.shape)} vs the model's {tuple(target[key].shape)}"
+                 for key, value in state_dict.items() if key in target and value.shape != target[key].shape]
+    differences = key_differences([key for key in target if key not in state_dict],
+                                  [key for key in state_dict if key not in target], misshapen)
+    if differences:
+        raise CheckpointReadError(f"{source} does not fit the model (another size or architecture?): {differences}")
+    return state_dict
 
 
 def load_pretrained(model: nn.Module, path_or_state_dict: Union[PathLike, Mapping[str, Any]], strict: bool = True,

@@ -1,6 +1,7 @@
 """How the command line reports a mistake: one line on stderr naming the bad value and what is allowed,
 exit status 2, nothing written; a failure of the machine (a full disk, a NaN run) is one line too, with
-exit status 1. ``--debug`` (any subcommand) re-raises instead, for the traceback.
+exit status 1; Ctrl-C is one line too, with exit status 130 (128 + SIGINT, as a shell reports it).
+``--debug`` (any subcommand) re-raises instead, for the traceback.
 
 Every subcommand gets this by building its parser with ``CommandLineParser`` (``add_subparsers`` passes
 the class on) and running through ``run_reporting_errors``; the library only raises ValueError (and
@@ -15,6 +16,7 @@ from typing import Callable, List, Optional, Tuple
 
 EXIT_USER_MISTAKE = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
 # OSErrors that name the user's own input: the path given does not fit.
 _INPUT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM,
                  errno.ENAMETOOLONG, errno.ELOOP}
@@ -44,7 +46,7 @@ def one_line(message) -> str:
 def describe(error: BaseException) -> Optional[Tuple[str, int]]:
     """(one-line message, exit status) for an error the user can act on; None for a bug (traceback)."""
     from .dispatch import BackendError
-    from .train.loop import NonFiniteLossError
+    from .train.engine import NonFiniteLossError
 
     if isinstance(error, OSError):
         if error.strerror:  # "[Errno 28] No space left on device: 'x'" -> "No space left on device: x"
@@ -61,9 +63,15 @@ def describe(error: BaseException) -> Optional[Tuple[str, int]]:
 
 
 def run_reporting_errors(command: str, action: Callable[[], None], debug: bool = False) -> int:
-    """Run ``action``; an error ``describe`` knows becomes one stderr line and its exit status."""
+    """Run ``action``; an error ``describe`` knows becomes one stderr line and its exit status, Ctrl-C
+    one line (what the run says about it, e.g. the checkpoint to resume from) and 130."""
     try:
         action()
+    except KeyboardInterrupt as interrupt:
+        if debug:
+            raise
+        print(f"simmim-fast {command}: {one_line(interrupt) or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:
         described = None if debug else describe(error)
         if described is None:

@@ -306,15 +306,39 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
 
 
-def test_keep_last_and_resume_discovery(tmp_path):
+def test_keep_last_counts_good_checkpoints_and_resume_never_picks_a_bad_one(tmp_path, capsys):
+    state = {"format": checkpoints.CHECKPOINT_FORMAT, **{key: 0 for key in checkpoints.RESUMABLE_KEYS[
+        checkpoints.CHECKPOINT_FORMAT]}}
     for step in (5, 10, 15, 20):
-        save_atomic({"step": step}, checkpoints.checkpoint_path(tmp_path, step))
+        save_atomic({**state, "step": step}, checkpoints.checkpoint_path(tmp_path, step))
+    for step in (25, 30, 35):  # written after the run went bad: newer, but never preferred
+        save_atomic({**state, "step": step}, checkpoints.bad_checkpoint_path(tmp_path, step))
     checkpoints.keep_last(tmp_path, 2)
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_step_0000015.pth", "ckpt_step_0000020.pth"]
-    assert checkpoints.find_resume_checkpoint("auto", tmp_path).name == "ckpt_step_0000020.pth"
-    assert checkpoints.find_resume_checkpoint("auto", tmp_path / "fresh") is None
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path, bad=True)] == [
+        "bad_ckpt_step_0000030.pth", "bad_ckpt_step_0000035.pth"]
+    path, resumed = checkpoints.read_resume_checkpoint("auto", tmp_path)
+    assert path.name == "ckpt_step_0000020.pth" and resumed["step"] == 20
+    assert checkpoints.read_resume_checkpoint("auto", tmp_path / "fresh") == (None, None)
     with pytest.raises(FileNotFoundError):
-        checkpoints.find_resume_checkpoint(str(tmp_path / "nope.pth"), tmp_path)
+        checkpoints.read_resume_checkpoint(str(tmp_path / "nope.pth"), tmp_path)
+    for good in checkpoints.list_checkpoints(tmp_path):  # only bad ones left: say so, never continue them silently
+        good.unlink()
+    with pytest.raises(ValueError, match="no readable good checkpoint, only 2 written after the run went bad"):
+        checkpoints.read_resume_checkpoint("auto", tmp_path)
+
+
+def test_all_finite_sees_one_bad_value_in_any_floating_tensor_of_a_state():
+    model = {"w": torch.randn(64, 64), "steps": torch.tensor(3)}
+    optimizer = {"state": {0: {"exp_avg": torch.randn(64, 64), "step": torch.tensor(2.0)}}, "param_groups": [{"lr": 1}]}
+    assert checkpoints.all_finite(model, optimizer)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        optimizer["state"][0]["exp_avg"][17, 5] = bad
+        assert not checkpoints.all_finite(model, optimizer)
+    optimizer["state"][0]["exp_avg"][17, 5] = 0.0
+    model["w"] = model["w"].to(torch.bfloat16)
+    model["w"][63, 63] = float("nan")
+    assert not checkpoints.all_finite(model, optimizer)
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
@@ -336,5 +360,4 @@ def test_resume_with_an_incompatible_config_is_refused():
     other_model = build_config("vit-tiny", None, ["MODEL.VIT.DEPTH=2", "DATA.IMG_SIZE=128"]).to_dict()
     with pytest.raises(ValueError, match=r"incompatible.*DATA.IMG_SIZE: checkpoint 64, now 128.*MODEL.VIT.DEPTH"):
         checkpoints.check_resumable(checkpoint, other_model, Path("c.pth"))
-    with pytest.raises(ValueError, match="not a simmim-fast training checkpoint"):
-        checkpoints.check_resumable({"model": {}}, saved, Path("c.pth"))
+

@@ -1,8 +1,6 @@
 """The downstream sub-commands of ``simmim-fast``: finetune, eval (--linear / --knn), export."""
 from __future__ import annotations
 
-import json
-
 from ..config import PRESETS
 
 COMMANDS = ("finetune", "eval", "export")
@@ -65,6 +63,8 @@ def add_commands(commands) -> None:
 
 
 def run(args) -> None:
+    from ..train.monitor import json_text
+
     if args.command == "finetune":
         from .finetune import FinetuneOptions, finetune
 
@@ -78,7 +78,7 @@ def run(args) -> None:
                              config_file=args.config, cache_dir=args.cache_dir, output=args.output, k=args.k,
                              temperature=args.temperature, batch_size=args.batch_size, device=args.device,
                              trust_checkpoint=args.trust_checkpoint, seed=args.seed)
-        print(json.dumps(results, indent=2))
+        print(json_text(results, indent=2))
     else:
         from .export import export_checkpoint
 

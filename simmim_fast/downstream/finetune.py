@@ -10,7 +10,6 @@ the end go to log.jsonl and metrics.json.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -22,20 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..checkpoint import read_checkpoint_file, state_dict_of
+from ..checkpoint import read_checkpoint_file, state_dict_of, write_atomic
 from ..config import DEFAULTS, PRESETS, Config, merge, set_key, to_config
 from ..train import checkpoints, distributed
 from ..train.configs import parse_assignment, read_yaml_config
 from ..train.data import build_loader, sample_seed
-from ..train.engine import (NonFiniteLossError, RunOptions, TrainingSteps, check_options, kernel_backend,
+from ..train.engine import (RunOptions, TrainingSteps, check_options, kernel_backend,
                             resolve_amp, seed_everything)
-from ..train.monitor import Monitor
+from ..train.monitor import Monitor, json_text
 from ..train.optim import build_optimizer, build_schedule, scaled_lrs, skips_weight_decay
 from .augment import Mixup
 from .data import EvalSet, FinetuneTransform, TrainingSet, open_splits
 from .models import build_classifier, load_into
 
-CHECKPOINT_KIND = "simmim_fast.finetune/1"
+CHECKPOINT_KIND = checkpoints.FINETUNE_FORMAT
 
 # The original config's fine-tuning sections (absent from pretraining's DEFAULTS), same names and values.
 FINETUNE_SECTIONS = {
@@ -163,7 +162,7 @@ def read_pretrained(path: str, trust: bool) -> Dict[str, Any]:
     """A checkpoint as a dict with 'model', and 'config' and 'classes' where simmim-fast wrote them."""
     state = read_checkpoint_file(path, trust)
     config, classes = (state.get("config"), state.get("classes")) if isinstance(state, dict) else (None, None)
-    return {"model": state_dict_of(state), "config": config if isinstance(config, dict) else None,
+    return {"model": state_dict_of(state, path), "config": config if isinstance(config, dict) else None,
             "classes": list(classes) if isinstance(classes, (list, tuple)) else None}
 
 
@@ -212,7 +211,8 @@ class Finetuning(TrainingSteps):
         config.MODEL.NUM_CLASSES = len(self.classes)
         seed_everything(config.SEED)
         self.model = build_classifier(config, len(self.classes))
-        self.loaded = load_into(self.model, pretrained["model"], keep_head=False) if pretrained else None
+        self.loaded = load_into(self.model, pretrained["model"], keep_head=False, name=options.pretrained) \
+            if pretrained else None
         self.model.to(self.device)
         seed_everything(config.SEED + runtime.rank)
         self.train_model = distributed.wrap(self.model, runtime, fsdp=False)
@@ -260,7 +260,7 @@ class Finetuning(TrainingSteps):
         self.step = 0
         self.epoch = 0
         self.samples_into_epoch = 0
-        self.nonfinite_skipped = 0
+        self.start_health()
         self.evaluations: List[Dict[str, Any]] = []
 
     # ---- checkpoints (the pretraining layout; 'model' is the classifier's state dict) ---------------
@@ -269,9 +269,8 @@ class Finetuning(TrainingSteps):
         rng = checkpoints.gathered_rng(self.device, self.runtime)
         if not self.runtime.is_main:
             return None
-        path = checkpoints.save_checkpoint(checkpoints.checkpoint_path(self.output, self.step), {
-            "model": checkpoints.to_cpu(self.model.state_dict()),
-            "optimizer": checkpoints.to_cpu(self.optimizer.state_dict()),
+        return self.write_checkpoint({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch, "step": self.step, "config": self.config.to_dict(), "classes": list(self.classes),
@@ -279,22 +278,18 @@ class Finetuning(TrainingSteps):
                      "images_per_step": self.images_per_step},
             "rng": rng, "nonfinite_skipped": self.nonfinite_skipped, "evaluations": self.evaluations},
             kind=CHECKPOINT_KIND)
-        checkpoints.keep_last(self.output, self.options.keep_last)
-        return path
 
     def resume(self) -> Optional[Path]:
         resume = self.options.resume or ("auto" if self.config.TRAIN.AUTO_RESUME else None)
-        path = checkpoints.find_resume_checkpoint(resume, self.output)
+        path, state = checkpoints.read_resume_checkpoint(resume, self.output, kind=CHECKPOINT_KIND)
         if path is None:
             return None
-        state = checkpoints.read_checkpoint(path)
-        checkpoints.check_resumable(state, self.config.to_dict(), path, kind=CHECKPOINT_KIND)
+        checkpoints.check_resumable(state, self.config.to_dict(), path)
         if list(state["classes"]) != list(self.classes):
             raise ValueError(f"cannot resume from {path}: its classes {state['classes']} differ from the data's")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoints.restore_training_state(self.model, self.optimizer, state, path)
         self.evaluations = list(state["evaluations"])
-        self.restore_progress(state)
+        self.restore_progress(state, path)
         if self.runtime.is_main:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", file=sys.stderr)
         return path
@@ -317,18 +312,14 @@ class Finetuning(TrainingSteps):
                         f"loss {result['val_loss']:.4f} ({result['val_images']} images)")
         if self.runtime.is_main:
             with open(self.output / "log.jsonl", "a") as log:
-                log.write(json.dumps({"eval": True, "time": time.time(), **result}) + "\n")
+                log.write(json_text({"eval": True, "time": time.time(), **result}) + "\n")
         return result
 
-    def run(self) -> Dict[str, Any]:
-        if self.runtime.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-        self.resume()
+    def _train(self) -> Dict[str, Any]:
         monitor = Monitor(self.output, self.total_steps, self.step, self.device, enabled=self.runtime.is_main,
                           name="finetune")
         monitor.message(self.describe())
         batches = self._batches()
-        consecutive = 0
         window_start = time.perf_counter()
         try:
             while self.step < self.total_steps:
@@ -339,31 +330,28 @@ class Finetuning(TrainingSteps):
                 self.samples_into_epoch += self.images_per_step
                 rate = self.images_per_step / max(time.perf_counter() - window_start, 1e-9)
                 window_start = time.perf_counter()
-                consecutive = self._log(result, rate, monitor, consecutive)
+                self._log(result, rate, monitor)
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     self._evaluate(monitor)
                     self.save()
         finally:
             monitor.close()
+        self.confirm_last_checkpoint()
         return self._finish()
 
-    def _log(self, result: Dict[str, Any], rate: float, monitor: Monitor, consecutive: int) -> int:
+    def _log(self, result: Dict[str, Any], rate: float, monitor: Monitor) -> None:
         loss = float(result["loss"])
-        if result["skipped"]:
-            self.nonfinite_skipped += 1
-            consecutive += 1
-            monitor.message(f"step {self.step}: non-finite loss ({loss}), update skipped")
-            if consecutive >= self.options.max_nonfinite:
-                raise NonFiniteLossError(f"{consecutive} optimizer steps in a row had a non-finite loss; lower "
-                                         "TRAIN.BASE_LR or use --amp bf16")
-            return consecutive
+        bad = self.judge_step(self.step, loss, result["skipped"], monitor)
         row = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": result["lr"],
-               "grad_norm": float(result["grad_norm"]), "images_per_s": rate, "time": time.time()}
+               "grad_norm": None if result["grad_norm"] is None else float(result["grad_norm"]),
+               "images_per_s": rate, "time": time.time()}
+        if bad:
+            row["bad"] = bad
         on_schedule = self.step % self.log_every == 0
         monitor.step(row, with_device_stats=on_schedule)
-        if on_schedule and not sys.stderr.isatty():
+        self.stop_if_diverged(self.step, bad)
+        if on_schedule and not bad and not sys.stderr.isatty():
             monitor.message(f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {row['lr']:.3e} {rate:.1f} img/s")
-        return 0
 
     def describe(self) -> str:
         config = self.config
@@ -390,9 +378,7 @@ class Finetuning(TrainingSteps):
 
 
 def save_atomic_json(data: Dict[str, Any], path: Path) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    temporary.replace(path)
+    write_atomic(path, lambda file: file.write(json_text(data, indent=2).encode()))
 
 
 def finetune(options: FinetuneOptions) -> Dict[str, Any]:

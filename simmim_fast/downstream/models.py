@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import CheckpointReadError, key_differences
 from ..models.registry import build_encoder
 from ..models.swin import SwinTransformer
 from ..models.vit import VisionTransformer
@@ -125,14 +126,14 @@ def resize_position_embedding(embedding: torch.Tensor, target_tokens: int, prefi
     return torch.cat((embedding[:, :prefix_tokens], resized), dim=1)
 
 
-def remap_for(model: nn.Module, source: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def remap_for(model: nn.Module, source: Mapping[str, torch.Tensor], name: str = "the checkpoint") -> Dict[str, torch.Tensor]:
     """``source`` (a SimMIM, original SimMIM or classifier state dict) in the layout and shapes of
     ``model``: shared bias expanded, tables and position embeddings resized, derived buffers the model's."""
     state = encoder_state(source)
     target = model.state_dict()
     expected, found = architecture_of(target), architecture_of(state)
     if found != expected:
-        raise ValueError(f"the checkpoint holds a {found} encoder, but the model is a {expected} "
+        raise ValueError(f"{name} holds a {found} encoder, but the model is a {expected} "
                          f"(MODEL.TYPE); give the preset or config the checkpoint was trained with")
     shared = "rel_pos_bias.relative_position_bias_table"
     if shared in state and shared not in target:  # the original's per-block copies of the shared bias
@@ -154,12 +155,14 @@ def remap_for(model: nn.Module, source: Mapping[str, torch.Tensor]) -> Dict[str,
     return state
 
 
-def load_into(model: nn.Module, source: Mapping[str, torch.Tensor], keep_head: bool = True) -> Dict[str, list]:
+def load_into(model: nn.Module, source: Mapping[str, torch.Tensor], keep_head: bool = True,
+              name: str = "the checkpoint") -> Dict[str, list]:
     """Load ``source`` into the classifier ``model`` after ``remap_for``. What the model may lack from a
     pretraining checkpoint (head, fc_norm: trained from their init, as the original) stays as it is; a
     head of another class count is left out unless ``keep_head`` finds it fits. Any other missing,
-    unexpected or misshapen key is a ValueError. Returns {'missing': [...], 'unused': [...]}."""
-    state = remap_for(model, source)
+    unexpected or misshapen key is a ValueError naming ``name`` (the file) and the first keys that differ.
+    Returns {'missing': [...], 'unused': [...]}."""
+    state = remap_for(model, source, name)
     target = model.state_dict()
     fresh_prefixes = ("head.", "fc_norm.")
     missing = [key for key in target if key not in state]
@@ -169,14 +172,11 @@ def load_into(model: nn.Module, source: Mapping[str, torch.Tensor], keep_head: b
                         or key.startswith(fresh_prefixes)]
     bad_missing = [key for key in missing if not key.startswith(fresh_prefixes)]
     bad_unused = [key for key in unused if key not in tolerated_unused]
-    misshapen = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in target.items()
+    misshapen = [f"{key} {tuple(state[key].shape)} vs the model's {tuple(value.shape)}" for key, value in target.items()
                  if key in state and state[key].shape != value.shape and not key.startswith("head.")]
     if bad_missing or bad_unused or misshapen:
-        details = []
-        for label, keys in (("missing", bad_missing), ("unexpected", bad_unused), ("shape mismatch", misshapen)):
-            if keys:
-                details.append(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})")
-        raise ValueError("the checkpoint does not fit the model (another size or architecture?): " + "; ".join(details))
+        raise CheckpointReadError(f"{name} does not fit the model (another size or architecture?): "
+                                  + key_differences(bad_missing, bad_unused, misshapen))
     head_fits = all(key in state and state[key].shape == target[key].shape for key in target if key.startswith("head."))
     if not (keep_head and head_fits):
         state = {key: value for key, value in state.items() if not key.startswith("head.")}

@@ -27,6 +27,7 @@ from ..checkpoint import load_checkpoint, save_atomic
 from ..config import get_config, merge
 from ..train.configs import build_config
 from ..train.engine import seed_everything
+from ..train.monitor import json_text
 from .data import EVAL_RESIZE_RATIO, EvalSet, LabelledFolder, open_splits
 from .finetune import FINETUNE_SECTIONS, read_pretrained, topk_correct
 from .models import VisionTransformerClassifier, build_classifier, load_into
@@ -49,7 +50,7 @@ def model_from_checkpoint(path: str, preset: Optional[str] = None, config_file: 
         raise ValueError(f"{path} has no simmim-fast config; give --preset or --config for its model")
     head = pretrained["model"].get("head.weight")
     model = build_classifier(config, num_classes=head.shape[0] if with_head and head is not None else 0)
-    load_into(model, pretrained["model"], keep_head=with_head)
+    load_into(model, pretrained["model"], keep_head=with_head, name=str(path))
     return model.eval(), config, pretrained["classes"]
 
 
@@ -187,6 +188,6 @@ def run_probes(checkpoint: Optional[str], data: Optional[str] = None, linear: bo
         results["linear"] = accuracy(linear_probe(*arguments, seed=seed), splits["val"]["labels"])
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(results, indent=2))
+        Path(output).write_text(json_text(results, indent=2))
     return results
 

@@ -11,11 +11,26 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointReadError, load_checkpoint, save_atomic
+from ..checkpoint import CheckpointReadError, load_checkpoint, fitting_state_dict, save_atomic
 
 CHECKPOINT_FORMAT = "simmim_fast.pretrain/1"
+FINETUNE_FORMAT = "simmim_fast.finetune/1"
+# Each training checkpoint format: what it is and what to do with it, for a file given to the wrong command.
+FORMAT_DESCRIPTIONS = {
+    CHECKPOINT_FORMAT: ("a simmim-fast pretraining checkpoint",
+                        "continue it with simmim-fast pretrain --resume, fine-tune from it with finetune --pretrained"),
+    FINETUNE_FORMAT: ("a simmim-fast fine-tuning checkpoint",
+                      "continue it with simmim-fast finetune --resume; eval and export read its weights")}
+# The entries each format must hold to be continued.
+_COMMON_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "step", "config", "data", "rng",
+                "nonfinite_skipped")
+RESUMABLE_KEYS = {CHECKPOINT_FORMAT: _COMMON_KEYS + ("unreadable", "history"),
+                  FINETUNE_FORMAT: _COMMON_KEYS + ("classes", "evaluations")}
 CHECKPOINT_PATTERN = re.compile(r"^ckpt_step_(\d+)\.pth$")
-PARTIAL_WRITE_GLOB = ".ckpt_step_*.pth.*.tmp"  # what a process killed inside save_atomic leaves behind
+# A checkpoint written after its run went bad (docs/long-runs.md): the name is the mark, so that
+# --resume auto and retention tell good from bad without opening a file.
+BAD_CHECKPOINT_PATTERN = re.compile(r"^bad_ckpt_step_(\d+)\.pth$")
+PARTIAL_WRITE_GLOB = ".*ckpt_step_*.pth.*.tmp"  # what a process killed inside save_atomic leaves behind
 # Settings a checkpoint cannot be continued with once changed: the model and what its input is.
 RESUME_MUST_MATCH = ("MODEL", "DATA.IMG_SIZE", "DATA.MASK_PATCH_SIZE", "DATA.MASK_RATIO")
 
@@ -24,11 +39,21 @@ def checkpoint_path(output: Path, step: int) -> Path:
     return Path(output) / f"ckpt_step_{step:07d}.pth"
 
 
-def list_checkpoints(output: Path) -> List[Path]:
-    """Checkpoints in ``output``, oldest step first."""
-    found = [(int(match.group(1)), path) for path in Path(output).glob("ckpt_step_*.pth")
-             if (match := CHECKPOINT_PATTERN.match(path.name))]
+def bad_checkpoint_path(output: Path, step: int) -> Path:
+    return Path(output) / f"bad_{checkpoint_path(output, step).name}"
+
+
+def list_checkpoints(output: Path, bad: bool = False) -> List[Path]:
+    """Good checkpoints in ``output`` (or, with ``bad``, those marked bad), oldest step first."""
+    pattern = BAD_CHECKPOINT_PATTERN if bad else CHECKPOINT_PATTERN
+    found = [(int(match.group(1)), path) for path in Path(output).glob("*ckpt_step_*.pth")
+             if (match := pattern.match(path.name))]
     return [path for _, path in sorted(found)]
+
+
+def mark_bad(path: Path) -> Path:
+    """Rename a good checkpoint to its bad name (its weights led to a bad loss)."""
+    return Path(path).replace(Path(path).with_name(f"bad_{Path(path).name}"))
 
 
 def remove_partial_writes(output: Path) -> List[Path]:
@@ -40,9 +65,33 @@ def remove_partial_writes(output: Path) -> List[Path]:
 
 
 def keep_last(output: Path, count: int) -> None:
+    """Delete all but the newest ``count`` good checkpoints, and all but the newest ``count`` bad ones (0:
+    keep all): bad ones never push out a good one, so the last good checkpoint before a divergence stays."""
     if count > 0:
-        for stale in list_checkpoints(output)[:-count]:
-            stale.unlink(missing_ok=True)
+        for bad in (False, True):
+            for stale in list_checkpoints(output, bad)[:-count]:
+                stale.unlink(missing_ok=True)
+
+
+def all_finite(*trees: Any) -> bool:
+    """Whether every floating-point tensor in ``trees`` (nested dicts/lists, e.g. state dicts) is finite:
+    one reduction per device and one host read, so it runs where the tensors are (CUDA, XLA, CPU)."""
+    verdicts: Dict[torch.device, List[torch.Tensor]] = {}
+
+    def visit(tree: Any) -> None:
+        if isinstance(tree, torch.Tensor):
+            if tree.is_floating_point() or tree.is_complex():
+                verdicts.setdefault(tree.device, []).append(tree.isfinite().all())
+        elif isinstance(tree, Mapping):
+            for value in tree.values():
+                visit(value)
+        elif isinstance(tree, (list, tuple)):
+            for value in tree:
+                visit(value)
+
+    for tree in trees:
+        visit(tree)
+    return all(bool(torch.stack(found).all()) for found in verdicts.values())
 
 
 def to_cpu(tree: Any) -> Any:
@@ -90,36 +139,67 @@ def save_checkpoint(path: Path, state: Dict[str, Any], kind: str = CHECKPOINT_FO
     return save_atomic({"format": kind, **state}, path)
 
 
-def find_resume_checkpoint(resume: Optional[str], output: Path) -> Optional[Path]:
-    """--resume auto: the newest checkpoint in the output folder (None: start fresh); else a path."""
+def read_resume_checkpoint(resume: Optional[str], output: Path, kind: str = CHECKPOINT_FORMAT
+                           ) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """(path, state) to resume from, or (None, None) to start fresh. ``auto``: the newest good checkpoint
+    in ``output`` that reads as a ``kind`` training checkpoint; the unreadable ones after it (a torn
+    copy, a bad disk, any cut length) are skipped with a warning, and checkpoints marked bad are never
+    chosen. A --resume path that is not a readable ``kind`` checkpoint is an error naming it."""
     if not resume:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
-    return path
-
-
-def read_resume_checkpoint(resume: Optional[str], output: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
-    """(path, state) to resume from, or (None, None) to start fresh. With ``auto`` an unreadable newest
-    checkpoint (a torn copy, a bad disk) is skipped with a warning for the previous one; a --resume path
-    that is not a readable checkpoint is an error naming it (continuing from another one would surprise)."""
+        return None, None
     if resume != "auto":
-        path = find_resume_checkpoint(resume, output)
-        return (path, read_checkpoint(path)) if path is not None else (None, None)
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+        return path, read_training_checkpoint(path, kind)
     found = list_checkpoints(output)
     for path in reversed(found):
         try:
-            return path, read_checkpoint(path)
+            return path, read_training_checkpoint(path, kind)
         except CheckpointReadError as error:
             print(f"warning: skipping {error}; trying the previous checkpoint", file=sys.stderr)
+    bad = list_checkpoints(output, bad=True)
+    if bad:  # continuing a diverged run from its ruined state is never a silent default
+        raise ValueError(f"{output} holds no readable good checkpoint, only {len(bad)} written after the run went bad "
+                         f"(newest {bad[-1].name}); --resume one of them to continue anyway, or give another --output "
+                         "to start over")
     if found:  # starting over here would mix a new run with the old run's files
         raise ValueError(f"none of the {len(found)} checkpoint(s) in {output} is readable; give another --output "
                          "to start over, or --resume a good copy")
     return None, None
+
+
+def read_training_checkpoint(path: Path, kind: str = CHECKPOINT_FORMAT) -> Dict[str, Any]:
+    """A checkpoint that a ``kind`` run can continue: a dict of that format with every entry it needs;
+    else a ``CheckpointReadError`` saying what the file is."""
+    state = read_checkpoint(path)
+    if not isinstance(state, Mapping):
+        raise CheckpointReadError(f"{path} holds a {type(state).__name__}, not a training checkpoint")
+    found_kind = state.get("format")
+    if found_kind != kind:
+        expected = FORMAT_DESCRIPTIONS[kind][0]
+        if found_kind in FORMAT_DESCRIPTIONS:
+            what, use = FORMAT_DESCRIPTIONS[found_kind]
+            raise CheckpointReadError(f"{path} is {what}, not {expected}; {use}")
+        raise CheckpointReadError(f"{path} is not a simmim-fast training checkpoint (no resumable state, expected "
+                                  f"{expected}); load its weights with simmim_fast.load_pretrained, or fine-tune "
+                                  "from it with simmim-fast finetune --pretrained")
+    missing = [key for key in RESUMABLE_KEYS[kind] if key not in state]
+    if missing:
+        raise CheckpointReadError(f"{path} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: "
+                                  f"not a complete {FORMAT_DESCRIPTIONS[kind][0]}")
+    return dict(state)
+
+
+def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any],
+                           path: Path) -> None:
+    """Model and optimizer state from a checkpoint; a mismatch names ``path`` and the first keys that differ."""
+    model.load_state_dict(fitting_state_dict(model, state["model"], path))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
+        raise CheckpointReadError(f"{path}: its optimizer state does not fit this run's optimizer "
+                                  f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
@@ -138,12 +218,8 @@ def config_differences(saved: Mapping, current: Mapping) -> Dict[str, tuple]:
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
 
 
-def check_resumable(checkpoint: Mapping, config: Mapping, path: Path, kind: str = CHECKPOINT_FORMAT) -> Dict[str, tuple]:
-    """Raise if the checkpoint's model or input settings differ from ``config``; return the other changes.
-    ``kind``: the training checkpoint format expected (pretraining's by default)."""
-    if checkpoint.get("format") != kind:
-        raise ValueError(f"{path} is not a simmim-fast training checkpoint (no resumable state); "
-                         "load its weights with simmim_fast.load_pretrained instead")
+def check_resumable(checkpoint: Mapping, config: Mapping, path: Path) -> Dict[str, tuple]:
+    """Raise if the checkpoint's model or input settings differ from ``config``; return the other changes."""
     changes = config_differences(checkpoint["config"], config)
     blocking = {key: change for key, change in changes.items()
                 if any(key == prefix or key.startswith(prefix + ".") for prefix in RESUME_MUST_MATCH)}

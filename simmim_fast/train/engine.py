@@ -1,14 +1,21 @@
 """What every training loop of simmim_fast shares (pretraining in ``loop``, fine-tuning in
-``simmim_fast.downstream.finetune``): AMP choice, seeding, the kernel backend for the process, and one
+``simmim_fast.downstream.finetune``): AMP choice, seeding, the kernel backend for the process, one
 optimizer step over accumulated micro-batches (DDP/FSDP gradient sync on the last one, GradScaler,
-clipping, a skipped update on a non-finite loss).
+clipping, a skipped update on a bad loss), and what keeps a long run's good work (docs/long-runs.md):
+bad steps (a non-finite loss, or a spike above ``SPIKE_FACTOR`` x the running median), checkpoints
+that are never written with a non-finite value and are marked bad after a divergence, retention that
+counts good checkpoints only, the one-line stop and interrupt.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 import os
 import random
+import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -16,7 +23,7 @@ import torch
 
 from .. import dispatch
 from .._checks import check_count
-from . import checkpoints, distributed
+from . import checkpoints, distributed, run_lock
 
 
 @dataclass
@@ -58,7 +65,20 @@ def check_options(options: RunOptions) -> None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had a NaN/inf loss."""
+    """The run diverged: too many optimizer steps in a row had a bad loss (NaN/inf or a spike), or the
+    model/optimizer state holds a non-finite value at a checkpoint."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says the step and the checkpoint to resume from."""
+
+
+# A loss above SPIKE_FACTOR x the median of the last SPIKE_WINDOW good losses is a spike (a bad step, like a
+# NaN): a healthy SimMIM L1 or fine-tuning cross-entropy never jumps 10x. It is judged once SPIKE_MIN_HISTORY
+# good losses are known (the window is saved in checkpoints, so a resumed run judges its first step).
+SPIKE_FACTOR = 10.0
+SPIKE_WINDOW = 100
+SPIKE_MIN_HISTORY = 10
 
 
 def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
@@ -111,10 +131,22 @@ def kernel_backend(spec: Optional[str]):
 
 
 class TrainingSteps:
-    """The batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``), ``runtime``,
+    """The run, batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``,
+    ``keep_last``, ``max_nonfinite``), ``output``, ``runtime``,
     ``model`` (unwrapped), ``train_model`` (DDP/FSDP/compiled), ``optimizer``, ``scaler`` (or None),
     ``schedule``, ``step``, ``clip_grad``, ``device``, ``amp_dtype``, ``loader`` (an ``EpochSampler``'s),
-    ``accumulation``, ``epoch`` and ``samples_into_epoch``."""
+    ``accumulation``, ``epoch`` and ``samples_into_epoch``, and defines ``resume()`` and ``_train()``."""
+
+    def run(self) -> Dict[str, Any]:
+        """Train to the last step (``_train``) from where ``resume`` puts the run; returns its summary.
+        The folder's lock first: a second run is refused before it reads a checkpoint this one may be
+        replacing, and a checkpoint that cannot be continued leaves no trace (run_lock removes a new folder)."""
+        with run_lock.holding(self.output, self.runtime.is_main):
+            self.resume()
+            try:
+                return self._train()
+            except KeyboardInterrupt:
+                raise self.interrupted() from None
 
     def _batches(self):
         """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
@@ -142,20 +174,121 @@ class TrainingSteps:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def restore_progress(self, state: Mapping[str, Any]) -> None:
+    # ---- divergence: bad steps, checkpoints good and bad ---------------------------------------------
+
+    def start_health(self) -> None:
+        """The divergence state of a fresh run (``restore_progress`` overwrites what a checkpoint holds)."""
+        self.nonfinite_skipped = 0  # bad steps in all (the name predates spikes; checkpoints keep it)
+        self.recent_losses: collections.deque = collections.deque(maxlen=SPIKE_WINDOW)
+        self.consecutive_bad = 0
+        self.bad_since: Optional[int] = None  # the first bad step of the current streak
+        self.unconfirmed: Optional[Path] = None  # the checkpoint written at the step before the next judged one
+        self.last_good: Optional[Path] = None
+
+    def spike_threshold(self) -> float:
+        if len(self.recent_losses) < SPIKE_MIN_HISTORY:
+            return math.inf
+        return SPIKE_FACTOR * statistics.median(self.recent_losses)
+
+    def bad_loss_reason(self, loss: float) -> Optional[str]:
+        """Why ``loss`` makes its step bad, or None."""
+        if not math.isfinite(loss):
+            return f"non-finite loss ({loss})"
+        if loss > self.spike_threshold():
+            return (f"loss spike ({loss:.4g} > {SPIKE_FACTOR:g} x the median {statistics.median(self.recent_losses):.4g} "
+                    f"of the last {len(self.recent_losses)} losses)")
+        return None
+
+    def judge_step(self, step: int, loss: float, skipped: bool, monitor) -> Optional[str]:
+        """Record step ``step``'s loss; returns why the step is bad (its update was skipped), or None. A bad
+        step right after a checkpoint marks that checkpoint bad (its weights gave the bad loss); a good one
+        confirms it and applies retention."""
+        reason = self.bad_loss_reason(loss) or ("loss over the spike threshold" if skipped else None)
+        if self.unconfirmed is not None:
+            if reason is None:
+                self.last_good = self.unconfirmed
+            else:
+                marked = checkpoints.mark_bad(self.unconfirmed)
+                monitor.message(f"step {step}: {reason}; the checkpoint before it is marked bad: {marked.name}")
+            self.unconfirmed = None
+            if self.runtime.is_main:
+                checkpoints.keep_last(self.output, self.options.keep_last)
+        if reason is None:
+            self.recent_losses.append(loss)
+            self.consecutive_bad, self.bad_since = 0, None
+            return None
+        self.nonfinite_skipped += 1
+        self.consecutive_bad += 1
+        if self.bad_since is None:
+            self.bad_since = step
+        monitor.message(f"step {step}: {reason}, update {'not ' if self.runtime.is_xla else ''}skipped "
+                        f"({self.consecutive_bad} in a row, {self.nonfinite_skipped} in all)")
+        return reason
+
+    def stop_if_diverged(self, step: int, reason: Optional[str]) -> None:
+        """``max_nonfinite`` bad steps in a row (one on XLA, which cannot skip the update without a host sync
+        per step) stop the run with one line naming the last good checkpoint."""
+        if reason is not None and (self.runtime.is_xla or self.consecutive_bad >= self.options.max_nonfinite):
+            raise NonFiniteLossError(
+                f"step {step}: {self.consecutive_bad} optimizer step(s) in a row had a bad loss since step "
+                f"{self.bad_since} (last: {reason}); stopping. {self.last_good_sentence()} Lower TRAIN.BASE_LR, "
+                "use --amp bf16 instead of fp16, or check the data.")
+
+    def last_good_sentence(self) -> str:
+        if self.last_good is not None:
+            return f"The last good checkpoint is {self.last_good}."
+        return "There is no good checkpoint of this run."
+
+    def write_checkpoint(self, state: Dict[str, Any], kind: str) -> Path:
+        """Rank 0: write ``state`` (device tensors; copied to the CPU here) as the checkpoint of this step,
+        unless it holds a non-finite value (checked where the tensors are, one host read): then the run
+        stops. Written during a bad streak it is marked bad by its name; else it is confirmed (and
+        retention applied) by the next step's loss."""
+        if not checkpoints.all_finite(state["model"], state["optimizer"]):
+            raise NonFiniteLossError(f"step {self.step}: the model or optimizer state holds a non-finite value; "
+                                     f"no checkpoint written, stopping. {self.last_good_sentence()}")
+        bad = self.bad_since is not None
+        path = (checkpoints.bad_checkpoint_path if bad else checkpoints.checkpoint_path)(self.output, self.step)
+        checkpoints.save_checkpoint(path, {**checkpoints.to_cpu(state), "recent_losses": list(self.recent_losses)},
+                                    kind=kind)
+        if bad:
+            checkpoints.keep_last(self.output, self.options.keep_last)
+        else:
+            self.unconfirmed = path
+        return path
+
+    def confirm_last_checkpoint(self) -> None:
+        """At the end of a run: the last checkpoint has no next step to judge it; it stands as written."""
+        if self.unconfirmed is not None:
+            self.last_good, self.unconfirmed = self.unconfirmed, None
+            checkpoints.keep_last(self.output, self.options.keep_last)
+
+    def interrupted(self) -> RunInterrupted:
+        """The one line of a Ctrl-C: the step, and the checkpoint --resume auto takes."""
+        good = checkpoints.list_checkpoints(self.output)
+        newest = good[-1] if good else None
+        where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written"
+        return RunInterrupted(f"interrupted at step {self.step}; no checkpoint is written on interrupt: {where}"
+                              + (" (--resume auto continues from it)" if newest else ""))
+
+    def restore_progress(self, state: Mapping[str, Any], path: Path) -> None:
         """What a resumed run takes back besides weights and optimizer: the loss scaler, the position in
-        the data, the skipped-step count, and this rank's random state (last: nothing draws after it)."""
+        the data, the bad-step count and loss window, and this rank's random state (last: nothing draws
+        after it)."""
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.samples_into_epoch = state["data"]["samples_into_epoch"]
         self.nonfinite_skipped = state["nonfinite_skipped"]
+        self.recent_losses.extend(state.get("recent_losses", []))  # absent from older checkpoints
+        if checkpoints.CHECKPOINT_PATTERN.match(path.name):
+            self.last_good = path
         saved_rng = state["rng"]
         checkpoints.restore_rng(saved_rng[self.runtime.rank % len(saved_rng)], self.device)
 
     def optimizer_step(self, batches, loss_of: Callable[[Any], torch.Tensor]) -> Dict[str, Any]:
         """Forward/backward of ``loss_of(batch)`` over the micro-batches, then the update unless the loss is
-        non-finite. Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``)."""
+        bad (non-finite, or a spike). Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``)."""
         lr = self.schedule.apply(self.optimizer, self.step)
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(batches):
@@ -165,7 +298,9 @@ class TrainingSteps:
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
         step_loss = distributed.mean_across(loss_sum / len(batches), self.runtime)
-        if not self.runtime.is_xla and not torch.isfinite(step_loss):
+        # A bad loss (docs/long-runs.md) skips the update; XLA cannot branch on it without a host sync per
+        # step, so there judge_step stops the run when the loss is read.
+        if not self.runtime.is_xla and not bool(torch.isfinite(step_loss) & (step_loss <= self.spike_threshold())):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:  # an fp16 overflow is the usual cause: back the scale off
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())

@@ -1,7 +1,8 @@
 """``simmim-fast pretrain``: the original SimMIM pretraining recipe on one device or under torchrun.
 
 One optimizer step = ``accumulation steps`` micro-batches of ``batch size`` images per process. The
-step's loss is the mean over micro-batches and processes; a non-finite one skips the step.
+step's loss is the mean over micro-batches and processes; a bad one (non-finite, or a spike) skips the
+step (docs/long-runs.md).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.utils.checkpoint
 
 from .. import tuning
 from .._checks import check_count, check_writable_folder
+from ..checkpoint import fitting_state_dict
 from ..config import build_simmim
 from ..masking import MaskGenerator
 from ..models.convnext import Block as ConvNeXtBlock
@@ -26,7 +28,7 @@ from . import checkpoints, distributed, pictures
 from .configs import build_config
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
-from .engine import (NonFiniteLossError, RunOptions, TrainingSteps, check_options, kernel_backend, resolve_amp,
+from .engine import (RunOptions, TrainingSteps, check_options, kernel_backend, resolve_amp,
                      seed_everything, xla_sync)
 from .gpu_decode import GpuJpegCrop, resolve_decode
 from .monitor import Monitor
@@ -143,7 +145,7 @@ class Pretraining(TrainingSteps):
         self.step = 0
         self.epoch = 0
         self.samples_into_epoch = 0  # global count, all processes
-        self.nonfinite_skipped = 0
+        self.start_health()
         self.unreadable: set = set()
         self.history: Dict[str, List] = {"step": [], "loss": []}
 
@@ -161,7 +163,8 @@ class Pretraining(TrainingSteps):
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def _state_dicts(self):
-        """(model, optimizer) state dicts on the CPU; with FSDP gathered in full (all ranks take part)."""
+        """(model, optimizer) state dicts, on the device; with FSDP gathered in full on the CPU (all ranks
+        take part)."""
         if self.options.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                                  get_optimizer_state_dict)
@@ -169,7 +172,7 @@ class Pretraining(TrainingSteps):
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return (get_model_state_dict(self.model, options=full),
                     get_optimizer_state_dict(self.model, self.optimizer, options=full))
-        return checkpoints.to_cpu(self.model.state_dict()), checkpoints.to_cpu(self.optimizer.state_dict())
+        return self.model.state_dict(), self.optimizer.state_dict()
 
     def save(self) -> Optional[Path]:
         """Rank 0 writes; every rank takes part (RNG states, unreadable files, FSDP's gathered weights)."""
@@ -180,16 +183,14 @@ class Pretraining(TrainingSteps):
         model_state, optimizer_state = self._state_dicts()
         if not self.runtime.is_main:
             return None
-        path = checkpoints.save_checkpoint(checkpoints.checkpoint_path(self.output, self.step), {
+        return self.write_checkpoint({
             "model": model_state, "optimizer": optimizer_state, "lr_scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch, "step": self.step, "config": self.config.to_dict(),
             "data": {"epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch, "seed": self.config.SEED,
                      "world_size": self.runtime.world_size, "images_per_step": self.images_per_step},
             "rng": rng, "nonfinite_skipped": self.nonfinite_skipped, "unreadable": sorted(self.unreadable),
-            "history": self.history})
-        checkpoints.keep_last(self.output, self.options.keep_last)
-        return path
+            "history": self.history}, kind=checkpoints.CHECKPOINT_FORMAT)
 
     def resume(self) -> Optional[Path]:
         # As the original: with TRAIN.AUTO_RESUME (on by default) a run continues from its output folder.
@@ -203,14 +204,13 @@ class Pretraining(TrainingSteps):
                                                                  set_optimizer_state_dict)
 
             full = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, state["model"], options=full)
+            set_model_state_dict(self.model, fitting_state_dict(self.model, state["model"], path), options=full)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
         else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            checkpoints.restore_training_state(self.model, self.optimizer, state, path)
         self.unreadable = set(state["unreadable"])
         self.history = {key: list(values) for key, values in state["history"].items()}
-        self.restore_progress(state)
+        self.restore_progress(state, path)
         exact = state["data"]["world_size"] == self.runtime.world_size and \
             state["data"]["images_per_step"] == self.images_per_step
         if self.runtime.is_main:
@@ -281,15 +281,12 @@ class Pretraining(TrainingSteps):
             pictures.save_loss_curve(self.history["step"], self.history["loss"], self.output / "loss_curve.png")
         return path
 
-    def run(self) -> Dict[str, Any]:
-        self.resume()  # before anything is written: a checkpoint that cannot be continued leaves no trace
+    def _train(self) -> Dict[str, Any]:
         if self.runtime.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
             checkpoints.remove_partial_writes(self.output)
         monitor = Monitor(self.output, self.total_steps, self.step, self.device, enabled=self.runtime.is_main)
         monitor.message(self.describe())
         picture_batch = pictures.picture_batch(self.dataset, self.options.picture_count, self.mask_generator)
-        consecutive_nonfinite = 0
         batches = self._batches()
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         first_window = True
@@ -310,7 +307,9 @@ class Pretraining(TrainingSteps):
                 window_steps += 1
                 result.update(step=self.step, epoch=self.epoch)
                 pending.append(result)
-                if self.runtime.is_xla and self.step % self.log_every and self.step < self.total_steps:
+                saving = self.step % self.save_every == 0 or self.step == self.total_steps
+                # Every step is judged before a checkpoint is written (XLA reads its losses then, too).
+                if self.runtime.is_xla and self.step % self.log_every and not saving:
                     monitor.advance(self.step)
                 else:
                     elapsed = time.perf_counter() - window_start
@@ -320,48 +319,41 @@ class Pretraining(TrainingSteps):
                         monitor.record_data_wait(window_wait, elapsed, self.step)
                     first_window = False
                     for row in pending:
-                        consecutive_nonfinite = self._log(row, rate, monitor, consecutive_nonfinite)
+                        self._log(row, rate, monitor)
                     pending.clear()
                     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-                if self.step % self.save_every == 0 or self.step == self.total_steps:
+                if saving:
                     self.save()
                 if self.step % self.picture_every == 0 or self.step == self.total_steps:
                     last_picture = self._pictures(picture_batch) or last_picture
         finally:
             monitor.close()
+        self.confirm_last_checkpoint()
         self._gather_unreadable()
         return self._finish(last_picture)
 
-    def _log(self, result: Dict[str, Any], rate: float, monitor: Monitor, consecutive: int) -> int:
+    def _log(self, result: Dict[str, Any], rate: float, monitor: Monitor) -> None:
         loss = float(result["loss"])
-        if result["skipped"] or not math.isfinite(loss):
-            self.nonfinite_skipped += 1
-            consecutive += 1
-            monitor.message(f"step {result['step']}: non-finite loss ({loss}), update skipped "
-                            f"({consecutive} in a row, {self.nonfinite_skipped} in all)")
-            if self.runtime.is_xla:
-                raise NonFiniteLossError(f"step {result['step']}: non-finite loss on XLA, where the update is not "
-                                         "skipped (that would need a host sync per step); lower the LR or use --amp bf16")
-            if consecutive >= self.options.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{consecutive} optimizer steps in a row had a non-finite loss (last at step {result['step']}); "
-                    "stopping. Lower TRAIN.BASE_LR, use --amp bf16 instead of fp16, or check the data.")
-            return consecutive
-        self.history["step"].append(result["step"])
-        self.history["loss"].append(loss)
+        bad = self.judge_step(result["step"], loss, result["skipped"], monitor)
         row = {"step": result["step"], "epoch": result["epoch"], "loss": loss, "lr": result["lr"],
-               "grad_norm": float(result["grad_norm"]), "images_per_s": rate, "time": time.time(),
-               "nonfinite_skipped": self.nonfinite_skipped, "unreadable_files": len(self.unreadable),
-               "data_wait_fraction": self.data_wait_fraction}
+               "grad_norm": None if result["grad_norm"] is None else float(result["grad_norm"]),
+               "images_per_s": rate, "time": time.time(), "nonfinite_skipped": self.nonfinite_skipped,
+               "unreadable_files": len(self.unreadable), "data_wait_fraction": self.data_wait_fraction}
         if self.scaler is not None:
             row["loss_scale"] = self.scaler.get_scale()
+        if bad:
+            row["bad"] = bad
         on_schedule = result["step"] % self.log_every == 0
         monitor.step(row, with_device_stats=on_schedule)
+        self.stop_if_diverged(result["step"], bad)
+        if bad:
+            return
+        self.history["step"].append(result["step"])
+        self.history["loss"].append(loss)
         if on_schedule and not sys.stderr.isatty():
             monitor.message(f"step {row['step']}/{self.total_steps} epoch {row['epoch']} loss {loss:.4f} "
                             f"lr {row['lr']:.3e} grad_norm {row['grad_norm']:.3f} {rate:.1f} img/s "
                             f"data wait {self.data_wait_fraction:.0%}")
-        return 0
 
     def describe(self) -> str:
         config = self.config
@@ -387,7 +379,7 @@ class Pretraining(TrainingSteps):
                 examples = ", ".join(self.dataset.source.describe(i) for i in sorted(self.unreadable)[:3])
                 lines.append(f"skipped {len(self.unreadable)} unreadable image file(s), e.g. {examples}")
             if self.nonfinite_skipped:
-                lines.append(f"skipped {self.nonfinite_skipped} step(s) with a non-finite loss")
+                lines.append(f"skipped {self.nonfinite_skipped} step(s) with a bad loss (non-finite or a spike)")
             if last_picture is not None:
                 lines.append(f"pictures: {last_picture} (and {self.output / 'pictures'}/), "
                              f"loss curve: {summary['loss_curve']}")

@@ -3,6 +3,7 @@ is installed, and GPU utilisation / memory / power from NVML on CUDA. Rank 0 onl
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict
@@ -117,7 +118,7 @@ class Monitor:
         """A resumed run logs again the steps after its checkpoint: drop the old rows for them."""
         if self.log_path.exists():
             kept = [row for row in read_log(self.log_path) if row["step"] <= step]
-            self.log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            self.log_path.write_text("".join(json_text(row) + "\n" for row in kept))
 
     @staticmethod
     def _tensorboard(output: Path):
@@ -133,7 +134,7 @@ class Monitor:
             return
         if with_device_stats:
             row.update(self.gpu.read())
-        self.log_file.write(json.dumps(row) + "\n")
+        self.log_file.write(json_text(row) + "\n")
         self.log_file.flush()
         if self.tensorboard is not None:
             for key, value in row.items():
@@ -167,6 +168,23 @@ class Monitor:
         self.log_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN and +-inf float as None: JSON has no such numbers (Python would write the
+    invalid tokens NaN/Infinity), so every JSON file simmim-fast writes says null for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_text(value: Any, **dumps_options) -> str:
+    """``json.dumps`` of ``json_safe(value)``: always valid JSON (NaN/inf as null)."""
+    return json.dumps(json_safe(value), allow_nan=False, **dumps_options)
 
 
 def read_log(path: Path):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..checkpoint import write_atomic
 from .data import denormalize
 from .device_batches import normalize
 
@@ -54,12 +55,7 @@ def save_grid(panels: torch.Tensor, path: Path, title: str = "") -> Path:
         for column in range(columns):
             tile = Image.fromarray(pixels[row, column]).resize((tile_w, tile_h), Image.NEAREST)
             canvas.paste(tile, (GAP + column * (tile_w + GAP), header + GAP + row * (tile_h + GAP)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    canvas.save(temp, format="PNG")
-    temp.replace(path)
-    return path
+    return write_atomic(path, lambda file: canvas.save(file, format="PNG"))
 
 
 def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path) -> Path:
@@ -81,10 +77,10 @@ def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path) -
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    try:
+        return write_atomic(path, lambda file: figure.savefig(file, format="png"))
+    finally:
+        plt.close(figure)
 
 
 PICTURE_EPOCH = 2 ** 31 - 1  # an epoch number training never reaches: picture samples are their own

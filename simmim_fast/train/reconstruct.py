@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from .._checks import check_count, check_writable_folder
-from ..checkpoint import load_checkpoint, state_dict_of
+from ..checkpoint import CheckpointReadError, fitting_state_dict, load_checkpoint, state_dict_of
 from ..config import build_simmim, get_config, merge
 from ..masking import MaskGenerator
+from . import checkpoints
 from .configs import build_config
 from .data import UNREADABLE_ERRORS, as_rgb, center_view, find_images
 from .pictures import reconstruction_panels, save_grid
@@ -34,12 +35,17 @@ def reconstruct_images(checkpoint: str, images: str, out: str, count: int = 8, s
     except RuntimeError as error:
         raise ValueError(f"--device {device!r} is not a device ({str(error).splitlines()[0]})") from None
     image_paths = find_images(images)  # a wrong folder fails before the model is built
+    given_config = build_config(preset, config_file) if preset or config_file else None
     state = load_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
-    if not (preset or config_file) and not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+    weights = state_dict_of(state, checkpoint)  # the file holds weights at all, before any model is built
+    if isinstance(state, dict) and state.get("format") == checkpoints.FINETUNE_FORMAT:
+        raise CheckpointReadError(f"{checkpoint} is {checkpoints.FORMAT_DESCRIPTIONS[checkpoints.FINETUNE_FORMAT][0]}: "
+                                  "a classifier without SimMIM's decoder, it cannot reconstruct; give a pretraining one")
+    if given_config is None and not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
         raise ValueError(f"{checkpoint} has no simmim-fast config; give --preset or --config for its model")
-    config = build_config(preset, config_file) if preset or config_file else merge(get_config(), state["config"])
+    config = given_config or merge(get_config(), state["config"])
     model = build_simmim(config)
-    model.load_state_dict(state_dict_of(state))
+    model.load_state_dict(fitting_state_dict(model, weights, checkpoint))
     model.to(device)
 
     pictures = []
