@@ -70,7 +70,14 @@ def test_smoke_run_writes_every_file_with_the_expected_columns(smoke_results):
     assert "triton" in skipped and skipped["triton"]
 
     assert {(row["model"], row["provider"]) for row in e2e_rows if row["status"] == "ok"} == {
-        (model, provider) for model in ("vit-tiny", "swin-tiny") for provider in ("reference", "simmim_fast")}
+        (model, provider) for model in ("vit-tiny", "swin-tiny")
+        for provider in ("reference", "simmim_fast", "transformers")} | {("vit-tiny", "transformers-beit")}
+    # What users run instead, at the same shapes: our model's ratio to it is reported.
+    ours = {row["model"]: row for row in e2e_rows if row["provider"] == "simmim_fast"}
+    assert all(float(row["speedup_vs_transformers"]) > 0 for row in ours.values())
+    backends = {row["model"]: row["backends"] for row in e2e_rows if row["provider"] == "transformers"}
+    assert backends == {"vit-tiny": "transformers ViTForMaskedImageModeling (sdpa attention)",
+                        "swin-tiny": "transformers SwinForMaskedImageModeling (eager attention)"}
     assert all(float(row["images_per_s"]) > 0 and float(row["forward_gflops_per_image"]) > 0 for row in e2e_rows)
 
     results = json.loads((out / "results.json").read_text())
