@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -117,12 +118,19 @@ class CompileLog(list):
     def __init__(self):
         super().__init__()
         self.launches: List[Launch] = []
-        self.compile_seconds = 0.0  # spent in Triton's compiler (and ptxas) for the new specialisations
+        self.compile_seconds = 0.0  # wall seconds in Triton's compiler (and ptxas) for the new specialisations
+        self.compile_cpu_seconds = 0.0  # CPU seconds of the same: this process's and its children's (ptxas)
 
 
 def _grid(grid, arguments) -> Tuple[int, int, int]:
     grid = tuple(grid(arguments) if callable(grid) else grid)
     return tuple(int(size) for size in grid) + (1,) * (3 - len(grid))
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (Triton runs ptxas as one)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def launch_key(function: JITFunction, args, kwargs) -> tuple:
@@ -155,11 +163,12 @@ def compile_only(capability: int = 90, every_config: bool = True, read_resources
         if select is not None and not select(launch_key(self, args, kwargs)):
             log.launches.append(Launch(self.__name__, _grid(grid, arguments), arguments, None))
             return None
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), _cpu_seconds()
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         touched.add(self)
         if id(kernel) not in compiled_before:  # a new specialisation: Triton compiled it for this launch
             log.compile_seconds += time.perf_counter() - started
+            log.compile_cpu_seconds += _cpu_seconds() - cpu_started
             compiled_before.add(id(kernel))
             log.append(_resources(kernel) if read_resources else None)
         log.launches.append(Launch(kernel.metadata.name, _grid(grid, arguments), arguments, kernel))
