@@ -1,9 +1,12 @@
 """End-to-end SimMIM training steps: forward (bf16 autocast on CUDA), backward, fused AdamW step.
 
 Providers: the model on the plain ops (what the original code runs), torch.compile of that, the
-model on simmim_fast's automatic dispatch (on CUDA tuned first, as pretrain does: ``tune_s``), and
-torch.compile of that. Images/s, MFU against the matmul rate measured in the same run, peak memory,
-and NVML telemetry per provider.
+model on simmim_fast's automatic dispatch (on CUDA tuned first, as pretrain does: ``tune_s``; the
+compiled provider tunes against Inductor's ops, ``tune(compiled=True)``), torch.compile of that, and
+what users pick instead of us: Hugging Face transformers' masked-image-modeling models at the nearest
+configuration (benchmarks/transformers_models.py), eager and compiled. Images/s, MFU against the
+matmul rate measured in the same run (every provider credited with our model's FLOPs at that shape),
+peak memory, and NVML telemetry per provider.
 """
 from __future__ import annotations
 
@@ -24,14 +27,30 @@ from .flops import simmim_forward_flops, training_step_flops
 from .report import error_reason
 from .telemetry import Telemetry
 from .timing import TimingPlan, benchmark
+from .transformers_models import TransformersSimMIM, model_class_name
 
-# provider -> (backend spec for use_backend, compiled?)
+# provider -> (backend spec for use_backend, compiled?); the transformers providers run no op of ours
 PROVIDERS: Dict[str, Tuple[Optional[str], bool]] = {
     "reference": ("reference", False),
     "simmim_fast": (None, False),
+    "transformers": ("reference", False),
+    "transformers-beit": ("reference", False),
     "compile": ("reference", True),
     "simmim_fast+compile": (None, True),
+    "transformers+compile": ("reference", True),
 }
+
+
+def transformers_provider(provider: str) -> Optional[str]:
+    """'transformers' for 'transformers+compile', the provider itself for the others of that family, else None."""
+    family = provider.split("+")[0]
+    return family if family.startswith("transformers") else None
+
+
+def applies(provider: str, preset: str) -> bool:
+    """Whether ``provider`` has a model for ``preset`` (transformers has no BEiT Swin)."""
+    family = transformers_provider(provider)
+    return family is None or model_class_name(family, preset) is not None
 GPU_MODELS = {"vit-b16-224": "vit-base-224", "swin-b-192-w6": "swin-base-192-w6"}
 CPU_MODELS = {"vit-tiny": "vit-tiny", "swin-tiny": "swin-tiny"}
 GPU_BATCHES = (64, 128)
@@ -103,11 +122,13 @@ def measure_training(model_name: str, preset: str, batch: int, provider: str, de
                      plan: TimingPlan, ceilings: Ceilings) -> Dict[str, object]:
     spec, compiled = PROVIDERS[provider]
     torch.manual_seed(0)  # every provider trains the same initial weights
-    model = build_simmim(preset).to(device).train()
+    model = build_simmim(preset).train()  # ours: also the FLOP count every provider is credited with
+    family = transformers_provider(provider)
+    trained = (TransformersSimMIM(model_class_name(family, preset), preset) if family else model).to(device).train()
     image_size = get_config(preset).DATA.IMG_SIZE
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.05,
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=LEARNING_RATE, weight_decay=0.05,
                                   fused=device.type == "cuda")
-    runnable = torch.compile(model) if compiled else model
+    runnable = torch.compile(trained) if compiled else trained
     step = training_step(runnable, optimizer, device)
     inputs = [_batch_inputs(preset, batch, device, seed) for seed in range(INPUT_SETS)]
     calls = [lambda images=images, masks=masks: step(images, masks) for images, masks in inputs]
@@ -118,7 +139,7 @@ def measure_training(model_name: str, preset: str, batch: int, provider: str, de
         # these shapes (as pretrain does before its first step), so its cost stays out of the first step.
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            tune(model, *inputs[0])
+            tune(model, *inputs[0], compiled=compiled)
         tune_s = time.perf_counter() - started
     with use_backend(spec):
         # The first step includes torch.compile's compile time. Eager steps also say which backend
@@ -144,7 +165,8 @@ def measure_training(model_name: str, preset: str, batch: int, provider: str, de
         mfu_vs_datasheet=None if datasheet_tflops is None else achieved_tflops / datasheet_tflops,
         peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         first_step_s=first_step_s, tune_s=tune_s, first_loss=loss,
-        backends=", ".join(f"{op}:{'/'.join(sorted(names))}" for op, names in sorted(choices.items())))
+        backends=(f"transformers {type(trained.model).__name__} ({trained.attention} attention)" if family else
+                  ", ".join(f"{op}:{'/'.join(sorted(names))}" for op, names in sorted(choices.items()))))
     row.update(telemetry.summary())
     return row
 
@@ -168,7 +190,7 @@ def run_e2e_suite(device: torch.device, plan: E2EPlan, ceilings: Ceilings, provi
     for compiled in (False, True):
         for batch in plan.batches:
             for model_name, preset in plan.models.items():
-                for provider in (name for name in chosen if PROVIDERS[name][1] == compiled):
+                for provider in (name for name in chosen if PROVIDERS[name][1] == compiled and applies(name, preset)):
                     rows.append(_measure_or_record(model_name, preset, batch, provider, device, plan, ceilings,
                                                    deadline, log))
                     after_each(rows)

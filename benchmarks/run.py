@@ -12,6 +12,7 @@ more than 5% slower than in OLD_DIR and exits 1 if there is any.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from .timing import TimingPlan
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ALL_PROVIDERS = tuple(dict.fromkeys(kernels.PROVIDERS + tuple(e2e.PROVIDERS)))
-COMPILED_PROVIDERS = ("compile", "simmim_fast+compile")
+COMPILED_PROVIDERS = tuple(name for name, (_, compiled) in e2e.PROVIDERS.items() if compiled)
 # A cold torch.compile of these graphs took 30-80 s on the 2-core CI machine (measured), more than a
 # smoke run may take: --smoke leaves the compiled providers out unless --providers names them.
 SMOKE_LEAVES_OUT = "compile providers left out of --smoke: a cold torch.compile takes > 30 s on a 2-core CPU"
@@ -51,6 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--kernel-budget-s", type=float, default=float("inf"),
                         help="stop starting kernel measurements after this long (the rest are recorded as skipped)")
     parser.add_argument("--e2e-budget-s", type=float, default=float("inf"), help="the same for the e2e suite")
+    parser.add_argument("--e2e-batches", type=int, nargs="+", help="e2e suite: only these batch sizes (default: "
+                        f"{' '.join(map(str, e2e.GPU_BATCHES))} on CUDA, {' '.join(map(str, e2e.CPU_BATCHES))} on the CPU)")
     parser.add_argument("--out", type=Path, help="results folder (default: see above)")
     parser.add_argument("--data-folder", type=Path, help="data suite: a folder of JPEGs (default: a generated "
                                                         "ImageNet-like one, kept under runs/benchmarks-data/)")
@@ -128,7 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.suite in ("e2e", "all"):
         print("e2e suite:")
         deadline = time.monotonic() + args.e2e_budget_s
-        e2e.run_e2e_suite(device, e2e.E2EPlan.for_device(device, args.smoke), ceilings, e2e_providers, deadline,
+        e2e_plan = e2e.E2EPlan.for_device(device, args.smoke)
+        if args.e2e_batches:
+            e2e_plan = dataclasses.replace(e2e_plan, batches=tuple(args.e2e_batches))
+        e2e.run_e2e_suite(device, e2e_plan, ceilings, e2e_providers, deadline,
                           after_each=lambda rows: save("e2e", rows))
     written = write_results(folder, results, kernels.PROVIDERS)
     print(f"results: {folder} ({', '.join(path.name for path in written)})")

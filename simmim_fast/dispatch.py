@@ -39,6 +39,14 @@ DEFAULT_ORDER = ("reference",)
 _local = threading.local()
 # Callbacks that see every op call (the tuner's recording forward); a plain list so Dynamo reads it.
 _recorders: List[Callable[[str, Dict[str, object]], None]] = []
+# What measures an unmeasured signature at its first eager call: simmim_fast.tuning.tune_lazily, which
+# registers itself (tuning imports this module, never the reverse). It returns a backend name, or None
+# for the untuned default.
+_lazy_tuner: List[Callable[[str, Dict[str, object]], Optional[str]]] = []
+
+
+def set_lazy_tuner(tuner: Callable[[str, Dict[str, object]], Optional[str]]) -> None:
+    _lazy_tuner[:] = [tuner]
 
 
 class BackendError(RuntimeError):
@@ -129,11 +137,9 @@ def select(op: str, args: Mapping[str, object]) -> Backend:
         measured = tuning_table.measured_choice(op, args)
         if measured in names:
             return known[measured]
-        if (not torch.compiler.is_compiling() and not _recorders
+        if (measured is None and _lazy_tuner and not torch.compiler.is_compiling() and not _recorders
                 and tuning_table.lazy_tuning_enabled(tensors_of(args)[0].device.type)):
-            from . import tuning  # imports this module: loaded on first use
-
-            return known[tuning.tune_lazily(op, args)]
+            return known[_lazy_tuner[0](op, dict(args)) or names[0]]
     return known[names[0]]
 
 

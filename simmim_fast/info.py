@@ -83,7 +83,8 @@ def tuning_lines(device: torch.device) -> List[str]:
     for sig, entry in entries.items():
         times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(entry["times_ms"].items(), key=lambda i: i[1]))
         failed = "".join(f"; {name} failed" for name in entry["failures"])
-        lines.append(f"  {sig[0]:<20} -> {entry['backend']:<10} {times}{failed}")
+        choice = entry["backend"] or f"default (tuning failed: {entry.get('failed', '?')})"
+        lines.append(f"  {sig[0]:<20} -> {choice:<10} {times}{failed}")
         lines.append(f"  {'':<20}    at {tuning_table.describe(sig)}")
     return lines
 

@@ -1,10 +1,17 @@
 """The table of measured backend choices that auto mode reads, and its cache on disk.
 
 An entry says which backend won one op at one *signature*: the op, the device type, the autocast
-dtype, every tensor argument's shape, dtype and requires_grad, and the other arguments' values. Entries
-belong to an *environment* (device name, torch and triton versions): each environment is one JSON file
-in the cache folder, so a new GPU or a new torch/triton starts with an empty table rather than trusting
-another's measurements.
+dtype, every tensor argument's shape, dtype, requires_grad and memory layout, the other arguments'
+values, and the settings that change what the same call computes or costs (TF32 for matmuls and cuDNN,
+float32 matmul precision, eager or compiled). Entries belong to an *environment* (device name, torch and
+triton versions): each environment is one JSON file in the cache folder, so a new GPU or a new
+torch/triton starts with an empty table rather than trusting another's measurements.
+
+An entry is a JSON object: ``backend`` (the choice; null when the signature's tuning failed: auto
+then takes its untuned default and the signature is never measured again in that environment),
+``times_ms``, ``failures`` (backend -> why it was not chosen) and, for a failed signature, ``failed``
+(why). Readers ignore keys they do not know, so later fields (e.g. per-kernel launch configurations
+shared across ranks) can be added without a new file format.
 
 Cache folder: ``$SIMMIM_FAST_TUNE_DIR``, else ``$XDG_CACHE_HOME/simmim_fast/tuning``, else
 ``~/.cache/simmim_fast/tuning``. Files are replaced atomically; a corrupt one is ignored with a warning.
@@ -36,7 +43,7 @@ from ._tracing import constant_while_tracing
 
 TUNE_DIR_VAR = "SIMMIM_FAST_TUNE_DIR"
 TUNE_VAR = "SIMMIM_FAST_TUNE"
-FILE_FORMAT = 1
+FILE_FORMAT = 2  # 2: settings and memory layouts in the signature, failed signatures recorded
 # Device types whose first eager call at a new signature is measured (the dispatch's lazy tuning).
 LAZY_DEVICE_TYPES: Tuple[str, ...] = ("cuda",)
 
@@ -44,7 +51,9 @@ LAZY_DEVICE_TYPES: Tuple[str, ...] = ("cuda",)
 PARAMETER_NAMES = {op: tuple(inspect.signature(function).parameters) for op, function in reference.OPS.items()}
 
 Signature = tuple
-Entry = Dict[str, object]  # {"backend": name, "times_ms": {name: ms}, "failures": {name: why}}
+Entry = Dict[str, object]  # {"backend": name | None, "times_ms": {name: ms}, "failures": {name: why}, ...}
+# What lookup() answers for a signature whose tuning failed: no backend name, so auto takes its default.
+UNTUNABLE = "(tuning failed: default)"
 
 _tables: Dict[Path, Dict[Signature, Entry]] = {}  # file -> its entries, read on first use
 _device_names: Dict[Tuple[str, Optional[int]], str] = {}
@@ -55,9 +64,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def signature(op: str, args: Mapping[str, object]) -> Signature:
-    """(op, device type, autocast dtype or '', ((name, shape, dtype, requires_grad) | (name, value), ...)).
+@constant_while_tracing
+def math_settings() -> Tuple[Tuple[str, object], ...]:
+    """The process settings that change an op's float32 matmuls and convolutions (TF32 or not), hence
+    its numerics and its speed: a table measured with TF32 on is not reused with it off."""
+    return (("matmul_tf32", bool(torch.backends.cuda.matmul.allow_tf32)),
+            ("cudnn_tf32", bool(torch.backends.cudnn.allow_tf32)),
+            ("float32_matmul_precision", torch.get_float32_matmul_precision()))
 
+
+def layout(tensor: torch.Tensor) -> str:
+    """'' for a contiguous tensor, 'channels_last' for one, else its strides: kernels read each
+    differently (a view of a fused qkv buffer is not a contiguous q)."""
+    if tensor.is_contiguous():
+        return ""
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strides " + "x".join(map(str, tensor.stride()))
+
+
+def signature(op: str, args: Mapping[str, object], compiled: Optional[bool] = None) -> Signature:
+    """(op, device type, autocast dtype or '', ((name, shape, dtype, requires_grad, layout) | (name, value), ...),
+    (("compiled", bool), *math_settings())).
+
+    ``compiled`` (default: whether torch.compile is tracing now): a compiled model's table is measured
+    against torch.compile's version of the reference, an eager model's against eager PyTorch.
     Plain tuples of constants, built the same way in eager code and while torch.compile traces."""
     device_type = next(value for value in args.values() if isinstance(value, torch.Tensor)).device.type
     autocast = _dtype_name(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else ""
@@ -65,23 +96,29 @@ def signature(op: str, args: Mapping[str, object]) -> Signature:
     for name in PARAMETER_NAMES[op]:
         value = args.get(name)
         if isinstance(value, torch.Tensor):
-            described.append((name, tuple(value.shape), _dtype_name(value.dtype), value.requires_grad))
+            described.append((name, tuple(value.shape), _dtype_name(value.dtype), value.requires_grad, layout(value)))
         else:
             described.append((name, value))
-    return (op, device_type, autocast, tuple(described))
+    compiled = torch.compiler.is_compiling() if compiled is None else compiled
+    return (op, device_type, autocast, tuple(described), (("compiled", bool(compiled)), *math_settings()))
 
 
 def describe(sig: Signature) -> str:
-    """A signature as one short line: 'q 64x12x197x64 float32 grad, ..., scale=None; autocast bfloat16'."""
-    op, device_type, autocast, described = sig
+    """A signature as one short line: 'q 64x12x197x64 float32 grad, ..., scale=None; cuda, autocast bfloat16,
+    eager, matmul_tf32=False, ...'."""
+    op, device_type, autocast, described, settings = sig
     parts = []
     for item in described:
-        if len(item) == 4:
-            name, shape, dtype, requires_grad = item
-            parts.append(f"{name} {'x'.join(map(str, shape))} {dtype}{' grad' if requires_grad else ''}")
+        if len(item) == 5:
+            name, shape, dtype, requires_grad, tensor_layout = item
+            parts.append(f"{name} {'x'.join(map(str, shape))} {dtype}{' grad' if requires_grad else ''}"
+                         f"{' ' + tensor_layout if tensor_layout else ''}")
         elif item[1] is not None:
             parts.append(f"{item[0]}={item[1]}")
-    return f"{', '.join(parts)}; {device_type}, autocast {autocast or 'off'}"
+    named = dict(settings)
+    rest = "".join(f", {key}={value}" for key, value in settings if key != "compiled")
+    return (f"{', '.join(parts)}; {device_type}, autocast {autocast or 'off'}, "
+            f"{'compiled' if named['compiled'] else 'eager'}{rest}")
 
 
 def cache_dir() -> Path:
@@ -168,12 +205,12 @@ def table(device: torch.device) -> Dict[Signature, Entry]:
 def measured_choices(op: str, device_type: str, index: Optional[int]) -> Tuple[Tuple[Signature, str], ...]:
     """(signature, backend) of every measured ``op`` on that device; a constant while torch.compile traces."""
     entries = table(torch.device(device_type, index))
-    return tuple((sig, entry["backend"]) for sig, entry in entries.items() if sig[0] == op)
-
+    return tuple((sig, entry["backend"] or UNTUNABLE) for sig, entry in entries.items() if sig[0] == op)
 
 
 def lookup(device: torch.device, sig: Signature) -> Optional[str]:
-    """The backend measured fastest at exactly this signature on ``device``, or None."""
+    """The backend measured fastest at exactly this signature on ``device``, UNTUNABLE where its tuning
+    failed, or None where it was never measured."""
     for measured, backend in measured_choices(sig[0], device.type, device.index):
         if measured == sig:  # compared, not hashed: under torch.compile the shapes may be symbolic
             return backend

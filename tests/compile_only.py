@@ -22,20 +22,23 @@ import contextlib
 import importlib
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from dataclasses import dataclass, replace
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from unittest import mock
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, compute_cache_key
 
 from benchmarks.kernel_cases import SwinShape, VitShape, recipe_cases
 from simmim_fast import MaskGenerator, build_simmim, dispatch
@@ -115,6 +118,8 @@ class CompileLog(list):
     def __init__(self):
         super().__init__()
         self.launches: List[Launch] = []
+        self.compile_seconds = 0.0  # wall seconds in Triton's compiler (and ptxas) for the new specialisations
+        self.compile_cpu_seconds = 0.0  # CPU seconds of the same: this process's and its children's (ptxas)
 
 
 def _grid(grid, arguments) -> Tuple[int, int, int]:
@@ -122,24 +127,50 @@ def _grid(grid, arguments) -> Tuple[int, int, int]:
     return tuple(int(size) for size in grid) + (1,) * (3 - len(grid))
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (Triton runs ptxas as one)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def launch_key(function: JITFunction, args, kwargs) -> tuple:
+    """Triton's own key of a launch (its specialisation: argument types, alignments, integers equal to 1
+    or divisible by 16, constexprs, options), as JITFunction.run computes it; call it inside compile_only."""
+    kwargs = dict(kwargs, debug=kwargs.get("debug", function.debug) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    _, kernel_key_cache, _, _, binder = function.device_caches[driver.active.get_current_device()]
+    _, specialization, options = binder(*args, **kwargs)
+    return function.__qualname__, compute_cache_key(kernel_key_cache, specialization, options)
+
+
 @contextlib.contextmanager
-def compile_only(capability: int = 90, every_config: bool = True) -> Iterator[CompileLog]:
+def compile_only(capability: int = 90, every_config: bool = True, read_resources: bool = True,
+                 select: Optional[Callable[[tuple], bool]] = None) -> Iterator[CompileLog]:
     """Within it Triton launches compile for ``sm_<capability>`` and run nothing; yields the log the
     compiled kernels' resources and the launches are appended to. Output tensors of launches stay
     uninitialised. An autotuned launch compiles every config its pruning keeps, or with
-    ``every_config=False`` the first one only (the others' launches are logged, not compiled)."""
+    ``every_config=False`` the first one only (the others' launches are logged, not compiled).
+    ``read_resources=False`` skips the cubin's resource report (the log then holds None per compile);
+    ``select(launch_key)`` False: that launch is logged, not compiled (benchmarks/precompile.py splits
+    the compiles of one workload across processes by it)."""
     log = CompileLog()
     touched = set()
     jit_run = JITFunction.run
     compiled_before = set()
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
+        arguments = dict(zip(self.arg_names, args), **kwargs)
+        if select is not None and not select(launch_key(self, args, kwargs)):
+            log.launches.append(Launch(self.__name__, _grid(grid, arguments), arguments, None))
+            return None
+        started, cpu_started = time.perf_counter(), _cpu_seconds()
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         touched.add(self)
         if id(kernel) not in compiled_before:  # a new specialisation: Triton compiled it for this launch
+            log.compile_seconds += time.perf_counter() - started
+            log.compile_cpu_seconds += _cpu_seconds() - cpu_started
             compiled_before.add(id(kernel))
-            log.append(_resources(kernel))
-        arguments = dict(zip(self.arg_names, args), **kwargs)
+            log.append(_resources(kernel) if read_resources else None)
         log.launches.append(Launch(kernel.metadata.name, _grid(grid, arguments), arguments, kernel))
         return kernel
 

@@ -70,7 +70,14 @@ def test_smoke_run_writes_every_file_with_the_expected_columns(smoke_results):
     assert "triton" in skipped and skipped["triton"]
 
     assert {(row["model"], row["provider"]) for row in e2e_rows if row["status"] == "ok"} == {
-        (model, provider) for model in ("vit-tiny", "swin-tiny") for provider in ("reference", "simmim_fast")}
+        (model, provider) for model in ("vit-tiny", "swin-tiny")
+        for provider in ("reference", "simmim_fast", "transformers")} | {("vit-tiny", "transformers-beit")}
+    # What users run instead, at the same shapes: our model's ratio to it is reported.
+    ours = {row["model"]: row for row in e2e_rows if row["provider"] == "simmim_fast"}
+    assert all(float(row["speedup_vs_transformers"]) > 0 for row in ours.values())
+    backends = {row["model"]: row["backends"] for row in e2e_rows if row["provider"] == "transformers"}
+    assert backends == {"vit-tiny": "transformers ViTForMaskedImageModeling (sdpa attention)",
+                        "swin-tiny": "transformers SwinForMaskedImageModeling (eager attention)"}
     assert all(float(row["images_per_s"]) > 0 and float(row["forward_gflops_per_image"]) > 0 for row in e2e_rows)
 
     results = json.loads((out / "results.json").read_text())
@@ -315,3 +322,31 @@ def test_triton_provider_runs_through_the_dispatch():
     triton_rows = [row for row in rows if row["provider"] == "triton"]
     assert len(triton_rows) == 6 and all(row["status"] == "ok" for row in triton_rows), triton_rows
     assert all(row["max_rel_error_vs_reference"] < 1e-5 for row in triton_rows)
+
+
+def test_gpu_budget_table_is_computed_from_counts_and_measured_compile_seconds(tmp_path):
+    """benchmarks/gpu_budget.py: the precompile section from the counted specialisations and the measured
+    seconds per specialisation, the headline from counted rows and tuned signatures; part 1 refused
+    (--check exits 1) when its headline cannot fit one call with MIN_BENCHMARK_S of benchmarks."""
+    from benchmarks import gpu_budget
+
+    measured = dict(specialisations=100, seconds_per_specialisation=2.0, recording_s=4.0)
+    sections = {(s.part, s.name): s for s in gpu_budget.predict(measured, tests_training=10, tests_rest=None)}
+    precompile = sections[(1, "precompile (parallel)")]
+    assert precompile.seconds == gpu_budget.WORKER_START_S + 4.0 + 7 * (2.0 + gpu_budget.GCC_LAUNCHER_S)  # ceil(100/16)
+    assert "100 specialisations" in precompile.how
+    assert (2, "other GPU and kernel tests") not in sections  # not counted: not predicted
+    assert sections[(1, "training numerics tests")].seconds == 10 * gpu_budget.TEST_S
+    e2e = sections[(1, "e2e headline, eager")]
+    # ViT-B: reference, simmim_fast, transformers, transformers-beit; Swin-B: the same but BEiT.
+    assert "7 rows" in e2e.how and e2e.benchmark
+    signatures, candidates = gpu_budget._tune_work(128)
+    assert signatures >= 4 and candidates >= 2 * signatures  # attention, window attention (x stages), losses...
+    kernel_s, e2e_s = gpu_budget.suite_budgets(list(sections.values()), 1)
+    assert kernel_s + e2e_s >= gpu_budget.MIN_BENCHMARK_S
+    text, fits = gpu_budget.table(list(sections.values()))
+    assert fits and "fits" in text
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(dict(measured, seconds_per_specialisation=60.0)))  # 7 x 60 s before any benchmark
+    assert gpu_budget.main(["--precompile-json", str(slow), "--check"]) == 1
+    assert gpu_budget.main(["--precompile-json", str(slow)]) == 0  # the table alone never fails

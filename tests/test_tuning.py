@@ -90,7 +90,10 @@ def install_fakes(monkeypatch, tune_dir, lazy=False):
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", tuple(fake.name for fake in FAKES))
     monkeypatch.setattr(tuning, "clock_for", lambda device: CLOCK)
     monkeypatch.setattr(tuning, "WARMUP_CALLS", 1)  # the fake clock needs no warm-up; fewer calls, faster tests
-    monkeypatch.setattr(tuning, "TIMED_CALLS", 3)
+    monkeypatch.setattr(tuning, "TIMED_SAMPLES", 3)
+    monkeypatch.setattr(tuning, "CALLS_PER_SAMPLE", 2)
+    monkeypatch.setattr(tuning, "_spent", {"seconds": 0.0, "reported": False})
+    monkeypatch.delenv(tuning.BUDGET_VAR, raising=False)
     monkeypatch.setattr(tuning_table, "LAZY_DEVICE_TYPES", ("cpu",) if lazy else ())
     monkeypatch.setitem(tuning_table._lazy_state, "frozen", False)
     monkeypatch.setenv(tuning_table.TUNE_DIR_VAR, str(tune_dir))
@@ -158,14 +161,190 @@ def test_tune_keeps_the_fastest_backend_that_passes_numerics(fakes):
     assert sf.tune(model, images, mask, retune=True).outcomes[0].from_cache is False
 
 
-def test_a_reference_that_cannot_run_leaves_the_signature_untuned(fakes, monkeypatch):
-    def out_of_memory(**args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-    monkeypatch.setitem(reference.OPS, "attention", out_of_memory)
+def _oracle_out_of_memory(monkeypatch):
+    """The reference raises an out-of-memory error in float64 only (the oracle), as a big batch's fp64
+    logits do on a GPU; returns the list of the batch sizes the oracle was tried at."""
+    plain, tried = reference.OPS["attention"], []
+
+    def attention(q, k, v, *rest, **kwargs):
+        if q.dtype == torch.float64:
+            tried.append(q.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return plain(q, k, v, *rest, **kwargs)
+    monkeypatch.setitem(reference.OPS, "attention", attention)
+    return tried
+
+
+def test_a_failing_signature_is_recorded_and_measured_once(monkeypatch, tmp_path, capsys):
+    """Before: nothing was recorded when no backend passed, so every later call tuned again."""
+    install_fakes(monkeypatch, tmp_path, lazy=True)
+    tried = _oracle_out_of_memory(monkeypatch)
+    args = attention_args()
+    for _ in range(5):
+        ops.attention(**args)
+    assert len(tried) == 1 and capsys.readouterr().err.count("could not tune attention") == 1
+    assert set(CALLED) == {"reference"}  # the untuned default ran every call; no candidate was timed
+    entry = tuning_table.table(CPU)[tuning_table.signature("attention", args)]
+    assert entry["backend"] is None and "OutOfMemoryError" in entry["failed"]
+    # In a new process (the table read back from disk), still never measured again.
+    tuning_table.forget()
+    ops.attention(**args)
+    assert len(tried) == 1 and "tune" not in capsys.readouterr().err
+
+
+def test_the_oracle_runs_on_a_slice_of_the_batch(fakes, monkeypatch):
+    """The float64 oracle (and the numerics) see ORACLE_SAMPLES samples; the timed calls the whole batch."""
+    seen = {"float64": set(), "timed": set()}
+    plain = reference.OPS["attention"]
+
+    def attention(q, k, v, *rest, **kwargs):
+        seen["float64" if q.dtype == torch.float64 else "timed"].add(q.shape[0])
+        return plain(q, k, v, *rest, **kwargs)
+    monkeypatch.setitem(reference.OPS, "attention", attention)
+    q, k, v = (torch.randn(6, 2, 7, 16, requires_grad=True) for _ in range(3))
+    outcome = tuning.measure(tuning.Call.capture("attention", dict(q=q, k=k, v=v, bias=None)))
+    assert outcome.backend == "fast" and set(outcome.failures) == {"off_output", "off_grads", "broken"}
+    assert seen["float64"] == {tuning.ORACLE_SAMPLES} and 6 in seen["timed"]
+    # Window attention slices whole images: ORACLE_SAMPLES x the windows per image.
+    windows, tokens = 4, 9
+    q, k, v = (torch.randn(3 * windows, 2, tokens, 8) for _ in range(3))
+    call = tuning.Call.capture("window_attention", dict(q=q, k=k, v=v, bias=torch.randn(2, tokens, tokens),
+                                                        window_mask=torch.zeros(windows, tokens, tokens)))
+    assert call.batch_slice().args["q"].shape[0] == tuning.ORACLE_SAMPLES * windows
+
+
+def test_memory_is_released_after_a_failed_candidate(fakes, monkeypatch):
+    """empty_cache runs once each failed candidate's frames are gone (not inside the except, where the
+    traceback still holds its tensors)."""
+    released = []
+    monkeypatch.setattr(tuning, "_release_memory", lambda device: released.append(len(CALLED)))
     outcome = tuning.measure(tuning.Call.capture("attention", attention_args()))
-    assert outcome.backend is None and not outcome.seconds
-    assert outcome.failures == {"reference (the oracle)": "raised OutOfMemoryError: CUDA out of memory. Tried to "
-                                                          "allocate 9.00 GiB"}
+    assert set(outcome.failures) == {"off_output", "off_grads", "broken"}
+    assert len(released) == 4  # after each of the three failed candidates, and once at the end
+
+
+def test_a_cuda_error_ends_the_process_after_recording_the_signature(fakes, monkeypatch):
+    """A sticky device fault (simulated: torch.AcceleratorError, as CUDA raises it) poisons the context:
+    one line naming the candidate and how to exclude it, the signature recorded as failed first."""
+    def illegal_access(**args):
+        CALLED.append("faulty")
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    faulty = FakeBackend("faulty", 0.1)
+    monkeypatch.setattr(faulty, "implementation", lambda op: illegal_access)
+    monkeypatch.setitem(registered_backends, "faulty", faulty)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("reference", "slow", "faulty", "fast"))
+    model, images, mask = tiny_vit()
+    with pytest.raises(SystemExit) as ended:
+        sf.tune(model, images, mask)
+    line = str(ended.value)
+    assert "\n" not in line and "'faulty'" in line and "illegal memory access" in line
+    assert line.endswith("set SIMMIM_FAST_BACKEND=attention=reference")
+    tuning_table.forget()  # the next run reads it from disk: nothing is measured at that signature
+    (entry,) = tuning_table.table(CPU).values()
+    assert entry["backend"] is None and entry["failed"] == "CUDA error in faulty"
+    CALLED.clear()
+    again = sf.tune(model, images, mask)
+    assert again.outcomes[0].from_cache and "faulty" not in CALLED
+    assert not tuning.is_sticky_device_error(torch.OutOfMemoryError("CUDA out of memory"))
+    assert tuning.is_sticky_device_error(RuntimeError("Triton Error [CUDA]: unspecified launch failure"))
+
+
+def test_the_tuning_budget_stops_measuring(monkeypatch, tmp_path, capsys):
+    install_fakes(monkeypatch, tmp_path, lazy=True)
+    monkeypatch.setenv(tuning.BUDGET_VAR, "0")
+    for tokens in (5, 6, 7):
+        ops.attention(**attention_args(tokens=tokens))
+    assert set(CALLED) == {"reference"} and not list(tmp_path.iterdir())  # nothing measured nor recorded
+    assert capsys.readouterr().err.count(f"tuning budget ({tuning.BUDGET_VAR}=0 s) is spent") == 1
+    model, images, mask = tiny_vit()
+    assert sf.tune(model, images, mask).outcomes == []
+    monkeypatch.setenv(tuning.BUDGET_VAR, "soon")
+    with pytest.raises(ValueError, match="SIMMIM_FAST_TUNE_BUDGET_S must be a number of seconds"):
+        tuning.budget_s()
+
+
+def test_other_ranks_wait_for_rank_0_a_bounded_time():
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    with pytest.raises(RuntimeError, match="rank 3: rank 0 did not finish tuning the kernels within 0 s"):
+        tuning.wait_for_rank_0(store, "ready", 0.2, rank=3)
+    store.set("ready", "1")
+    tuning.wait_for_rank_0(store, "ready", 0.2, rank=3)
+    assert timedelta(seconds=tuning.budget_s() + tuning.RANK_0_WAIT_MARGIN_S) > timedelta(seconds=tuning.budget_s())
+
+
+def test_timing_runs_back_to_back_calls_in_the_inputs_layout(fakes, monkeypatch):
+    """Each sample is CALLS_PER_SAMPLE calls between one start and one elapsed of the clock (a full queue,
+    as in training), on inputs with the strides of the call (q, k, v: views of one fused qkv buffer)."""
+    starts, strides = [], set()
+    monkeypatch.setattr(CLOCK, "start", lambda: starts.append(1) or CLOCK.now)
+    plain = reference.OPS["attention"]
+
+    def attention(q, k, v, *rest, **kwargs):
+        if q.dtype == torch.float32 and q.shape[0] == 4:
+            strides.add(q.stride())
+        return plain(q, k, v, *rest, **kwargs)
+    monkeypatch.setitem(reference.OPS, "attention", attention)
+    qkv = torch.randn(4, 7, 3, 2, 16).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d), as a ViT block splits it
+    q, k, v = (tensor.requires_grad_() for tensor in qkv.unbind(0))
+    call = tuning.Call.capture("attention", dict(q=q, k=k, v=v, bias=None))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("reference", "fast"))
+    call.candidates = ["reference", "fast"]
+    outcome = tuning.measure(call)
+    assert outcome.seconds == {"reference": 10.0, "fast": 2.0}  # per call
+    assert len(starts) == 2 * tuning.TIMED_SAMPLES  # one pair of clock readings per sample, per candidate
+    assert strides == {q.stride()} and not q.is_contiguous()
+
+
+def test_signature_differs_by_tf32_settings_and_memory_format():
+    args = attention_args()
+    base = tuning_table.signature("attention", args)
+    allow_tf32, precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not allow_tf32
+        tf32 = tuning_table.signature("attention", args)
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
+        lower_precision = tuning_table.signature("attention", args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.set_float32_matmul_precision(precision)
+    transposed = dict(args, q=args["q"].transpose(-1, -2).contiguous().transpose(-1, -2))
+    strided = tuning_table.signature("attention", transposed)
+    assert len({base, tf32, lower_precision, strided}) == 4
+    assert tuning_table.signature("attention", args) == base
+    assert "strides" in tuning_table.describe(strided) and "strides" not in tuning_table.describe(base)
+    image = torch.randn(2, 3, 8, 8)
+    embed = dict(image=image, mask=torch.zeros(2, 2, 2), weight=torch.randn(4, 3, 4, 4), bias=None,
+                 mask_token=torch.zeros(1, 1, 4))
+    channels_last = tuning_table.signature("masked_patch_embed", dict(embed, image=image.to(memory_format=torch.channels_last)))
+    assert channels_last != tuning_table.signature("masked_patch_embed", embed)
+    assert "image 2x3x8x8 float32 channels_last" in tuning_table.describe(channels_last)
+    assert tuning_table.signature("attention", args, compiled=True) != base
+
+
+def test_compiled_tuning_compares_each_candidate_compiled(fakes, monkeypatch):
+    """tune(compiled=True): every candidate, the reference included, runs as torch.compile of the op
+    alone; the entries are the compiled model's (an eager model does not read them)."""
+    compiled = []
+
+    def compile_standalone(implementation):
+        def run(**args):
+            compiled.append(CALLED[-1] if CALLED else None)
+            return implementation(**args)
+        compiled.append("compiled")
+        return run
+    monkeypatch.setattr(tuning, "compile_standalone", compile_standalone)
+    model, images, mask = tiny_vit()
+    report = sf.tune(model, images, mask, compiled=True)
+    (outcome,) = report.outcomes
+    assert outcome.backend == "fast" and dict(outcome.signature[4])["compiled"] is True
+    assert compiled.count("compiled") == 6  # each of the six candidates, once
+    eager = sf.tune(model, images, mask)
+    assert not eager.outcomes[0].from_cache  # measured again, eagerly
 
 
 def test_timing_is_warmup_then_median():
@@ -174,7 +353,7 @@ def test_timing_is_warmup_then_median():
 
     def run():
         clock.now += next(costs)
-    assert tuning.median_seconds(run, clock, warmup=2, repeats=5) == 3.0
+    assert tuning.median_seconds(run, clock, warmup=2, samples=5) == 3.0
 
 
 def test_numerics_follow_the_autocast_of_the_call(fakes, monkeypatch):
@@ -246,8 +425,8 @@ def test_while_compiling_the_table_is_used_and_nothing_is_timed(monkeypatch, tmp
     assert set(CALLED) == {"reference"} and "tuned" not in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
-    # With a table entry for the signature, the compiled graph runs the measured backend.
-    tuning_table.record(CPU, tuning_table.signature("attention", args), {"backend": "slow", "times_ms": {},
+    # With a table entry for the signature measured compiled, the compiled graph runs the measured backend.
+    tuning_table.record(CPU, tuning_table.signature("attention", args, compiled=True), {"backend": "slow", "times_ms": {},
                                                                          "failures": {}})
     torch._dynamo.reset()
     CALLED.clear()
@@ -285,7 +464,7 @@ def test_cache_round_trip_and_invalidation(fakes, monkeypatch):
     # A file copied from another environment is refused as such.
     tuning_table.table_path(CPU).write_text(path.read_text())
     tuning_table.forget()
-    with pytest.warns(UserWarning, match="ignoring the tuning cache.*expected format 1 for .*another cpu"):
+    with pytest.warns(UserWarning, match=f"ignoring the tuning cache.*expected format {tuning_table.FILE_FORMAT} for .*another cpu"):
         assert tuning_table.lookup(CPU, sig) is None
 
 
@@ -330,7 +509,8 @@ def test_signature_follows_the_reference_order_shapes_dtypes_grads_and_autocast(
         assert tuning_table.signature("attention", args)[2] == "bfloat16"
     described = tuning_table.describe(tuning_table.signature("attention", args))
     assert described == "q 2x2x7x16 float32 grad, k 2x2x7x16 float32 grad, v 2x2x7x16 float32 grad, " \
-                        "bias 2x7x7 float32 grad, dropout_p=0.0; cpu, autocast off"
+                        "bias 2x7x7 float32 grad, dropout_p=0.0; cpu, autocast off, eager, matmul_tf32=False, " \
+                        "cudnn_tf32=True, float32_matmul_precision=highest"
 
 
 def test_without_a_table_cuda_auto_takes_pytorch_first():

@@ -95,7 +95,8 @@ class Pretraining(TrainingSteps):
             checkpoint_vit_blocks(self.model)
         mask_generator = MaskGenerator.from_config(config, self.model.patch_size)
         # Before DDP/FSDP wrap the model (rank 0 runs it alone) and before torch.compile traces it.
-        tuning.before_training(self.model, runtime, config.DATA.BATCH_SIZE, mask_generator, self.amp_dtype)
+        tuning.before_training(self.model, runtime, config.DATA.BATCH_SIZE, mask_generator, self.amp_dtype,
+                               compiled=options.compile)
         self.train_model = distributed.wrap(self.model, runtime, options.fsdp)
         if options.fsdp:
             from torch.distributed.fsdp import register_fsdp_forward_method
