@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
-from . import dispatch, reference, tolerances, tuning_table
+from . import _checks, dispatch, reference, tolerances, tuning_table
 from .backends import registry, tensors_of
 
 WARMUP_CALLS = 3
@@ -291,6 +291,7 @@ def tune(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, *, cl
     are kept unless ``retune``. ``clock`` (``start()`` / ``elapsed(started)`` in seconds) replaces the
     device's clock.
     """
+    _checks.check_timeable(model, images, mask, warmup, repeats)
     started = time.perf_counter()
     outcomes = []
     for call in record_calls(model, images, mask):
