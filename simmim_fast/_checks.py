@@ -7,6 +7,7 @@ torch.compile traces: on an accelerator it would force a host sync every step.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -36,7 +37,7 @@ def require(condition: bool, message: Union[str, Callable[[], str]]) -> None:
 
 def check_count(name: str, value, minimum: int) -> None:
     """A setting that counts things (steps, images, workers): an int (not a bool) of at least ``minimum``."""
-    require(not isinstance(value, bool) and isinstance(value, int) and value >= minimum,
+    require(not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum,
             lambda: f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -46,6 +47,42 @@ def check_writable_folder(flag: str, folder) -> None:
     existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
     require(existing.is_dir(), lambda: f"{flag} {folder}: {existing} is a file; give a folder (created if missing)")
     require(os.access(existing, os.W_OK | os.X_OK), lambda: f"{flag} {folder}: the folder {existing} is not writable")
+
+
+def usable_device(flag: str, spec: str) -> torch.device:
+    """The device ``spec`` names ('cpu', 'cuda:1'), if this process can compute on it; else a ValueError
+    naming ``flag`` (no traceback from the first tensor moved there)."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError as error:
+        raise ValueError(f"{flag} {spec!r} is not a device ({str(error).splitlines()[0]})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        require(count > 0, lambda: f"{flag} {spec} but torch sees no CUDA device; use {flag} cpu")
+        require(device.index is None or device.index < count,
+                lambda: f"{flag} {spec} but torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    require(device.type != "meta", lambda: f"{flag} meta holds no data; give a device that computes (cpu, cuda)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as error:
+        raise ValueError(f"{flag} {spec}: torch cannot compute there ({str(error).splitlines()[0]})") from None
+    return device
+
+
+def check_timeable(model: torch.nn.Module, images, mask, warmup: Optional[int], repeats: Optional[int]) -> None:
+    """What ``tune()`` can time: tensors holding data (not meta) on the model's device, at least one
+    timed call. The model's own forward checks the rest (shapes, dtypes)."""
+    for name, value in (("images", images), ("mask", mask)):
+        require(isinstance(value, torch.Tensor), lambda: f"tune() needs {name} as a tensor, got {type(value).__name__}")
+        require(value.device.type != "meta", lambda: f"tune() cannot time {name} on the meta device (no data to "
+                                                     "run on); give real tensors on the training device")
+    weight = next(model.parameters(), None)
+    if weight is not None:
+        check_matches_model("images", images, weight, dtype_too=False)
+    if warmup is not None:
+        check_count("warmup", warmup, 0)
+    if repeats is not None:
+        check_count("repeats", repeats, 1)
 
 
 def check_floating(name: str, t: torch.Tensor) -> None:
@@ -80,9 +117,25 @@ def check_token_mask(mask: torch.Tensor, batch: int, grid: Sequence[int], what: 
     check_mask_values(mask)
 
 
-def check_image(image: torch.Tensor, in_chans: int, img_size: Optional[Sequence[int]] = None) -> None:
+def check_matches_model(name: str, t: torch.Tensor, weight: torch.Tensor, dtype_too: bool = True) -> None:
+    """``t`` on the device of the model's ``weight``; with ``dtype_too`` also of its dtype outside
+    autocast (under autocast the ops cast it themselves)."""
+    require(t.device == weight.device,
+            lambda: f"{name} is on {t.device} but the model is on {weight.device}: move one to the other "
+                    f"(e.g. {name}.to(device))")
+    require(not dtype_too or t.dtype == weight.dtype or torch.is_autocast_enabled(t.device.type),
+            lambda: f"{name} is {t.dtype} but the model's weights are {weight.dtype}: outside torch.autocast "
+                    f"they must match (convert the images, or the model, or run under torch.autocast)")
+
+
+def check_image(image: torch.Tensor, in_chans: int, img_size: Optional[Sequence[int]] = None,
+                weight: Optional[torch.Tensor] = None) -> None:
+    """``weight``: the model's first weight, whose device (and, outside autocast, dtype) the image must have."""
     require(image.dim() == 4, lambda: f"image must be (B, C, H, W), got {_shape(image)}")
+    require(image.shape[0] >= 1, lambda: f"image must hold at least one image, got a batch of 0 {_shape(image)}")
     check_floating("image", image)
+    if weight is not None:
+        check_matches_model("image", image, weight)
     require(image.shape[1] == in_chans, lambda: f"image must have {in_chans} channels, got {_shape(image)}")
     if img_size is not None:
         require(
@@ -92,9 +145,11 @@ def check_image(image: torch.Tensor, in_chans: int, img_size: Optional[Sequence[
 
 
 def check_encoder_inputs(image: torch.Tensor, mask: torch.Tensor, in_chans: int, img_size: Sequence[int],
-                         patch_size: Sequence[int]) -> None:
-    """An encoder's forward(x, mask): image (B, in_chans, *img_size), mask (B, H/patch, W/patch)."""
-    check_image(image, in_chans, img_size)
+                         patch_size: Sequence[int], weight: torch.Tensor) -> None:
+    """An encoder's forward(x, mask): image (B, in_chans, *img_size), mask (B, H/patch, W/patch), both on
+    the device of the model's first ``weight`` (the image also of its dtype outside autocast)."""
+    check_image(image, in_chans, img_size, weight)
+    check_matches_model("mask", mask, weight, dtype_too=False)
     grid = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
     check_token_mask(mask, image.shape[0], grid, f"image {tuple(img_size)} / patch {tuple(patch_size)}")
 

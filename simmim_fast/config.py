@@ -9,10 +9,13 @@ is a "type mismatch" error, as in the original's yacs.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
 
 import torch.nn as nn
 
+from ._checks import require
 from .models import SimMIM
 from .models.registry import build_encoder
 
@@ -257,6 +260,118 @@ def get_config(preset: Optional[str] = None, overrides: Iterable[Mapping] = ()) 
     for override in overrides:
         config = merge(config, override)
     return config
+
+
+# ---- hyperparameter ranges: one table for pretrain, finetune and eval, checked before a run writes anything ----
+
+@dataclass(frozen=True)
+class Range:
+    """What a config value may be: ``accepts(value)``, described as ``expected`` in the error."""
+
+    accepts: Callable[[Any], bool]
+    expected: str
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def count(minimum: int) -> Range:
+    return Range(lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+                 f"an integer >= {minimum}")
+
+
+def interval(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Range:
+    """A number between ``low`` and ``high`` (either end open or closed)."""
+    def accepts(value):
+        return (_is_number(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high))
+
+    if high == math.inf:
+        return Range(accepts, f"a number {'>' if low_open else '>='} {low:g}")
+    return Range(accepts, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def optional(allowed: Range, meaning: str) -> Range:
+    """``allowed``, or None (which means ``meaning``)."""
+    return Range(lambda value: value is None or allowed.accepts(value), f"None ({meaning}) or {allowed.expected}")
+
+
+def each(allowed: Range, length: Optional[int] = None) -> Range:
+    """A list (of ``length`` items, if given) whose every item is ``allowed``."""
+    items = f"{length} " if length is not None else ""
+    return Range(lambda value: isinstance(value, (list, tuple)) and (length is None or len(value) == length)
+                 and all(allowed.accepts(item) for item in value), f"a list of {items}items each {allowed.expected}")
+
+
+FRACTION = interval(0.0, 1.0, high_open=True)        # dropout-like: 1 would drop everything
+PROBABILITY = interval(0.0, 1.0)
+MASK_RATIO = interval(0.0, 1.0, low_open=True)       # the loss is over masked patches: 0 trains on nothing
+NON_NEGATIVE = interval(0.0)
+
+# Every numeric key the training and evaluation code reads. Keys a config lacks (AUG and TEST outside
+# fine-tuning) are skipped; every float anywhere must also be finite (``check_hyperparameters``).
+HYPERPARAMETERS: Dict[str, Range] = {
+    "DATA.IMG_SIZE": count(1), "DATA.BATCH_SIZE": count(1), "DATA.NUM_WORKERS": count(0),
+    "DATA.MASK_PATCH_SIZE": count(1), "DATA.MASK_RATIO": MASK_RATIO,
+    "DATA.MASK_RATIO_END": optional(MASK_RATIO, "a fixed ratio"),
+    "MODEL.DROP_RATE": FRACTION, "MODEL.DROP_PATH_RATE": FRACTION, "MODEL.LABEL_SMOOTHING": FRACTION,
+    "TRAIN.EPOCHS": count(1), "TRAIN.WARMUP_EPOCHS": count(0), "TRAIN.ACCUMULATION_STEPS": count(0),
+    "TRAIN.BASE_LR": NON_NEGATIVE, "TRAIN.WARMUP_LR": NON_NEGATIVE, "TRAIN.MIN_LR": NON_NEGATIVE,
+    "TRAIN.WEIGHT_DECAY": NON_NEGATIVE,
+    # The original clips only when CLIP_GRAD is truthy; a negative max norm would flip every gradient.
+    "TRAIN.CLIP_GRAD": Range(lambda value: value is None or value == 0 or _is_number(value) and value > 0,
+                             "a max norm > 0, or 0 / None for no clipping"),
+    "TRAIN.LAYER_DECAY": interval(0.0, 1.0, low_open=True),
+    "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": count(1), "TRAIN.LR_SCHEDULER.DECAY_RATE": NON_NEGATIVE,
+    "TRAIN.LR_SCHEDULER.GAMMA": NON_NEGATIVE, "TRAIN.LR_SCHEDULER.MULTISTEPS": each(count(0)),
+    "TRAIN.OPTIMIZER.EPS": interval(0.0, low_open=True), "TRAIN.OPTIMIZER.BETAS": each(FRACTION, 2),
+    "TRAIN.OPTIMIZER.MOMENTUM": FRACTION,
+    "SAVE_FREQ": count(1), "PRINT_FREQ": count(1),
+    "AUG.COLOR_JITTER": NON_NEGATIVE, "AUG.REPROB": PROBABILITY, "AUG.RECOUNT": count(1),
+    "AUG.MIXUP": NON_NEGATIVE, "AUG.CUTMIX": NON_NEGATIVE, "AUG.MIXUP_PROB": PROBABILITY,
+    "AUG.MIXUP_SWITCH_PROB": PROBABILITY,
+    "AUG.CUTMIX_MINMAX": optional(each(interval(0.0, 1.0, low_open=True), 2), "CutMix by alpha"),
+}
+
+
+def _leaves(tree: Mapping, path: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, f"{path}{key}.")
+        else:
+            yield f"{path}{key}", value
+
+
+def _is_finite(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_finite(item) for item in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def check_hyperparameters(config: Mapping, masked: bool = True, given: Optional[Mapping[str, str]] = None) -> None:
+    """ValueError naming the first config key out of its range (``HYPERPARAMETERS``), with its value as
+    the user gave it: its text in ``given`` (key -> the text of ``--set KEY=TEXT``), else as the config
+    holds it, never a batch-scaled one. ``masked``: the run draws SimMIM masks (pretraining), so the image
+    must split into mask patches."""
+    leaves = dict(_leaves(config))
+
+    def shown(key: str) -> str:
+        return (given or {}).get(key) or repr(leaves[key])
+
+    for key, value in leaves.items():
+        require(_is_finite(value), lambda: f"{key} must "
+                f"{'hold only finite numbers' if isinstance(value, (list, tuple)) else 'be a finite number'}, "
+                f"got {shown(key)}")
+    for key, allowed in HYPERPARAMETERS.items():
+        if key in leaves:
+            require(allowed.accepts(leaves[key]), lambda: f"{key} must be {allowed.expected}, got {shown(key)}")
+    require(leaves["TRAIN.MIN_LR"] <= leaves["TRAIN.BASE_LR"],
+            lambda: f"TRAIN.MIN_LR {shown('TRAIN.MIN_LR')} must not exceed TRAIN.BASE_LR {shown('TRAIN.BASE_LR')}")
+    if masked:
+        require(leaves["DATA.IMG_SIZE"] % leaves["DATA.MASK_PATCH_SIZE"] == 0,
+                lambda: f"DATA.IMG_SIZE {shown('DATA.IMG_SIZE')} must be a multiple of DATA.MASK_PATCH_SIZE "
+                        f"{shown('DATA.MASK_PATCH_SIZE')}")
 
 
 # Sections of the original's full config that do not shape the model (its fine-tuning augmentations and

@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ._checks import check_count
+
 STRATEGIES = ("random", "patch", "block", "grid")
 # BEiT's block-wise masking: smallest block, aspect ratio range, attempts per block.
 BLOCK_MIN_CELLS, BLOCK_MIN_ASPECT, BLOCK_ATTEMPTS = 4, 0.3, 10
@@ -37,19 +39,21 @@ class MaskGenerator:
     def __init__(self, input_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
                  mask_ratio: float = 0.6, strategy: str = "random", mask_ratio_end: Optional[float] = None,
                  total_epochs: int = 1):
+        for name, size in (("input_size", input_size), ("mask_patch_size", mask_patch_size),
+                           ("model_patch_size", model_patch_size)):
+            check_count(name, size, 1)
         if input_size % mask_patch_size != 0:
             raise ValueError(f"input_size {input_size} must be a multiple of mask_patch_size {mask_patch_size}")
         if mask_patch_size % model_patch_size != 0:
             raise ValueError(f"mask_patch_size {mask_patch_size} must be a multiple of model_patch_size {model_patch_size}")
         for name, key, ratio in (("mask_ratio", "DATA.MASK_RATIO", mask_ratio),
                                  ("mask_ratio_end", "DATA.MASK_RATIO_END", mask_ratio_end)):
-            if ratio is not None and not 0.0 < ratio <= 1.0:
+            if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
                 raise ValueError(f"{name} ({key}) must be in (0, 1], got {ratio}: the SimMIM loss is over masked "
                                  "patches only, so masking none trains on a loss of exactly 0")
         if strategy not in STRATEGIES:
             raise ValueError(f"mask strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-        if total_epochs < 1:
-            raise ValueError(f"total_epochs must be at least 1, got {total_epochs}")
+        check_count("total_epochs", total_epochs, 1)
         self.input_size = input_size
         self.mask_patch_size = mask_patch_size
         self.model_patch_size = model_patch_size
@@ -99,6 +103,7 @@ class MaskGenerator:
     def generate(self, batch_size: int, generator: Optional[torch.Generator] = None,
                  device: Optional[torch.device] = None, epoch: int = 0) -> torch.Tensor:
         """(B, h, w) int64 masks, ``mask_count_at(epoch)`` cells each."""
+        check_count("batch_size", batch_size, 1)
         device = torch.device(device) if device is not None else (generator.device if generator else torch.device("cpu"))
         count = self.mask_count_at(epoch)
         if self.strategy == "block":

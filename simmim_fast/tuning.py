@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
-from . import dispatch, reference, tolerances, tuning_table
+from . import _checks, dispatch, reference, tolerances, tuning_table
 from .backends import registry, tensors_of
 
 WARMUP_CALLS = 3
@@ -476,6 +476,7 @@ def tune(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, *, cl
     kept unless ``retune``. ``clock`` (``start()`` / ``elapsed(started)`` in seconds) replaces the
     device's clock. Measuring stops when the process's budget (``SIMMIM_FAST_TUNE_BUDGET_S``) is spent.
     """
+    _checks.check_timeable(model, images, mask, warmup, repeats)
     started = time.perf_counter()
     outcomes = []
     for call in record_calls(model, images, mask, compiled):

@@ -1,4 +1,7 @@
 """Bad input is a ValueError naming what was expected, at the model and at each op."""
+import copy
+
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +45,70 @@ def test_model_rejects_bad_inputs(which, vit, swin):
         model(x[0], mask)
     assert torch.isfinite(model(x, mask.bool()))  # bool and float 0/1 masks are fine
     assert torch.isfinite(model(x, mask.float()))
+
+
+@pytest.mark.parametrize("which", ["vit", "swin", "convnext"])
+def test_model_rejects_inputs_it_cannot_run_on(which, vit, swin):
+    """A batch of 0, a dtype other than the weights' outside autocast, a tensor on another device (meta
+    included): a ValueError naming it, where torch raised a conv RuntimeError or ran on garbage."""
+    model = {"vit": vit, "swin": swin}.get(which) or sf.build_simmim("convnext-tiny")
+    x, mask = good_inputs(model)
+    with pytest.raises(ValueError, match=r"at least one image, got a batch of 0 \(0, 3, 64, 64\)"):
+        model(x[:0], mask[:0])
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        with pytest.raises(ValueError, match=f"image is {dtype} but the model's weights are torch.float32"):
+            model(x.to(dtype), mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the ops cast the image themselves
+        assert torch.isfinite(model(x.to(torch.bfloat16), mask))
+    with pytest.raises(ValueError, match="image is on meta but the model is on cpu"):
+        model(x.to("meta"), mask)
+    with pytest.raises(ValueError, match="mask is on meta but the model is on cpu"):
+        model(x, mask.to("meta"))
+    with pytest.raises(ValueError, match="image is on cpu but the model is on meta"):
+        copy.deepcopy(model).to("meta")(x, mask)
+
+
+def test_classifier_rejects_a_batch_of_0_and_another_dtype():
+    from simmim_fast.config import get_config
+    from simmim_fast.downstream.models import build_classifier
+
+    model = build_classifier(get_config("vit-tiny"), num_classes=3)
+    with pytest.raises(ValueError, match="a batch of 0"):
+        model(torch.randn(0, 3, 64, 64))
+    with pytest.raises(ValueError, match="image is torch.float64 but the model's weights are torch.float32"):
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+
+
+def test_mask_generator_rejects_sizes_it_cannot_draw():
+    for arguments, message in [((0, 32, 4), "input_size must be an integer >= 1, got 0"),
+                               ((192, 0, 4), "mask_patch_size must be an integer >= 1, got 0"),
+                               ((192, 32, 0), "model_patch_size must be an integer >= 1, got 0"),
+                               ((192, -32, 4), "mask_patch_size must be an integer >= 1, got -32"),
+                               ((192.0, 32, 4), "input_size must be an integer >= 1, got 192.0"),
+                               ((192, 32, 4, "0.6"), r"mask_ratio \(DATA.MASK_RATIO\) must be in \(0, 1\], got 0.6"),
+                               ((192, 32, 4, float("nan")), "must be in .0, 1., got nan")]:
+        with pytest.raises(ValueError, match=message):
+            sf.MaskGenerator(*arguments)
+    generator = sf.MaskGenerator(64, 16, 8, 0.6)
+    for batch in (-1, 0, 2.0):
+        with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {batch}"):
+            generator.generate(batch)
+    assert generator.generate(np.int64(2)).shape == (2, 8, 8)
+
+
+def test_tune_refuses_inputs_it_cannot_time(vit):
+    x, mask = good_inputs(vit)
+    for images, masks, options, message in [
+        (x.to("meta"), mask, {}, "cannot time images on the meta device"),
+        (x, mask.to("meta"), {}, "cannot time mask on the meta device"),
+        (x.tolist(), mask, {}, "needs images as a tensor, got list"),
+        (x, mask, {"repeats": 0}, "repeats must be an integer >= 1, got 0"),
+        (x, mask, {"warmup": -1}, "warmup must be an integer >= 0, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sf.tune(vit, images, masks, **options)
+    with pytest.raises(ValueError, match="images is on cpu but the model is on meta"):
+        sf.tune(copy.deepcopy(vit).to("meta"), x, mask)
 
 
 def test_ops_reject_bad_inputs():

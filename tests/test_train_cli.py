@@ -11,10 +11,15 @@ from simmim_fast.train.monitor import read_log
 from simmim_fast.train.scenes import render_scene
 
 
-def command(*args):
+def run_command(*args) -> subprocess.CompletedProcess:
+    """`simmim-fast ARGS` in a new process, whatever its exit status."""
     script = Path(sys.executable).with_name("simmim-fast")  # the console script of `pip install -e .`
     prefix = [str(script)] if script.exists() else [sys.executable, "-m", "simmim_fast.cli"]
-    done = subprocess.run(prefix + list(args), capture_output=True, text=True, timeout=600)
+    return subprocess.run(prefix + list(args), capture_output=True, text=True, timeout=600)
+
+
+def command(*args):
+    done = run_command(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

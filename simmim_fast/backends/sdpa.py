@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 import torch.nn.functional as F
 
 from . import Backend, device_types

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .._checks import check_writable_folder
 from ..checkpoint import read_checkpoint_file, state_dict_of, write_atomic
-from ..config import DEFAULTS, PRESETS, Config, merge, set_key, to_config
+from ..config import DEFAULTS, PRESETS, Config, check_hyperparameters, merge, set_key, to_config
 from ..train import checkpoints, distributed
-from ..train.configs import parse_assignment, read_yaml_config
+from ..train.configs import given_texts, parse_assignment, read_yaml_config
 from ..train.data import build_loader, sample_seed
-from ..train.engine import (RunOptions, TrainingSteps, check_options, kernel_backend,
+from ..train.engine import (RunOptions, TrainingSteps, check_forced_backend, check_options, kernel_backend,
                             resolve_amp, seed_everything)
 from ..train.monitor import Monitor, json_text
 from ..train.optim import build_optimizer, build_schedule, scaled_lrs, skips_weight_decay
@@ -202,7 +203,9 @@ class Finetuning(TrainingSteps):
         self.options, self.runtime = options, runtime
         pretrained = read_pretrained(options.pretrained, options.trust_checkpoint) if options.pretrained else None
         self.config = config = finetune_config(options, pretrained and pretrained["config"])
+        check_hyperparameters(config, masked=False, given=given_texts(options.set))
         self.output = Path(config.OUTPUT or Path("runs") / config.TAG)
+        check_writable_folder("--output", self.output)
         self.device = runtime.device
         self.amp_dtype = resolve_amp(options.amp, self.device)
 
@@ -214,6 +217,9 @@ class Finetuning(TrainingSteps):
         self.loaded = load_into(self.model, pretrained["model"], keep_head=False, name=options.pretrained) \
             if pretrained else None
         self.model.to(self.device)
+        size = config.DATA.IMG_SIZE
+        check_forced_backend(lambda: self.model(torch.zeros(1, 3, size, size, device=self.device)), self.device,
+                             self.amp_dtype)
         seed_everything(config.SEED + runtime.rank)
         self.train_model = distributed.wrap(self.model, runtime, fsdp=False)
         if options.compile:

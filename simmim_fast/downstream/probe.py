@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .._checks import check_count
+from .._checks import check_count, require, usable_device
 from ..checkpoint import load_checkpoint, save_atomic
-from ..config import get_config, merge
+from ..config import check_hyperparameters, get_config, merge
 from ..train.configs import build_config
 from ..train.engine import seed_everything
 from ..train.monitor import json_text
@@ -48,6 +48,7 @@ def model_from_checkpoint(path: str, preset: Optional[str] = None, config_file: 
         config = merge(get_config(), saved)
     else:
         raise ValueError(f"{path} has no simmim-fast config; give --preset or --config for its model")
+    check_hyperparameters(config, masked=False)
     head = pretrained["model"].get("head.weight")
     model = build_classifier(config, num_classes=head.shape[0] if with_head and head is not None else 0)
     load_into(model, pretrained["model"], keep_head=with_head, name=str(path))
@@ -158,6 +159,7 @@ def run_probes(checkpoint: Optional[str], data: Optional[str] = None, linear: bo
     check_count("--batch-size", batch_size, 1)
     if not temperature > 0:
         raise ValueError(f"--temperature must be > 0 (the k-NN votes are exp(similarity / T)), got {temperature}")
+    device = usable_device("--device", device)
     if checkpoint:
         model, config, _ = model_from_checkpoint(checkpoint, preset, config_file, trust_checkpoint)
         weights, default_cache = _file_digest(Path(checkpoint)), Path(checkpoint).parent / "features"
@@ -165,12 +167,15 @@ def run_probes(checkpoint: Optional[str], data: Optional[str] = None, linear: bo
         if not (preset or config_file):
             raise ValueError("give --checkpoint, or --preset/--config for a randomly initialised baseline")
         config = build_config(preset, config_file)
+        check_hyperparameters(config, masked=False)
         seed_everything(seed)
         model = build_classifier(config, num_classes=0).eval()
         weights = f"random init {json.dumps(config.MODEL, sort_keys=True)} seed {seed}"
         default_cache = Path("runs/features")
     model.to(device)
     train, val = open_splits(data)
+    require(not knn or k <= len(train),
+            lambda: f"--k {k} is more than the {len(train)} training images the k-NN votes among")
     cache = Path(cache_dir) if cache_dir else default_cache
     splits = {name: cached_features(weights, model, config, source, cache, batch_size, device)
               for name, source in (("train", train), ("val", val))}

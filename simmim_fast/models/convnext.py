@@ -100,7 +100,8 @@ class ConvNeXtForSimMIM(ConvNeXt):
         trunc_normal_(self.mask_token, mean=0.0, std=0.02)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        _checks.check_encoder_inputs(x, mask, self.in_chans, self.img_size, (STEM_STRIDE, STEM_STRIDE))
+        _checks.check_encoder_inputs(x, mask, self.in_chans, self.img_size, (STEM_STRIDE, STEM_STRIDE),
+                                     self.downsample_layers[0][0].weight)
         conv, norm = self.downsample_layers[0]
         tokens = ops.masked_patch_embed(x, mask, conv.weight, conv.bias, self.mask_token, None, norm.weight,
                                         norm.bias, norm.eps)

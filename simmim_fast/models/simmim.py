@@ -7,7 +7,7 @@ from typing import Optional, Set
 import torch
 import torch.nn as nn
 
-from .. import _checks, ops
+from .. import ops
 
 
 class SimMIM(nn.Module):

@@ -188,7 +188,7 @@ class PatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim) if norm_layer is not None else None
 
     def forward(self, x):
-        _checks.check_image(x, self.in_chans, self.img_size)
+        _checks.check_image(x, self.in_chans, self.img_size, self.proj.weight)
         x = self.proj(x).flatten(2).transpose(1, 2)
         return self.norm(x) if self.norm is not None else x
 
@@ -289,7 +289,7 @@ class MaskedSwinMixin:
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         embed = self.patch_embed
-        _checks.check_encoder_inputs(x, mask, self.in_chans, embed.img_size, embed.patch_size)
+        _checks.check_encoder_inputs(x, mask, self.in_chans, embed.img_size, embed.patch_size, embed.proj.weight)
         norm = embed.norm
         x = ops.masked_patch_embed(x, mask, embed.proj.weight, embed.proj.bias, self.mask_token,
                                    self.absolute_pos_embed if self.ape else None,

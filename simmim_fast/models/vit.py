@@ -28,6 +28,10 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
         super().__init__()
         img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        _checks.require(all(size >= 1 and patch >= 1 and size % patch == 0
+                            for size, patch in zip(img_size, patch_size)),
+                        lambda: f"img_size {img_size} must be a positive multiple of patch_size {patch_size} "
+                                "(the convolution would drop the pixels left over)")
         self.img_size = img_size
         self.patch_size = patch_size
         self.patch_shape = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
@@ -35,7 +39,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        _checks.check_image(x, self.proj.in_channels, self.img_size)
+        _checks.check_image(x, self.proj.in_channels, self.img_size, self.proj.weight)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -201,7 +205,7 @@ class VisionTransformerForSimMIM(VisionTransformer):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         embed = self.patch_embed
-        _checks.check_encoder_inputs(x, mask, self.in_chans, embed.img_size, embed.patch_size)
+        _checks.check_encoder_inputs(x, mask, self.in_chans, embed.img_size, embed.patch_size, embed.proj.weight)
         pos_embed = self.pos_embed
         tokens = ops.masked_patch_embed(x, mask, embed.proj.weight, embed.proj.bias, self.mask_token,
                                         None if pos_embed is None else pos_embed[:, 1:])

@@ -40,6 +40,8 @@ def _load_yaml(text: str, what: str) -> Any:
 def read_yaml_config(path) -> Dict[str, Any]:
     """A config YAML as nested dicts; files named in its BASE list (relative to it) come first."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--config {path} is a folder; give a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
     try:
@@ -71,6 +73,12 @@ def parse_assignment(text: str):
     if not sep or not key.strip():
         raise ValueError(f"--set expects KEY=VALUE (e.g. TRAIN.BASE_LR=1e-4), got {text!r}")
     return key.strip(), _decode(_load_yaml(raw, f"--set {text}") if raw.strip() else "")
+
+
+def given_texts(assignments: Iterable[str]) -> Dict[str, str]:
+    """The text of each ``--set KEY=TEXT`` by key (the last wins, as in the config), for error messages
+    that show a value as the user typed it ('1e-3', not 0.001)."""
+    return {key.strip(): raw.strip() for key, _, raw in (text.partition("=") for text in assignments)}
 
 
 def build_config(preset: Optional[str], config_file: Optional[str], assignments: Iterable[str] = (),

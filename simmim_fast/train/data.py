@@ -35,14 +35,15 @@ MAX_UNREADABLE_PER_SAMPLE = 8
 UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def find_images(root) -> List[Path]:
-    """Every image file under ``root``, any nesting (ImageFolder's class folders included), sorted.
+def find_images(root, flag: str = "--data") -> List[Path]:
+    """Every image file under ``root``, any nesting (ImageFolder's class folders included), sorted;
+    errors name the command-line argument ``flag`` that gave the folder.
 
     Symbolic links are followed, but each real folder is entered once and each real file listed once
     (under its first path in sorted order), so a link loop or a linked copy does not repeat files."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: no such directory")
+        raise FileNotFoundError(f"{flag} {root}: no such directory")
     seen_folders, by_real_path, repeats = set(), {}, 0
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real_folder = os.path.realpath(folder)
@@ -59,9 +60,9 @@ def find_images(root) -> List[Path]:
                 repeats += real in by_real_path
                 by_real_path[real] = min(path, by_real_path.get(real, path))
     if not by_real_path:
-        raise ValueError(f"--data {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
+        raise ValueError(f"{flag} {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
     if repeats:
-        warnings.warn(f"--data {root}: {repeats} folder(s) or file(s) reached again through symbolic links were "
+        warnings.warn(f"{flag} {root}: {repeats} folder(s) or file(s) reached again through symbolic links were "
                       f"listed once ({len(by_real_path)} distinct image files)")
     return sorted(by_real_path.values())
 

@@ -130,6 +130,19 @@ def kernel_backend(spec: Optional[str]):
             os.environ[dispatch.ENV_VAR] = previous
 
 
+def check_forced_backend(forward: Callable[[], object], device: torch.device,
+                         amp_dtype: Optional[torch.dtype]) -> None:
+    """With a forced kernel backend (``--backend`` or SIMMIM_FAST_BACKEND), run ``forward`` (one image,
+    under the run's autocast) once before the run writes anything: a backend that cannot run here
+    (triton on a CPU without the interpreter) is its BackendError now, not after the output folder and
+    log exist. No RNG advances."""
+    if dispatch.parse_spec(os.environ.get(dispatch.ENV_VAR)) == (None, {}):
+        return
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
+            (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()):
+        forward()
+
+
 class TrainingSteps:
     """The run, batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``,
     ``keep_last``, ``max_nonfinite``), ``output``, ``runtime``,

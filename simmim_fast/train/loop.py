@@ -18,17 +18,17 @@ import torch
 import torch.utils.checkpoint
 
 from .. import tuning
-from .._checks import check_count, check_writable_folder
+from .._checks import check_writable_folder
 from ..checkpoint import fitting_state_dict
-from ..config import build_simmim
+from ..config import build_simmim, check_hyperparameters
 from ..masking import MaskGenerator
 from ..models.convnext import Block as ConvNeXtBlock
 from ..models.vit import Block as VitBlock
 from . import checkpoints, distributed, pictures
-from .configs import build_config
+from .configs import build_config, given_texts
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
-from .engine import (RunOptions, TrainingSteps, check_options, kernel_backend, resolve_amp,
+from .engine import (RunOptions, TrainingSteps, check_forced_backend, check_options, kernel_backend, resolve_amp,
                      seed_everything, xla_sync)
 from .gpu_decode import GpuJpegCrop, resolve_decode
 from .monitor import Monitor
@@ -46,17 +46,6 @@ class PretrainOptions(RunOptions):
     picture_count: int = 8
     optimizer: str = "adamw"
     decode: Optional[str] = None
-
-
-# Config keys the loop reads that count things (they also come from --config and --set), and their minimum.
-COUNT_CONFIG_KEYS = {"TRAIN.EPOCHS": 1, "TRAIN.WARMUP_EPOCHS": 0, "TRAIN.ACCUMULATION_STEPS": 0,
-                     "DATA.BATCH_SIZE": 1, "DATA.NUM_WORKERS": 0, "SAVE_FREQ": 1, "PRINT_FREQ": 1}
-
-
-def check_config_counts(config) -> None:
-    for key, minimum in COUNT_CONFIG_KEYS.items():
-        section, _, leaf = key.rpartition(".")
-        check_count(key, (config[section] if section else config)[leaf], minimum)
 
 
 def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
@@ -81,7 +70,7 @@ class Pretraining(TrainingSteps):
             "TRAIN.ACCUMULATION_STEPS": options.accum_steps, "SEED": options.seed,
             "TRAIN.USE_CHECKPOINT": True if options.grad_checkpoint else None, "OUTPUT": options.output})
         config = self.config
-        check_config_counts(config)
+        check_hyperparameters(config, given=given_texts(options.set))
         self.output = Path(config.OUTPUT or Path("runs") / config.TAG)
         check_writable_folder("--output", self.output)  # before any work
         self.device = runtime.device
@@ -94,6 +83,9 @@ class Pretraining(TrainingSteps):
         if config.TRAIN.USE_CHECKPOINT:
             checkpoint_vit_blocks(self.model)
         mask_generator = MaskGenerator.from_config(config, self.model.patch_size)
+        check_forced_backend(lambda: self.model(
+            torch.zeros(1, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=self.device),
+            mask_generator.generate(1, device=self.device)), self.device, self.amp_dtype)
         # Before DDP/FSDP wrap the model (rank 0 runs it alone) and before torch.compile traces it.
         tuning.before_training(self.model, runtime, config.DATA.BATCH_SIZE, mask_generator, self.amp_dtype,
                                compiled=options.compile)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from .._checks import check_count, check_writable_folder
+from .._checks import check_count, check_writable_folder, usable_device
 from ..checkpoint import CheckpointReadError, fitting_state_dict, load_checkpoint, state_dict_of
 from ..config import build_simmim, get_config, merge
 from ..masking import MaskGenerator
@@ -30,11 +30,8 @@ def reconstruct_images(checkpoint: str, images: str, out: str, count: int = 8, s
     check_writable_folder("--out", Path(out).parent)
     if Path(out).suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {out}: not an image file name (e.g. grid.png)")
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"--device {device!r} is not a device ({str(error).splitlines()[0]})") from None
-    image_paths = find_images(images)  # a wrong folder fails before the model is built
+    device = usable_device("--device", device)
+    image_paths = find_images(images, "--images")  # a wrong folder fails before the model is built
     given_config = build_config(preset, config_file) if preset or config_file else None
     state = load_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
     weights = state_dict_of(state, checkpoint)  # the file holds weights at all, before any model is built
