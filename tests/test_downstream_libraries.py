@@ -25,10 +25,23 @@ pytestmark = pytest.mark.downstream
 FEATURE_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding of differently ordered matmuls
 
 
+PRESETS = ["vit-tiny", "swin-tiny", "swinv2-tiny", "convnext-tiny"]
+
+
 def random_weights(model):
+    """Weights that tell layouts apart: LayerNorm gains and layer scales near 1 (not near 0, which would
+    hide a swapped norm), matrices wide enough that attention is far from uniform (a q/k swap moves the
+    features by more than 10x the tolerance)."""
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.05)
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 1 and (name.endswith(".weight") or name.endswith("gamma")):
+                param.copy_(1 + 0.1 * noise)  # norm gains, layer scales
+            elif name.endswith("logit_scale"):
+                param.copy_(torch.log(torch.full_like(param, 10.0)) + 0.1 * noise)
+            else:
+                param.copy_(0.2 * noise)
     return model
 
 
@@ -58,14 +71,18 @@ def ours(path, images):
         return model.forward_features(images), None
 
 
-@pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
-@pytest.mark.parametrize("finetuned", [False, True], ids=["pretrained", "finetuned"])
-def test_timm_export_loads_strictly_and_matches(tmp_path, preset, finetuned):
-    path = write_checkpoint(tmp_path, preset, finetuned)
-    folder = export_checkpoint(str(path), "timm", str(tmp_path / "timm"))
+def timm_model(folder):
     config = json.loads((folder / "config.json").read_text())
     model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"]).eval()
     model.load_state_dict(safetensors_torch.load_file(str(folder / "model.safetensors")), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("finetuned", [False, True], ids=["pretrained", "finetuned"])
+def test_timm_export_loads_strictly_and_matches(tmp_path, preset, finetuned):
+    path = write_checkpoint(tmp_path, preset, finetuned)
+    model = timm_model(export_checkpoint(str(path), "timm", str(tmp_path / "timm")))
     images = torch.randn(2, 3, 64, 64)
     features, logits = ours(path, images)
     with torch.no_grad():
@@ -76,17 +93,20 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, preset, finetuned):
             torch.testing.assert_close(model(images), logits, **FEATURE_TOLERANCE)
 
 
-@pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
-@pytest.mark.parametrize("finetuned", [False, True], ids=["pretrained", "finetuned"])
-def test_transformers_export_loads_strictly_and_matches(tmp_path, preset, finetuned):
-    path = write_checkpoint(tmp_path, preset, finetuned)
-    folder = export_checkpoint(str(path), "transformers", str(tmp_path / "hf"))
+def hf_model(folder):
     config = json.loads((folder / "config.json").read_text())
     model_class = getattr(transformers, config["architectures"][0])
     # from_pretrained: the files as a user loads them (strict: no missing or unexpected keys).
     model, info = model_class.from_pretrained(str(folder), output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("finetuned", [False, True], ids=["pretrained", "finetuned"])
+def test_transformers_export_loads_strictly_and_matches(tmp_path, preset, finetuned):
+    path = write_checkpoint(tmp_path, preset, finetuned)
+    model = hf_model(export_checkpoint(str(path), "transformers", str(tmp_path / "hf")))
     images = torch.randn(2, 3, 64, 64)
     features, logits = ours(path, images)
     with torch.no_grad():
@@ -97,6 +117,45 @@ def test_transformers_export_loads_strictly_and_matches(tmp_path, preset, finetu
             torch.testing.assert_close(output.last_hidden_state, features, **FEATURE_TOLERANCE)
         else:
             torch.testing.assert_close(output.pooler_output, features, **FEATURE_TOLERANCE)
+
+
+@pytest.mark.parametrize("fmt", ["timm", "transformers"])
+def test_vit_per_block_bias_export_is_the_fine_tuning_layout(tmp_path, fmt):
+    """The shared table copied into every block: the fine-tuning classes (timm's beit_* default, BEiT
+    with per-block bias) load it strictly and give the shared-bias model's tokens; the file says so."""
+    path = write_checkpoint(tmp_path, "vit-tiny", finetuned=False)
+    folder = export_checkpoint(str(path), fmt, str(tmp_path / "per-block"), vit_bias="per-block")
+    with safetensors_torch.safe_open(str(folder / "model.safetensors"), "pt") as file:
+        assert file.metadata()["simmim_fast.relative_position_bias"] == "per-block"
+        assert not any("rel_pos_bias" in key or "shared_position_bias" in key for key in file.keys())
+    images = torch.randn(2, 3, 64, 64)
+    features, _ = ours(path, images)
+    with torch.no_grad():
+        if fmt == "timm":
+            model = timm_model(folder)
+            assert model.rel_pos_bias is None
+            tokens = model.forward_features(images)
+        else:
+            model = hf_model(folder)
+            assert not model.config.use_shared_relative_position_bias
+            tokens = model(pixel_values=images).last_hidden_state
+    torch.testing.assert_close(tokens, features, **FEATURE_TOLERANCE)
+
+
+def test_auto_image_processor_gives_our_evaluation_view(tmp_path):
+    from PIL import Image
+
+    from simmim_fast.downstream.data import eval_view
+    from simmim_fast.train.data import IMAGENET_MEAN, IMAGENET_STD
+
+    path = write_checkpoint(tmp_path, "swin-tiny", finetuned=True)
+    folder = export_checkpoint(str(path), "transformers", str(tmp_path / "hf"))
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), use_fast=False)
+    assert list(processor.image_mean) == list(IMAGENET_MEAN) and list(processor.image_std) == list(IMAGENET_STD)
+    assert processor.crop_size == {"height": 64, "width": 64}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8))
+    theirs = processor(images=image, return_tensors="pt").pixel_values[0]
+    torch.testing.assert_close(theirs, eval_view(image, 64), atol=2e-2, rtol=0)  # uint8 rounding, then /std
 
 
 def test_rand_augment_levels_and_ops_are_timms(monkeypatch):

@@ -1,0 +1,48 @@
+"""Every encoder downstream on the CPU (plain lane): Swin V2 and ConvNeXt fine-tune and probe through the
+CLI, ConvNeXt's layer-decay rule, and the layer-decay table an export carries for its new names."""
+import json
+
+import pytest
+import torch
+
+from simmim_fast import build_simmim, get_config
+from simmim_fast.checkpoint import save_atomic
+from simmim_fast.cli import main
+from simmim_fast.config import merge
+from simmim_fast.downstream.data import write_scene_folder
+from simmim_fast.downstream.finetune import RECIPES, layer_decay_groups, layer_id
+from simmim_fast.downstream.models import build_classifier
+
+
+@pytest.mark.parametrize("preset", ["swinv2-tiny", "convnext-tiny"])
+def test_finetune_and_probe_swinv2_and_convnext(tmp_path, preset, capsys):
+    data = write_scene_folder(tmp_path / "data", train_count=8, val_count=4)
+    pretrained = tmp_path / "pretrain.pth"
+    save_atomic({"model": build_simmim(preset).state_dict(), "config": get_config(preset).to_dict()}, pretrained)
+    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(data), "--batch-size", "4",
+                 "--num-workers", "0", "--steps", "2", "--output", str(tmp_path / "ft")]) == 0
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    finetuned = sorted((tmp_path / "ft").glob("ckpt_step_*.pth"))[-1]
+    assert main(["eval", "--checkpoint", str(finetuned), "--data", str(data), "--knn", "--k", "3"]) == 0
+    assert '"feature_dim": 256' in capsys.readouterr().out
+
+
+def test_convnext_layer_ids_follow_its_authors_rule():
+    """facebookresearch/ConvNeXt's get_num_layer_for_convnext (12 groups), for ConvNeXt-B's 3-3-27-3."""
+    config = get_config("convnext-b-192")
+    expected = {"downsample_layers.0.0.weight": 0, "stages.0.2.dwconv.weight": 1, "downsample_layers.1.1.weight": 2,
+                "stages.1.0.gamma": 2, "downsample_layers.2.0.bias": 3, "stages.2.0.pwconv1.weight": 3,
+                "stages.2.5.norm.weight": 4, "stages.2.26.pwconv2.bias": 11, "downsample_layers.3.1.weight": 12,
+                "stages.3.2.gamma": 12, "norm.weight": 13, "head.weight": 13}
+    assert {name: layer_id(name, config) for name in expected} == expected
+    model = build_classifier(merge(config, RECIPES["convnext"]), 10)
+    scales = {group["group_name"]: group["lr_scale"] for group in layer_decay_groups(model, merge(config, RECIPES["convnext"]))}
+    assert scales["layer_0_decay"] == pytest.approx(0.9 ** 13) and scales["layer_13_decay"] == 1.0
+
+
+def test_swinv2_layer_ids_use_the_swinv2_depths():
+    config = get_config("swinv2-base-192-w12")  # depths 2-2-18-2
+    assert layer_id("layers.2.blocks.17.attn.cpb_mlp.0.weight", config) == 22
+    assert layer_id("layers.2.downsample.reduction.weight", config) == 22
+    assert layer_id("head.weight", config) == 25
