@@ -14,7 +14,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from simmim_fast import build_simmim, get_config  # noqa: E402
 from simmim_fast.checkpoint import save_atomic  # noqa: E402
 from simmim_fast.config import merge  # noqa: E402
-from simmim_fast.downstream import augment  # noqa: E402
+from simmim_fast.downstream import augment, transfer  # noqa: E402
 from simmim_fast.downstream.export import export_checkpoint  # noqa: E402
 from simmim_fast.downstream.finetune import RECIPES  # noqa: E402
 from simmim_fast.downstream.models import build_classifier, load_into  # noqa: E402
@@ -23,6 +23,8 @@ from simmim_fast.train.scenes import render_scene  # noqa: E402
 
 pytestmark = pytest.mark.downstream
 FEATURE_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding of differently ordered matmuls
+# Stage maps after a fresh per-stage LayerNorm: it rescales the rounding of 8 blocks by up to ~10x.
+NORMED_STAGE_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
 PRESETS = ["vit-tiny", "swin-tiny", "swinv2-tiny", "convnext-tiny"]
@@ -45,16 +47,16 @@ def random_weights(model):
     return model
 
 
-def write_checkpoint(tmp_path, preset, finetuned):
+def write_checkpoint(tmp_path, preset, finetuned, overrides=()):
     """A pretraining checkpoint (SimMIM, encoder only) or a fine-tuned one (classifier with a 3-class head)."""
-    config = get_config(preset)
+    config = get_config(preset, overrides)
     if finetuned:
         model_type = config.MODEL.TYPE
         config = merge(config, {"MODEL": RECIPES[model_type]["MODEL"]})
         model = random_weights(build_classifier(config, 3))
         load_into(model, model.state_dict())
     else:
-        model = random_weights(build_simmim(preset))
+        model = random_weights(build_simmim(config))
     path = tmp_path / f"{preset}-{'ft' if finetuned else 'pt'}.pth"
     save_atomic({"model": model.state_dict(), "config": config.to_dict()}, path)
     return path
@@ -156,6 +158,63 @@ def test_auto_image_processor_gives_our_evaluation_view(tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8))
     theirs = processor(images=image, return_tensors="pt").pixel_values[0]
     torch.testing.assert_close(theirs, eval_view(image, 64), atol=2e-2, rtol=0)  # uint8 rounding, then /std
+
+
+def our_stages(path, images):
+    model, _, _ = model_from_checkpoint(str(path))
+    with torch.no_grad():
+        return model, transfer.stage_outputs(model, images)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_timm_features_only_backbone_gives_our_stages(tmp_path, preset):
+    """timm.create_model("local-dir:EXPORT", features_only=True): every stage's map is ours."""
+    path = write_checkpoint(tmp_path, preset, finetuned=False)
+    folder = export_checkpoint(str(path), "timm", str(tmp_path / "timm"))
+    images = torch.randn(2, 3, 64, 64)
+    _, expected = our_stages(path, images)
+    indices = list(range(len(expected)))
+    model = transfer.timm_features(str(folder), out_indices=indices).eval()
+    with torch.no_grad():
+        theirs = model(images)
+    assert len(theirs) == len(expected)
+    channels_last = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")  # timm's Swin stages
+    for their_map, our_map in zip(theirs, expected):
+        torch.testing.assert_close(their_map.permute(0, 3, 1, 2) if channels_last else their_map, our_map,
+                                   **FEATURE_TOLERANCE)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_transformers_backbone_and_upernet_hold_our_weights(tmp_path, preset):
+    """SwinBackbone / Swinv2Backbone / ConvNextBackbone / BeitBackbone: our stages, through the per-stage
+    norms where the class has them (the last one ours, the others new: a plain LayerNorm); UperNet's
+    backbone is that backbone. Swin's window is 2 here: transformers' Swin backbones always partition
+    (and shift) windows, where the classifier takes a stage no larger than the window whole, unshifted."""
+    swin_section = {"swin-tiny": "SWIN", "swinv2-tiny": "SWINV2"}.get(preset)
+    overrides = [{"MODEL": {swin_section: {"WINDOW_SIZE": 2}}}] if swin_section else []
+    path = write_checkpoint(tmp_path, preset, finetuned=False, overrides=overrides)
+    folder = export_checkpoint(str(path), "transformers", str(tmp_path / "hf"))
+    images = torch.randn(2, 3, 64, 64)
+    ours_model, expected = our_stages(path, images)
+    if preset == "vit-tiny":
+        kwargs = {"out_indices": [1, 2, 3, 4], "reshape_hidden_states": True, "add_fpn": False}
+    else:
+        kwargs = {"out_features": ["stage1", "stage2", "stage3", "stage4"]}
+    backbone = transfer.hf_backbone(str(folder), **kwargs).eval()
+    if getattr(backbone, "hidden_states_norms", None) is not None:
+        final_norm = ours_model.norm
+        expected = [torch.nn.functional.layer_norm(stage.permute(0, 2, 3, 1), stage.shape[1:2],
+                                                   *((final_norm.weight, final_norm.bias) if index == 3 else (None, None)),
+                                                   eps=final_norm.eps).permute(0, 3, 1, 2)
+                    for index, stage in enumerate(expected)]
+    upernet = transfer.hf_upernet(str(folder), num_labels=5, backbone_kwargs=kwargs).eval()
+    with torch.no_grad():
+        theirs = backbone(images).feature_maps
+        for their_map, our_map in zip(theirs, expected):
+            torch.testing.assert_close(their_map, our_map, **NORMED_STAGE_TOLERANCE)
+        for their_map, backbone_map in zip(upernet.backbone(images).feature_maps, theirs):
+            torch.testing.assert_close(their_map, backbone_map, **FEATURE_TOLERANCE)
+        assert upernet(pixel_values=images).logits.shape == (2, 5, 64, 64)
 
 
 def test_rand_augment_levels_and_ops_are_timms(monkeypatch):

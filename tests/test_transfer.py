@@ -46,3 +46,49 @@ def test_swinv2_layer_ids_use_the_swinv2_depths():
     assert layer_id("layers.2.blocks.17.attn.cpb_mlp.0.weight", config) == 22
     assert layer_id("layers.2.downsample.reduction.weight", config) == 22
     assert layer_id("head.weight", config) == 25
+
+
+def module_with(shapes):
+    """A module whose named_parameters are ``shapes`` (dotted name -> shape), like a library's model."""
+    root = torch.nn.Module()
+    for name, shape in shapes.items():
+        *path, leaf = name.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, torch.nn.Module())
+            node = getattr(node, part)
+        node.register_parameter(leaf, torch.nn.Parameter(torch.zeros(shape)))
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["timm", "transformers"])
+def test_param_groups_give_exported_names_our_layers(tmp_path, fmt):
+    """Swin-tiny (depths 2-2-2-2, last layer 9) exported, then wrapped as a detector would: each name
+    gets our layer's LR (0.5^(9 - layer)) whatever its new name; new parts get the top layer's."""
+    from simmim_fast.downstream.export import export_checkpoint
+    from simmim_fast.downstream.transfer import param_groups
+
+    source = tmp_path / "swin.pth"
+    save_atomic({"model": build_simmim("swin-tiny").state_dict(), "config": get_config("swin-tiny").to_dict()}, source)
+    export = export_checkpoint(str(source), fmt, str(tmp_path / fmt))
+    if fmt == "timm":  # a features_only model: timm flattens the stage path with "_"
+        expected = {"patch_embed.proj.weight": (0, True), "layers_0.blocks.1.attn.qkv.weight": (2, True),
+                    "layers_1.downsample.reduction.weight": (2, True),  # our layers.0.downsample
+                    "layers_3.blocks.1.attn.relative_position_bias_table": (8, False),  # Swin: no decay
+                    "layers_3.blocks.1.norm2.weight": (8, False), "new_neck.weight": (9, True)}
+    else:  # UperNetForSemanticSegmentation around the Swin backbone
+        expected = {"backbone.embeddings.patch_embeddings.projection.weight": (0, True),
+                    "backbone.encoder.layers.0.blocks.0.attention.k_proj.weight": (1, True),
+                    "backbone.encoder.layers.0.blocks.0.attention.k_proj.bias": (1, False),
+                    "backbone.encoder.layers.0.downsample.reduction.weight": (2, True),
+                    "backbone.encoder.layers.2.blocks.1.mlp.fc2.weight": (6, True),
+                    "backbone.hidden_states_norms.stage1.weight": (9, False), "decode_head.classifier.weight": (9, True)}
+    model = module_with({name: (4,) if name.endswith(("norm2.weight", "bias", "stage1.weight")) else (4, 4)
+                         for name in expected})
+    groups = param_groups(model, str(export), lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    found = {}
+    for name, param in model.named_parameters():
+        group = next(group for group in groups if any(param is member for member in group["params"]))
+        found[name] = (group["lr"], group["weight_decay"])
+    assert found == {name: (0.5 ** (9 - layer), 0.05 if decayed else 0.0) for name, (layer, decayed) in expected.items()}
