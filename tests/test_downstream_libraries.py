@@ -21,6 +21,8 @@ from simmim_fast.downstream.models import build_classifier, load_into  # noqa: E
 from simmim_fast.downstream.probe import model_from_checkpoint  # noqa: E402
 from simmim_fast.train.scenes import render_scene  # noqa: E402
 
+from discriminating import discriminating_weights  # noqa: E402
+
 pytestmark = pytest.mark.downstream
 FEATURE_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding of differently ordered matmuls
 # Stage maps after a fresh per-stage LayerNorm: it rescales the rounding of 8 blocks by up to ~10x.
@@ -30,33 +32,16 @@ NORMED_STAGE_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 PRESETS = ["vit-tiny", "swin-tiny", "swinv2-tiny", "convnext-tiny"]
 
 
-def random_weights(model):
-    """Weights that tell layouts apart: LayerNorm gains and layer scales near 1 (not near 0, which would
-    hide a swapped norm), matrices wide enough that attention is far from uniform (a q/k swap moves the
-    features by more than 10x the tolerance)."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim == 1 and (name.endswith(".weight") or name.endswith("gamma")):
-                param.copy_(1 + 0.1 * noise)  # norm gains, layer scales
-            elif name.endswith("logit_scale"):
-                param.copy_(torch.log(torch.full_like(param, 10.0)) + 0.1 * noise)
-            else:
-                param.copy_(0.2 * noise)
-    return model
-
-
 def write_checkpoint(tmp_path, preset, finetuned, overrides=()):
     """A pretraining checkpoint (SimMIM, encoder only) or a fine-tuned one (classifier with a 3-class head)."""
     config = get_config(preset, overrides)
     if finetuned:
         model_type = config.MODEL.TYPE
         config = merge(config, {"MODEL": RECIPES[model_type]["MODEL"]})
-        model = random_weights(build_classifier(config, 3))
+        model = discriminating_weights(build_classifier(config, 3))
         load_into(model, model.state_dict())
     else:
-        model = random_weights(build_simmim(config))
+        model = discriminating_weights(build_simmim(config))
     path = tmp_path / f"{preset}-{'ft' if finetuned else 'pt'}.pth"
     save_atomic({"model": model.state_dict(), "config": config.to_dict()}, path)
     return path

@@ -92,3 +92,44 @@ def test_param_groups_give_exported_names_our_layers(tmp_path, fmt):
         group = next(group for group in groups if any(param is member for member in group["params"]))
         found[name] = (group["lr"], group["weight_decay"])
     assert found == {name: (0.5 ** (9 - layer), 0.05 if decayed else 0.0) for name, (layer, decayed) in expected.items()}
+
+
+def test_openmmlab_swin_loads_the_original_export_and_gives_our_stages(tmp_path, capsys):
+    """--format original through a re-expression of mmdet 3's Swin backbone and its converter
+    (tests/openmmlab_swin.py; mmdet itself cannot be installed here): every key accounted for, every
+    stage map ours (norm0-2 new LayerNorms, norm3 our final norm), and the layer-decay table in mmdet's
+    names. Window 2: their blocks always shift, the classifier does not at a stage no larger than the window."""
+    from discriminating import discriminating_weights
+    from openmmlab_swin import OpenMMLabSwin, load_like_init_weights, unexplained_keys
+
+    from simmim_fast.downstream.probe import model_from_checkpoint
+    from simmim_fast.downstream.transfer import param_groups, stage_outputs
+
+    config = get_config("swin-tiny", [{"MODEL": {"SWIN": {"WINDOW_SIZE": 2}}}])
+    source = tmp_path / "swin.pth"
+    save_atomic({"model": discriminating_weights(build_simmim(config)).state_dict(), "config": config.to_dict()}, source)
+    export = tmp_path / "mmdet"
+    assert main(["export", "--checkpoint", str(source), "--format", "original", "--out", str(export)]) == 0
+    kwargs = json.loads((export / "config.json").read_text())["openmmlab_backbone"]
+    theirs = OpenMMLabSwin(**kwargs).eval()
+    missing, unexpected = load_like_init_weights(theirs, torch.load(export / kwargs["init_cfg"]["checkpoint"],
+                                                                    weights_only=True))
+    assert unexplained_keys(missing, unexpected) == ([], [])
+    images = torch.randn(2, 3, 64, 64)
+    ours, _, _ = model_from_checkpoint(str(source))
+    with torch.no_grad():
+        stages = stage_outputs(ours, images)
+        final = ours.norm
+        expected = [torch.nn.functional.layer_norm(stage.permute(0, 2, 3, 1), stage.shape[1:2],
+                                                   *((final.weight, final.bias) if index == 3 else (None, None)),
+                                                   eps=final.eps).permute(0, 3, 1, 2)
+                    for index, stage in enumerate(stages)]
+        for their_map, our_map in zip(theirs(images), expected):
+            torch.testing.assert_close(their_map, our_map, rtol=1e-4, atol=1e-4)
+    groups = param_groups(theirs, str(export), lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    lr_of = {name: next(group["lr"] for group in groups if any(param is member for member in group["params"]))
+             for name, param in theirs.named_parameters()}
+    assert lr_of["patch_embed.projection.weight"] == 0.5 ** 9
+    assert lr_of["stages.0.blocks.1.attn.w_msa.qkv.weight"] == 0.5 ** 7
+    assert lr_of["stages.0.downsample.reduction.weight"] == 0.5 ** 7  # layer 2, as the original's
+    assert lr_of["stages.3.blocks.1.ffn.layers.1.weight"] == 0.5 and lr_of["norm0.weight"] == 1.0  # new: top

@@ -57,7 +57,9 @@ def add_commands(commands) -> None:
     parser = commands.add_parser("export", help="a checkpoint in timm or Hugging Face transformers layout "
                                                 "(model.safetensors + config)")
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--format", choices=["timm", "transformers"], required=True)
+    parser.add_argument("--format", choices=["timm", "transformers", "original"], required=True,
+                        help="original: Swin in microsoft/Swin-Transformer's layout (model.pth), which OpenMMLab's "
+                             "Swin backbone loads with convert_weights=True")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="a new folder, or an earlier export to replace (written as a whole or not at all)")
     parser.add_argument("--vit-bias", choices=["as-trained", "per-block"], default="as-trained",

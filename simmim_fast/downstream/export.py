@@ -13,6 +13,7 @@ it to build AdamW groups for the exported model, or any backbone built from it.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -29,9 +30,15 @@ from .finetune import RECIPES, layer_id
 from .models import DERIVED_BUFFERS, build_classifier, load_into
 from .probe import model_from_checkpoint
 
-FORMATS = ("timm", "transformers")
+FORMATS = ("timm", "transformers", "original")
 VIT_BIAS_LAYOUTS = ("as-trained", "per-block")
-EXPORT_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "layer_decay.json")
+EXPORT_FILES = ("model.safetensors", "model.pth", "config.json", "preprocessor_config.json", "layer_decay.json")
+# OpenMMLab's Swin backbone (mmdet 3 / mmseg 1) renames the original layout when loading it with
+# convert_weights=True: its parameter names, for layer_decay.json.
+MMDET_SWIN_NAMES = [(r"^layers\.(\d+)\.(.*)attn\.", r"stages.\1.\2attn.w_msa."),
+                    (r"^layers\.(\d+)\.(.*)mlp\.fc1\.", r"stages.\1.\2ffn.layers.0.0."),
+                    (r"^layers\.(\d+)\.(.*)mlp\.fc2\.", r"stages.\1.\2ffn.layers.1."),
+                    (r"^layers\.", "stages."), (r"^patch_embed\.proj\.", "patch_embed.projection.")]
 # transformers 5 names, by prefix: inside a block / elsewhere (the fused qkv and the head aside).
 BEIT_BLOCK_NAMES = {"gamma_1": "lambda_1", "gamma_2": "lambda_2", "norm1.": "layernorm_before.",
                     "norm2.": "layernorm_after.", "attn.proj.": "attention.o_proj.", "mlp.": "mlp.",
@@ -231,14 +238,38 @@ def layer_decay_table(model, config, fmt: str, classes) -> Dict[str, dict]:
     tags = {name: torch.full(param.shape, 2.0 * layer_id(name, config) + (not skips(name, param)))
             for name, param in model.named_parameters()}
     exported, _ = layout(tags, model, config, fmt, classes)
+    if fmt == "original":  # the names OpenMMLab's backbone gives them after its conversion
+        exported = _substituted(exported, MMDET_SWIN_NAMES)
     return {name: {"layer": int(tag.flatten()[0]) // 2, "weight_decay": bool(int(tag.flatten()[0]) % 2)}
             for name, tag in exported.items()}
+
+
+def original_swin_layout(state: Dict[str, torch.Tensor], config) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """The original Swin layout (microsoft/Swin-Transformer's names, which ours are) for OpenMMLab's Swin
+    backbone, which converts it on load (convert_weights=True). The final norm is also written as
+    ``norm3``, the name of mmdet's last-stage output norm (the converter keeps such keys as they are),
+    since pretraining applied it there. config.json: the backbone's keyword arguments."""
+    if config.MODEL.TYPE != "swin":
+        raise ValueError(f"--format original is the Swin layout OpenMMLab's Swin backbone loads; this checkpoint's "
+                         f"model is a {config.MODEL.TYPE}")
+    swin = config.MODEL.SWIN
+    _check_swin_fits(swin, "OpenMMLab")
+    last = len(swin.DEPTHS) - 1
+    state = dict(state, **{f"norm{last}.{name}": state[f"norm.{name}"] for name in ("weight", "bias")})
+    backbone = {"type": "SwinTransformer", "pretrain_img_size": config.DATA.IMG_SIZE, "embed_dims": swin.EMBED_DIM,
+                "patch_size": swin.PATCH_SIZE, "strides": [swin.PATCH_SIZE, 2, 2, 2], "depths": list(swin.DEPTHS),
+                "num_heads": list(swin.NUM_HEADS), "window_size": swin.WINDOW_SIZE, "mlp_ratio": int(swin.MLP_RATIO),
+                "qkv_bias": swin.QKV_BIAS, "patch_norm": True, "out_indices": list(range(len(swin.DEPTHS))),
+                "convert_weights": True, "init_cfg": {"type": "Pretrained", "checkpoint": "model.pth"}}
+    return state, {"openmmlab_backbone": backbone}
 
 
 def layout(state, model, config, fmt, classes=None):
     num_classes = getattr(model, "num_classes", 0)
     if fmt == "timm":
         return timm_layout(state, config, num_classes)
+    if fmt == "original":
+        return original_swin_layout(state, config)
     return transformers_layout(state, config, num_classes, classes)
 
 
@@ -263,8 +294,14 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, preset: Optional[str]
     metadata = {"format": "pt", "source": str(checkpoint), "simmim_fast.model_type": config.MODEL.TYPE}
     if config.MODEL.TYPE == "vit":
         metadata["simmim_fast.relative_position_bias"] = bias_layout(config)
-    files = {"model.safetensors": save({key: value.detach().contiguous() for key, value in state.items()},
-                                       metadata=metadata),
+    weights = {key: value.detach().contiguous() for key, value in state.items()}
+    if fmt == "original":  # OpenMMLab reads torch.save files ({'model': state_dict}, as the original saves)
+        buffer = io.BytesIO()
+        torch.save({"model": weights}, buffer)
+        weights_file = {"model.pth": buffer.getvalue()}
+    else:
+        weights_file = {"model.safetensors": save(weights, metadata=metadata)}
+    files = {**weights_file,
              "config.json": json.dumps(config_json, indent=2).encode(),
              "layer_decay.json": json.dumps({"recipe_layer_decay": RECIPES[config.MODEL.TYPE]["TRAIN"]["LAYER_DECAY"],
                                              "format": fmt, "parameters": layer_decay_table(model, config, fmt, classes)},
@@ -284,6 +321,8 @@ def describe_bias_layout(folder: Path) -> str:
     """'; relative position bias: shared' for a ViT export (from its safetensors metadata), else ''."""
     from safetensors import safe_open
 
+    if not (Path(folder) / "model.safetensors").is_file():
+        return ""
     with safe_open(str(Path(folder) / "model.safetensors"), "pt") as file:
         layout_name = (file.metadata() or {}).get("simmim_fast.relative_position_bias")
     return f"; relative position bias: {layout_name}" if layout_name else ""
