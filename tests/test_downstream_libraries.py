@@ -2,6 +2,7 @@
 with strict key matching and give our features; our torch-only augmentation follows timm's rules."""
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -65,21 +66,6 @@ def timm_model(folder):
     return model
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("finetuned", [False, True], ids=["pretrained", "finetuned"])
-def test_timm_export_loads_strictly_and_matches(tmp_path, preset, finetuned):
-    path = write_checkpoint(tmp_path, preset, finetuned)
-    model = timm_model(export_checkpoint(str(path), "timm", str(tmp_path / "timm")))
-    images = torch.randn(2, 3, 64, 64)
-    features, logits = ours(path, images)
-    with torch.no_grad():
-        tokens = model.forward_features(images)
-        theirs = tokens if preset == "vit-tiny" and not finetuned else model.forward_head(tokens, pre_logits=True)
-        torch.testing.assert_close(theirs, features, **FEATURE_TOLERANCE)
-        if logits is not None:
-            torch.testing.assert_close(model(images), logits, **FEATURE_TOLERANCE)
-
-
 def hf_model(folder):
     config = json.loads((folder / "config.json").read_text())
     model_class = getattr(transformers, config["architectures"][0])
@@ -91,14 +77,20 @@ def hf_model(folder):
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("finetuned", [False, True], ids=["pretrained", "finetuned"])
-def test_transformers_export_loads_strictly_and_matches(tmp_path, preset, finetuned):
+def test_exports_load_strictly_into_timm_and_transformers_and_match(tmp_path, preset, finetuned):
     path = write_checkpoint(tmp_path, preset, finetuned)
-    model = hf_model(export_checkpoint(str(path), "transformers", str(tmp_path / "hf")))
     images = torch.randn(2, 3, 64, 64)
     features, logits = ours(path, images)
+    timm_classes = timm_model(export_checkpoint(str(path), "timm", str(tmp_path / "timm")))
+    hf_classes = hf_model(export_checkpoint(str(path), "transformers", str(tmp_path / "hf")))
     with torch.no_grad():
-        output = model(pixel_values=images, output_hidden_states=True)
+        tokens = timm_classes.forward_features(images)
+        pooled = preset != "vit-tiny" or finetuned  # a pretrained ViT gives its tokens
+        theirs = timm_classes.forward_head(tokens, pre_logits=True) if pooled else tokens
+        torch.testing.assert_close(theirs, features, **FEATURE_TOLERANCE)
+        output = hf_classes(pixel_values=images)
         if logits is not None:
+            torch.testing.assert_close(timm_classes(images), logits, **FEATURE_TOLERANCE)
             torch.testing.assert_close(output.logits, logits, **FEATURE_TOLERANCE)
         elif preset == "vit-tiny":
             torch.testing.assert_close(output.last_hidden_state, features, **FEATURE_TOLERANCE)
@@ -145,42 +137,58 @@ def test_auto_image_processor_gives_our_evaluation_view(tmp_path):
     torch.testing.assert_close(theirs, eval_view(image, 64), atol=2e-2, rtol=0)  # uint8 rounding, then /std
 
 
-def our_stages(path, images):
-    model, _, _ = model_from_checkpoint(str(path))
-    with torch.no_grad():
-        return model, transfer.stage_outputs(model, images)
+def layer_decay_check(model, folder):
+    """transfer.param_groups on a real library's model: a parameter holding an exported tensor (our
+    discriminating weights tell them apart by value) gets that tensor's layer from layer_decay.json and
+    its weight-decay flag; a new one (neck, head, extra norm) the top layer. Returns the new ones' names."""
+    table = json.loads((folder / "layer_decay.json").read_text())["parameters"]
+    exported = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    entry_of = {exported[name].numpy().tobytes(): entry for name, entry in table.items()}
+    last = max(entry["layer"] for entry in table.values())
+    groups = transfer.param_groups(model, str(folder), lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    found = {id(param): (group["lr"], group["weight_decay"]) for group in groups for param in group["params"]}
+    new = []
+    for name, param in model.named_parameters():
+        entry = entry_of.get(param.detach().numpy().tobytes())
+        if entry is None:
+            new.append(name)
+            entry = {"layer": last, "weight_decay": param.ndim > 1}
+        assert found[id(param)] == (0.5 ** (last - entry["layer"]), 0.05 if entry["weight_decay"] else 0.0), name
+    return new
+
+
+def backbone_parts(names):
+    """The names inside UperNet's backbone that are not among the parts a backbone adds (transfer.UNTRAINED)."""
+    return [name for name in names if name.startswith("backbone.")
+            and not any(re.match(pattern, name[len("backbone."):]) for pattern in transfer.UNTRAINED)]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_timm_features_only_backbone_gives_our_stages(tmp_path, preset):
-    """timm.create_model("local-dir:EXPORT", features_only=True): every stage's map is ours."""
-    path = write_checkpoint(tmp_path, preset, finetuned=False)
-    folder = export_checkpoint(str(path), "timm", str(tmp_path / "timm"))
+def test_backbones_hold_our_weights(tmp_path, preset):
+    """timm.create_model("local-dir:EXPORT", features_only=True) and SwinBackbone / Swinv2Backbone /
+    ConvNextBackbone / BeitBackbone give our stage maps (through the per-stage norms where the class has
+    them: the last one ours, the others new, a plain LayerNorm); UperNet's backbone is that backbone.
+    Swin's window is 2 here: transformers' Swin backbones always partition (and shift) windows, where
+    the classifier takes a stage no larger than the window whole, unshifted."""
+    swin_section = {"swin-tiny": "SWIN", "swinv2-tiny": "SWINV2"}.get(preset)
+    overrides = [{"MODEL": {swin_section: {"WINDOW_SIZE": 2}}}] if swin_section else []
+    path = write_checkpoint(tmp_path, preset, finetuned=False, overrides=overrides)
     images = torch.randn(2, 3, 64, 64)
-    _, expected = our_stages(path, images)
-    indices = list(range(len(expected)))
-    model = transfer.timm_features(str(folder), out_indices=indices).eval()
+    ours_model, _, _ = model_from_checkpoint(str(path))
     with torch.no_grad():
-        theirs = model(images)
+        expected = transfer.stage_outputs(ours_model, images)
+    timm_folder = export_checkpoint(str(path), "timm", str(tmp_path / "timm"))
+    timm_backbone = transfer.timm_features(str(timm_folder), out_indices=list(range(len(expected)))).eval()
+    assert layer_decay_check(timm_backbone, timm_folder) == []  # every weight is ours
+    channels_last = str(getattr(timm_backbone, "output_fmt", "NCHW")).endswith("NHWC")  # timm's Swin stages
+    with torch.no_grad():
+        theirs = timm_backbone(images)
     assert len(theirs) == len(expected)
-    channels_last = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")  # timm's Swin stages
     for their_map, our_map in zip(theirs, expected):
         torch.testing.assert_close(their_map.permute(0, 3, 1, 2) if channels_last else their_map, our_map,
                                    **FEATURE_TOLERANCE)
 
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_transformers_backbone_and_upernet_hold_our_weights(tmp_path, preset):
-    """SwinBackbone / Swinv2Backbone / ConvNextBackbone / BeitBackbone: our stages, through the per-stage
-    norms where the class has them (the last one ours, the others new: a plain LayerNorm); UperNet's
-    backbone is that backbone. Swin's window is 2 here: transformers' Swin backbones always partition
-    (and shift) windows, where the classifier takes a stage no larger than the window whole, unshifted."""
-    swin_section = {"swin-tiny": "SWIN", "swinv2-tiny": "SWINV2"}.get(preset)
-    overrides = [{"MODEL": {swin_section: {"WINDOW_SIZE": 2}}}] if swin_section else []
-    path = write_checkpoint(tmp_path, preset, finetuned=False, overrides=overrides)
     folder = export_checkpoint(str(path), "transformers", str(tmp_path / "hf"))
-    images = torch.randn(2, 3, 64, 64)
-    ours_model, expected = our_stages(path, images)
     if preset == "vit-tiny":
         kwargs = {"out_indices": [1, 2, 3, 4], "reshape_hidden_states": True, "add_fpn": False}
     else:
@@ -193,6 +201,7 @@ def test_transformers_backbone_and_upernet_hold_our_weights(tmp_path, preset):
                                                    eps=final_norm.eps).permute(0, 3, 1, 2)
                     for index, stage in enumerate(expected)]
     upernet = transfer.hf_upernet(str(folder), num_labels=5, backbone_kwargs=kwargs).eval()
+    assert backbone_parts(layer_decay_check(upernet, folder)) == []
     with torch.no_grad():
         theirs = backbone(images).feature_maps
         for their_map, our_map in zip(theirs, expected):
@@ -200,6 +209,11 @@ def test_transformers_backbone_and_upernet_hold_our_weights(tmp_path, preset):
         for their_map, backbone_map in zip(upernet.backbone(images).feature_maps, theirs):
             torch.testing.assert_close(their_map, backbone_map, **FEATURE_TOLERANCE)
         assert upernet(pixel_values=images).logits.shape == (2, 5, 64, 64)
+    if preset == "vit-tiny":  # docs/transfer.md's BEiT call: a new FPN makes four scales of one
+        with_fpn = transfer.hf_upernet(str(folder), num_labels=5, backbone_kwargs={**kwargs, "add_fpn": True}).eval()
+        assert backbone_parts(layer_decay_check(with_fpn, folder)) == []
+        with torch.no_grad():
+            assert with_fpn(pixel_values=images).logits.shape == (2, 5, 64, 64)
 
 
 def test_rand_augment_levels_and_ops_are_timms(monkeypatch):
