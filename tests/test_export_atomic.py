@@ -3,6 +3,8 @@ existing folder, file modes; and a damaged probe feature cache is rebuilt. Plain
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,6 +79,23 @@ def test_full_disk_is_one_line_exit_1_and_leaves_nothing(tmp_path, monkeypatch, 
     assert status == 1 and len(err) == 1 and "No space left on device" in err[0] and str(out) in err[0]
     assert not (tmp_path / "new").exists()  # no empty folders, no half-written temporary file
     assert hidden_leftovers(tmp_path) == []
+
+
+def test_a_real_write_failure_in_a_real_process_is_one_line_exit_1_and_leaves_nothing(tmp_path):
+    """The CLI in its own process whose files may not exceed 64 KB (RLIMIT_FSIZE: the kernel fails the
+    write with EFBIG, as it fails one with ENOSPC on a full disk), replacing an earlier export."""
+    source = write_pretraining_checkpoint(tmp_path / "vit.pth", "vit-tiny")
+    out = tmp_path / "export"
+    export_checkpoint(str(source), "timm", str(out))
+    before = folder_contents(out)
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+               "from simmim_fast.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", limited, "export", "--checkpoint", str(source), "--format",
+                           "transformers", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(err) == 1 and "File too large" in err[0] and str(out) in err[0], done.stderr
+    assert folder_contents(out) == before and hidden_leftovers(tmp_path) == []
 
 
 def test_existing_folder_is_replaced_only_when_it_is_an_export(tmp_path, capsys):
