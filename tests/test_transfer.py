@@ -133,3 +133,16 @@ def test_openmmlab_swin_loads_the_original_export_and_gives_our_stages(tmp_path,
     assert lr_of["stages.0.blocks.1.attn.w_msa.qkv.weight"] == 0.5 ** 7
     assert lr_of["stages.0.downsample.reduction.weight"] == 0.5 ** 7  # layer 2, as the original's
     assert lr_of["stages.3.blocks.1.ffn.layers.1.weight"] == 0.5 and lr_of["norm0.weight"] == 1.0  # new: top
+
+
+@pytest.mark.parametrize("preset, extra, named", [
+    ("swin-tiny", ["--format", "timm", "--vit-bias", "per-block"], "--vit-bias"),
+    ("vit-tiny", ["--format", "original"], "--format original")])
+def test_export_options_that_do_not_fit_the_model_are_one_line_exit_2(tmp_path, capsys, preset, extra, named):
+    """--vit-bias per-block needs a shared-bias ViT, --format original a Swin: refused before anything is written."""
+    source = tmp_path / "model.pth"
+    save_atomic({"model": build_simmim(preset).state_dict(), "config": get_config(preset).to_dict()}, source)
+    assert main(["export", "--checkpoint", str(source), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pth"]
