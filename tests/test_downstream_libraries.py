@@ -122,6 +122,10 @@ def test_vit_per_block_bias_export_is_the_fine_tuning_layout(tmp_path, fmt):
 
 
 def test_auto_image_processor_gives_our_evaluation_view(tmp_path):
+    """Both of transformers' backends (torchvision, the default, and PIL): our mean/std and crop size, and
+    our view of the image (PIL: to uint8 rounding; torchvision: its tensor bicubic, ~1 level from Pillow's).
+    The shapes are ones whose resized side and crop offset every arithmetic agrees on (docs/transfer.md
+    says where transformers' floor((side - size) / 2) offset and torchvision's round() part)."""
     from PIL import Image
 
     from simmim_fast.downstream.data import eval_view
@@ -129,12 +133,17 @@ def test_auto_image_processor_gives_our_evaluation_view(tmp_path):
 
     path = write_checkpoint(tmp_path, "swin-tiny", finetuned=True)
     folder = export_checkpoint(str(path), "transformers", str(tmp_path / "hf"))
-    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), use_fast=False)
-    assert list(processor.image_mean) == list(IMAGENET_MEAN) and list(processor.image_std) == list(IMAGENET_STD)
-    assert processor.crop_size == {"height": 64, "width": 64}
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8))
-    theirs = processor(images=image, return_tensors="pt").pixel_values[0]
-    torch.testing.assert_close(theirs, eval_view(image, 64), atol=2e-2, rtol=0)  # uint8 rounding, then /std
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+              for width, height in ((90, 90), (120, 90), (77, 131), (200, 64))]
+    for backend, tolerance in (("torchvision", 4e-2), ("pil", 2e-2)):  # one uint8 level is 0.0175 after /std
+        processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend=backend)
+        assert list(processor.image_mean) == list(IMAGENET_MEAN) and list(processor.image_std) == list(IMAGENET_STD)
+        assert processor.crop_size["height"] == processor.crop_size["width"] == 64
+        for image in images:
+            theirs = processor(images=image, return_tensors="pt").pixel_values[0]
+            torch.testing.assert_close(theirs, eval_view(image, 64), atol=tolerance, rtol=0,
+                                       msg=f"{backend} {image.size}")
 
 
 def layer_decay_check(model, folder):

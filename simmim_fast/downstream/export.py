@@ -209,7 +209,8 @@ def transformers_layout(state: Dict[str, torch.Tensor], config, num_classes: int
 
 def preprocessor_config(config) -> dict:
     """Our evaluation view for ``AutoImageProcessor``: the shorter side resized to int(256/224 x size)
-    (bicubic), the centre size x size crop, ImageNet's mean/std (BiT's processor does exactly these steps)."""
+    (bicubic), the centre size x size crop, ImageNet's mean/std: BiT's processor's steps (its crop offset
+    floors where torchvision rounds: at most a pixel apart, docs/transfer.md)."""
     size = config.DATA.IMG_SIZE
     return {"image_processor_type": "BitImageProcessor", "do_resize": True,
             "size": {"shortest_edge": int(EVAL_RESIZE_RATIO * size)}, "resample": 3, "do_center_crop": True,
