@@ -63,8 +63,9 @@ def test_a_kill_between_files_keeps_the_earlier_export_whole(tmp_path, monkeypat
     assert folder_contents(out) == before
     assert hidden_leftovers(tmp_path) == []
     monkeypatch.undo()
-    (tmp_path / ".export.killed.partial").mkdir()  # what SIGKILL leaves: no except clause runs
-    (tmp_path / ".export.killed.partial" / "model.safetensors").write_bytes(b"x" * 1000)
+    for leftover in (".export.killed.partial", ".export.killed.replaced"):  # what SIGKILL leaves: no except runs
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"x" * 1000)
     export_checkpoint(str(swin), "timm", str(out))
     assert json.loads((out / "config.json").read_text())["architecture"].startswith("swin")
     assert hidden_leftovers(tmp_path) == []
