@@ -5,10 +5,12 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, List, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -63,6 +65,85 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
 def save_atomic(obj: Any, path: PathLike) -> Path:
     """torch.save through ``write_atomic``."""
     return write_atomic(path, lambda file: torch.save(obj, file))
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """A new file holding ``data``, flushed to the disk; its mode follows the umask (os.open 0o666)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _missing_parents(folder: Path) -> list:
+    """The ancestors of ``folder`` that do not exist yet, outermost first."""
+    return [parent for parent in reversed(folder.parents) if not parent.exists()]
+
+
+def write_folder_atomic(target: PathLike, files: Mapping[str, bytes], replaceable: Iterable[str] = ()) -> Path:
+    """``target`` holding exactly ``files`` (name -> bytes), all of them or none: they are written and
+    fsynced in a hidden folder beside it (``.<name>.<random>.partial``), which is then renamed to
+    ``target``. An existing ``target`` is replaced only if it holds nothing but names among
+    ``replaceable`` (an earlier export; anything else is a ValueError, nothing written): it is renamed
+    aside (``.<name>.<random>.replaced``), the new folder renamed in, the old one removed. A kill between
+    those two renames leaves no ``target`` and the previous folder in the ``.replaced`` one; the next
+    call removes such leftovers of ``target`` (and ``.partial`` ones). A failure (a full disk) removes
+    what this call created, the parent folders included, and raises the OSError naming ``target``.
+    The folder and its files get the umask's usual modes, as every other output."""
+    target = Path(target)
+    if target.exists():
+        others = sorted(path.name for path in target.iterdir()) if target.is_dir() else [target.name]
+        unknown = [name for name in others if name not in set(replaceable)] if target.is_dir() else others
+        if unknown:
+            raise ValueError(f"{target} exists and is not an earlier export (it holds {', '.join(unknown[:3])}); "
+                             "give a new folder or an earlier export to replace")
+    for leftover in target.parent.glob(f".{target.name}.*.partial") if target.parent.is_dir() else ():
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in target.parent.glob(f".{target.name}.*.replaced") if target.parent.is_dir() else ():
+        shutil.rmtree(leftover, ignore_errors=True)
+    created_parents = _missing_parents(target)
+    staging = aside = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the renamed folder private
+        for name, data in files.items():
+            _write_durably(staging / name, data)
+        _fsync_folder(staging)
+        if target.exists():
+            aside = target.parent / f".{target.name}.{secrets.token_hex(4)}.replaced"
+            target.rename(aside)
+            staging.rename(target)
+            staging = None
+            shutil.rmtree(aside)
+        else:
+            staging.rename(target)
+            staging = None
+        _fsync_folder(target.parent)
+    except BaseException as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            if aside is not None and aside.exists() and not target.exists():
+                aside.rename(target)  # the new folder did not make it: the earlier export stays
+        for parent in reversed(created_parents):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        if isinstance(error, OSError) and error.errno is not None:
+            raise OSError(error.errno, f"{os.strerror(error.errno)} (writing {target})") from error
+        raise
+    return target
 
 
 def load_checkpoint(path: PathLike, map_location="cpu", trust_checkpoint: bool = False) -> Any:

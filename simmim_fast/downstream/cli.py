@@ -55,8 +55,14 @@ def add_commands(commands) -> None:
     parser = commands.add_parser("export", help="a checkpoint in timm or Hugging Face transformers layout "
                                                 "(model.safetensors + config)")
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--format", choices=["timm", "transformers"], required=True)
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--format", choices=["timm", "transformers", "original"], required=True,
+                        help="original: Swin in microsoft/Swin-Transformer's layout (model.pth), which OpenMMLab's "
+                             "Swin backbone loads with convert_weights=True")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="a new folder, or an earlier export to replace (written as a whole or not at all)")
+    parser.add_argument("--vit-bias", choices=["as-trained", "per-block"], default="as-trained",
+                        help="per-block: a shared-bias ViT with a copy of the table in every block, the layout "
+                             "of fine-tuning (timm beit_* and BEiT fine-tuning code expect it)")
     parser.add_argument("--preset", choices=list(PRESETS))
     parser.add_argument("--config", metavar="FILE")
     parser.add_argument("--trust-checkpoint", action="store_true")
@@ -80,8 +86,9 @@ def run(args) -> None:
                              trust_checkpoint=args.trust_checkpoint, seed=args.seed)
         print(json_text(results, indent=2))
     else:
-        from .export import export_checkpoint
+        from .export import describe_bias_layout, export_checkpoint
 
         folder = export_checkpoint(args.checkpoint, args.format, args.out, preset=args.preset, config_file=args.config,
-                                   trust=args.trust_checkpoint)
-        print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'}")
+                                   trust=args.trust_checkpoint, vit_bias=args.vit_bias)
+        print(f"wrote {folder}: {', '.join(sorted(path.name for path in folder.iterdir()))}"
+              f"{describe_bias_layout(folder)}")

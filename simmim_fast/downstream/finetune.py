@@ -53,11 +53,19 @@ RECIPES = {
     "swin": {"MODEL": {"DROP_PATH_RATE": 0.1},
              "TRAIN": {"EPOCHS": 100, "WARMUP_EPOCHS": 20, "BASE_LR": 1.25e-3, "WARMUP_LR": 2.5e-7, "MIN_LR": 2.5e-7,
                        "WEIGHT_DECAY": 0.05, "LAYER_DECAY": 0.9, "LR_SCHEDULER": {"NAME": "cosine"}}},
+    # The successor's simmim_finetune__swinv2_base__img224_window14__800ep.yaml.
+    "swinv2": {"MODEL": {"DROP_PATH_RATE": 0.1},
+               "TRAIN": {"EPOCHS": 100, "WARMUP_EPOCHS": 20, "BASE_LR": 1.25e-3, "WARMUP_LR": 2.5e-7,
+                         "MIN_LR": 2.5e-7, "WEIGHT_DECAY": 0.05, "LAYER_DECAY": 0.75, "LR_SCHEDULER": {"NAME": "cosine"}}},
 }
+# ConvNeXt has no published SimMIM fine-tuning: its presets pretrain in the Swin-B recipe and fine-tune in it.
+RECIPES["convnext"] = RECIPES["swin"]
 # Per pretraining preset: what its fine-tuning changes beyond the type's recipe.
 PRESET_CHANGES = {
     "swin-base-192-w6": {"DATA": {"IMG_SIZE": 224}, "MODEL": {"SWIN": {"WINDOW_SIZE": 7}}},
     "swin-large-192-w12": {"DATA": {"IMG_SIZE": 224}, "MODEL": {"SWIN": {"WINDOW_SIZE": 14}}},
+    "swinv2-base-192-w12": {"DATA": {"IMG_SIZE": 224}, "MODEL": {"SWINV2": {"WINDOW_SIZE": 14,
+                                                                            "PRETRAINED_WINDOW_SIZES": [12, 12, 12, 6]}}},
     # CPU-sized: a short run at the tiny batch (peak LR = BASE_LR x 32/512).
     "vit-tiny": {"TRAIN": {"EPOCHS": 10, "WARMUP_EPOCHS": 1, "BASE_LR": 1.6e-2, "WARMUP_LR": 1e-5, "MIN_LR": 1e-5,
                            "LAYER_DECAY": 0.75}, "PRINT_FREQ": 10, "SAVE_FREQ": 5, "TAG": "vit_tiny_finetune"},
@@ -121,7 +129,8 @@ def finetune_config(options: FinetuneOptions, checkpoint_config: Optional[Dict[s
 
 def layer_id(name: str, config) -> int:
     """The original's layer of a parameter for layer-wise LR decay: 0 = patch embedding (and tokens),
-    then one per block, the last = everything after the blocks (and ViT's shared bias)."""
+    then one per block (ConvNeXt: its authors' 12 groups), the last = everything after the blocks (and
+    ViT's shared bias)."""
     if config.MODEL.TYPE == "vit":
         last = config.MODEL.VIT.DEPTH + 1
         if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
@@ -129,7 +138,10 @@ def layer_id(name: str, config) -> int:
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return last
-    depths = list(config.MODEL.SWIN.DEPTHS)
+    if config.MODEL.TYPE == "convnext":
+        return convnext_layer_id(name)
+    # The successor fine-tunes Swin V2 with V1's rule, over MODEL.SWINV2.DEPTHS.
+    depths = list((config.MODEL.SWINV2 if config.MODEL.TYPE == "swinv2" else config.MODEL.SWIN).DEPTHS)
     if name == "mask_token" or name.startswith("patch_embed"):
         return 0
     if name.startswith("layers."):
@@ -139,6 +151,26 @@ def layer_id(name: str, config) -> int:
             return sum(depths[:stage + 1])
         return sum(depths[:stage]) + int(parts[3]) + 1
     return sum(depths) + 1
+
+
+CONVNEXT_LAST_LAYER = 13  # ConvNeXt's optim_factory: 12 groups of blocks, then the norm and head
+
+
+def convnext_layer_id(name: str) -> int:
+    """ConvNeXt's own layer-decay rule (facebookresearch/ConvNeXt, written for depths 3-3-27-3 and used
+    for every size): the stem 0, stages 0-1 and their downsampling 1-2, stage 2 in groups of three
+    blocks from 3, stage 3 and its downsampling 12, the rest 13."""
+    parts = name.split(".")
+    if parts[0] in ("downsample_layers", "stages"):
+        stage = int(parts[1])
+        if stage == 3:
+            return CONVNEXT_LAST_LAYER - 1
+        if parts[0] == "downsample_layers":
+            return 0 if stage == 0 else stage + 1
+        return stage + 1 if stage < 2 else 3 + int(parts[2]) // 3
+    if name == "mask_token":
+        return 0
+    return CONVNEXT_LAST_LAYER
 
 
 def layer_decay_groups(model: torch.nn.Module, config) -> List[Dict[str, Any]]:

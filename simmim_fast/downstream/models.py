@@ -1,5 +1,5 @@
 """Classifiers on the SimMIM encoders (the original fine-tuning models: ViT with mean pooling or the CLS
-token, Swin with its pooled head), and loading a pretrained or fine-tuned checkpoint into one.
+token, Swin V1/V2 with its pooled head; ConvNeXt pooled, normalised, as its authors), and loading a pretrained or fine-tuned checkpoint into one.
 
 Loading follows the original ``utils.load_pretrained``: the ``encoder.`` prefix and the decoder are
 dropped, a ViT's shared relative position bias is copied into every block, relative position bias
@@ -19,11 +19,13 @@ import torch.nn.functional as F
 
 from ..checkpoint import CheckpointReadError, key_differences
 from ..models.registry import build_encoder
+from ..models.convnext import ConvNeXt
 from ..models.swin import SwinTransformer
+from ..models.swinv2 import SwinTransformerV2
 from ..models.vit import VisionTransformer
 
 # Buffers the model computes from its own shapes; a checkpoint's copy is never used.
-DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 VIT_CLS_BIAS_ENTRIES = 3  # cls-to-token, token-to-cls, cls-to-cls
 
 
@@ -55,8 +57,8 @@ class VisionTransformerClassifier(VisionTransformer):
         return self.head(self.forward_features(x))
 
 
-class SwinTransformerClassifier(SwinTransformer):
-    """Swin with its head: the last stage's tokens, LayerNorm, average pooled, ``head``."""
+class SwinClassifierMixin:
+    """Swin (V1 or V2) with its head: the last stage's tokens, LayerNorm, average pooled, ``head``."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -71,7 +73,35 @@ class SwinTransformerClassifier(SwinTransformer):
         return self.head(self.forward_features(x))
 
 
-CLASSIFIERS = {"vit": VisionTransformerClassifier, "swin": SwinTransformerClassifier}
+class SwinTransformerClassifier(SwinClassifierMixin, SwinTransformer):
+    pass
+
+
+class SwinTransformerV2Classifier(SwinClassifierMixin, SwinTransformerV2):
+    pass
+
+
+class ConvNeXtClassifier(ConvNeXt):
+    """ConvNeXt as its authors classify: global average pooling, then ``norm``, then ``head`` (pretraining
+    applied the same ``norm`` at every position instead)."""
+
+    def __init__(self, img_size: int = 224, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.img_size = img_size
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample_layers[0](x)
+        x = self.stages[0](x)
+        for downsample, stage in zip(self.downsample_layers[1:], self.stages[1:]):
+            x = stage(downsample(x))
+        return self.norm(x.mean((-2, -1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+CLASSIFIERS = {"vit": VisionTransformerClassifier, "swin": SwinTransformerClassifier,
+               "swinv2": SwinTransformerV2Classifier, "convnext": ConvNeXtClassifier}
 
 
 def build_classifier(config, num_classes: int) -> nn.Module:
@@ -80,9 +110,11 @@ def build_classifier(config, num_classes: int) -> nn.Module:
 
 
 def architecture_of(state: Mapping[str, torch.Tensor]) -> str:
-    """'vit', 'swin' or 'unknown', from the key layout of a (prefix-free) state dict."""
+    """'vit', 'swin', 'swinv2', 'convnext' or 'unknown', from the key layout of a (prefix-free) state dict."""
     if any(key.startswith("layers.") for key in state):
-        return "swin"
+        return "swinv2" if any(".cpb_mlp." in key for key in state) else "swin"
+    if any(key.startswith("stages.") for key in state):
+        return "convnext"
     if any(key.startswith("blocks.") for key in state):
         return "vit"
     return "unknown"

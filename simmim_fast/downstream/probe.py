@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .._checks import check_count, require, usable_device
-from ..checkpoint import load_checkpoint, save_atomic
+from ..checkpoint import CheckpointReadError, load_checkpoint, save_atomic
 from ..config import check_hyperparameters, get_config, merge
 from ..train.configs import build_config
 from ..train.engine import seed_everything
@@ -94,14 +95,32 @@ def extract(model: torch.nn.Module, source, img_size: int, crop: bool, batch_siz
 
 
 def cached_features(weights: str, model, config, source, cache_dir: Path, batch_size: int, device) -> Dict[str, Any]:
-    """The features of ``source`` from the cache, or extracted and cached (atomically)."""
+    """The features of ``source`` from the cache, or extracted and cached (atomically); a cache file
+    that cannot be read or does not hold one feature row per image is rebuilt, with a warning."""
     img_size, crop = config.DATA.IMG_SIZE, config.get("TEST", {}).get("CROP", True)
     path = cache_dir / f"features_{cache_key(weights, source, img_size, crop)}.pt"
     if path.is_file():
-        return {**load_checkpoint(path), "cached": True}
+        try:
+            cached = load_checkpoint(path)
+            problem = _feature_cache_problem(cached, len(source))
+        except CheckpointReadError as error:
+            problem = str(error)
+        if problem is None:
+            return {**cached, "cached": True}
+        warnings.warn(f"rebuilding the feature cache {path}: {problem}", stacklevel=2)
     found = extract(model, source, img_size, crop, batch_size, device)
     save_atomic(found, path)
     return {**found, "cached": False}
+
+
+def _feature_cache_problem(cached, images: int) -> Optional[str]:
+    """None for a feature cache of ``images`` rows, else what is wrong with it."""
+    if not (isinstance(cached, dict) and isinstance(cached.get("features"), torch.Tensor)
+            and isinstance(cached.get("labels"), torch.Tensor)):
+        return "not a feature cache (no 'features' and 'labels' tensors)"
+    if cached["features"].ndim != 2 or len(cached["features"]) != images or len(cached["labels"]) != images:
+        return f"{tuple(cached['features'].shape)} features for {images} images"
+    return None
 
 
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor, num_classes: int,

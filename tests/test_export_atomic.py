@@ -1,0 +1,140 @@
+"""Exports appear as a whole or not at all (issue 21, item 5): a kill between two files, a full disk, an
+existing folder, file modes; and a damaged probe feature cache is rebuilt. Plain lane (safetensors only)."""
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+
+from simmim_fast import build_simmim, checkpoint, get_config  # noqa: E402
+from simmim_fast.checkpoint import save_atomic  # noqa: E402
+from simmim_fast.cli import main  # noqa: E402
+from simmim_fast.downstream.data import write_scene_folder  # noqa: E402
+from simmim_fast.downstream.export import export_checkpoint  # noqa: E402
+from simmim_fast.downstream.probe import run_probes  # noqa: E402
+
+
+def write_pretraining_checkpoint(path, preset):
+    save_atomic({"model": build_simmim(preset).state_dict(), "config": get_config(preset).to_dict()}, path)
+    return path
+
+
+def folder_contents(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def hidden_leftovers(parent):
+    return sorted(path.name for path in parent.iterdir() if path.name.startswith("."))
+
+
+class Killed(BaseException):
+    """What a SIGKILL would do mid-export, as far as this process can see: nothing after it runs."""
+
+
+def failing_writer(monkeypatch, fail_on, error):
+    """``checkpoint._write_durably`` that writes half of ``fail_on`` (a big temporary file) and raises."""
+    real = checkpoint._write_durably
+
+    def write(path, data):
+        if path.name == fail_on:
+            with open(path, "wb") as file:
+                file.write(data[:len(data) // 2])
+            raise error
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_durably", write)
+
+
+def test_a_kill_between_files_keeps_the_earlier_export_whole(tmp_path, monkeypatch):
+    """Today's bug: Swin weights beside an old BEiT config. The earlier (ViT) export stays byte for byte,
+    and a staging folder a real kill leaves behind is removed by the next export."""
+    out = tmp_path / "export"
+    export_checkpoint(str(write_pretraining_checkpoint(tmp_path / "vit.pth", "vit-tiny")), "timm", str(out))
+    before = folder_contents(out)
+    swin = write_pretraining_checkpoint(tmp_path / "swin.pth", "swin-tiny")
+    failing_writer(monkeypatch, "config.json", Killed())  # weights written, config not
+    with pytest.raises(Killed):
+        export_checkpoint(str(swin), "timm", str(out))
+    assert folder_contents(out) == before
+    assert hidden_leftovers(tmp_path) == []
+    monkeypatch.undo()
+    for leftover in (".export.killed.partial", ".export.killed.replaced"):  # what SIGKILL leaves: no except runs
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    export_checkpoint(str(swin), "timm", str(out))
+    assert json.loads((out / "config.json").read_text())["architecture"].startswith("swin")
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_full_disk_is_one_line_exit_1_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    source = write_pretraining_checkpoint(tmp_path / "vit.pth", "vit-tiny")
+    failing_writer(monkeypatch, "model.safetensors", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    out = tmp_path / "new" / "deeper" / "export"
+    status = main(["export", "--checkpoint", str(source), "--format", "transformers", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and "No space left on device" in err[0] and str(out) in err[0]
+    assert not (tmp_path / "new").exists()  # no empty folders, no half-written temporary file
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_a_real_write_failure_in_a_real_process_is_one_line_exit_1_and_leaves_nothing(tmp_path):
+    """The CLI in its own process whose files may not exceed 64 KB (RLIMIT_FSIZE: the kernel fails the
+    write with EFBIG, as it fails one with ENOSPC on a full disk), replacing an earlier export."""
+    source = write_pretraining_checkpoint(tmp_path / "vit.pth", "vit-tiny")
+    out = tmp_path / "export"
+    export_checkpoint(str(source), "timm", str(out))
+    before = folder_contents(out)
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+               "from simmim_fast.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", limited, "export", "--checkpoint", str(source), "--format",
+                           "transformers", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(err) == 1 and "File too large" in err[0] and str(out) in err[0], done.stderr
+    assert folder_contents(out) == before and hidden_leftovers(tmp_path) == []
+
+
+def test_existing_folder_is_replaced_only_when_it_is_an_export(tmp_path, capsys):
+    source = write_pretraining_checkpoint(tmp_path / "vit.pth", "vit-tiny")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = ["export", "--checkpoint", str(source), "--format", "timm", "--out", str(mine)]
+    assert main(args) == 2 and "is not an earlier export" in capsys.readouterr().err
+    assert folder_contents(mine) == {"notes.txt": b"keep me"}
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(source), "--format", "transformers", "--out", str(out)]) == 0
+    assert "relative position bias: shared" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(source), "--format", "timm", "--out", str(out)]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["config.json", "layer_decay.json", "model.safetensors"]
+
+
+def test_export_modes_follow_the_umask(tmp_path):
+    source = write_pretraining_checkpoint(tmp_path / "swin.pth", "swin-tiny")
+    previous = os.umask(0o027)
+    try:
+        out = export_checkpoint(str(source), "transformers", str(tmp_path / "export"))
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o640}
+
+
+def test_a_damaged_feature_cache_is_rebuilt_with_a_warning(tmp_path):
+    data = write_scene_folder(tmp_path / "data", train_count=8, val_count=4)
+    source = write_pretraining_checkpoint(tmp_path / "vit.pth", "vit-tiny")
+    cache = tmp_path / "features"
+    first = run_probes(str(source), str(data), linear=False, knn=True, k=3, cache_dir=str(cache))
+    files = sorted(cache.iterdir())
+    assert not first["features_cached"] and len(files) == 2
+    files[0].write_bytes(files[0].read_bytes()[:200])  # torn
+    torch.save({"features": torch.zeros(3, 5), "labels": torch.zeros(3, dtype=torch.long)}, files[1])  # stale
+    with pytest.warns(UserWarning, match="rebuilding the feature cache") as caught:
+        again = run_probes(str(source), str(data), linear=False, knn=True, k=3, cache_dir=str(cache))
+    assert len(caught) == 2 and not again["features_cached"] and again["knn"] == first["knn"]
+    assert run_probes(str(source), str(data), linear=False, knn=True, k=3, cache_dir=str(cache))["features_cached"]
