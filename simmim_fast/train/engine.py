@@ -113,8 +113,8 @@ def kernel_backend(spec: Optional[str]):
 class TrainingSteps:
     """The batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``), ``runtime``,
     ``model`` (unwrapped), ``train_model`` (DDP/FSDP/compiled), ``optimizer``, ``scaler`` (or None),
-    ``schedule``, ``step``, ``clip_grad``, ``device``, ``amp_dtype``, ``loader`` (an ``EpochSampler``'s),
-    ``accumulation``, ``epoch`` and ``samples_into_epoch``."""
+    ``schedule``, ``step``, ``clip_grad``, ``clip_each_micro_batch`` (TRAIN.CLIP_EACH_MICRO_BATCH), ``device``,
+    ``amp_dtype``, ``loader`` (an ``EpochSampler``'s), ``accumulation``, ``epoch`` and ``samples_into_epoch``."""
 
     def _batches(self):
         """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
@@ -155,15 +155,25 @@ class TrainingSteps:
 
     def optimizer_step(self, batches, loss_of: Callable[[Any], torch.Tensor]) -> Dict[str, Any]:
         """Forward/backward of ``loss_of(batch)`` over the micro-batches, then the update unless the loss is
-        non-finite. Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``)."""
+        non-finite. Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``).
+
+        Clipping: once, on the step's summed gradients; or, with ``clip_each_micro_batch`` (the original's
+        main_finetune.py and main_simmim.py under accumulation), the running sum after every micro-batch's
+        backward too, then gradients are synchronised after every micro-batch, as the original's DDP did,
+        so that each clip sees the sum over all processes."""
         lr = self.schedule.apply(self.optimizer, self.step)
         loss_sum = torch.zeros((), device=self.device)
+        clip_each = self.clip_each_micro_batch and len(batches) > 1
         for index, batch in enumerate(batches):
-            with self._micro_batch_context(last=index == len(batches) - 1), self._autocast():
+            last = index == len(batches) - 1
+            with self._micro_batch_context(last=last or clip_each), self._autocast():
                 loss = loss_of(batch)
             scaled = loss.float() / len(batches)
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
+            if clip_each and not last:  # the gradients are still scaled here: so is the threshold
+                scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad * scale)
         step_loss = distributed.mean_across(loss_sum / len(batches), self.runtime)
         if not self.runtime.is_xla and not torch.isfinite(step_loss):
             self.optimizer.zero_grad(set_to_none=True)
