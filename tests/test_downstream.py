@@ -167,6 +167,7 @@ def test_finetune_cli_resumes_and_probes_cache(tmp_path, capsys):
     assert main(args) == 0 and main(args) == 0
     outputs = capsys.readouterr().out
     assert '"features_cached": false' in outputs and '"features_cached": true' in outputs
+    assert '"train_top1"' in outputs and '"weight_decay"' in outputs
     baseline = ["eval", "--preset", "vit-tiny", "--seed", "1", "--knn", "--data", str(data),
                 "--cache-dir", str(tmp_path / "features")]
     assert main(baseline) == 0 and '"random init, seed 1"' in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """The fine-tuning recipe against the original SimMIM's (main_finetune.py, optimizer.py, lr_scheduler.py
-with timm 0.4's schedulers, utils.load_pretrained, data/data_finetune.py and its YAMLs), point by point
-(plain lane)."""
+with timm 0.4's schedulers, utils.load_pretrained, data/data_finetune.py and its YAMLs), point by point,
+and the linear probe against a converged logistic regression (plain lane)."""
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from simmim_fast.config import PRESETS, merge
 from simmim_fast.downstream import augment
 from simmim_fast.downstream.finetune import FinetuneOptions, finetune_config, layer_decay_groups
 from simmim_fast.downstream.models import build_classifier, resize_relative_position_table
+from simmim_fast.downstream.probe import fit_logistic_regression, linear_probe
 from simmim_fast.train.data import center_view, center_view_geometry, to_normalized_tensor
 from simmim_fast.train.distributed import Runtime
 from simmim_fast.train.engine import TrainingSteps
@@ -210,3 +211,57 @@ def test_eval_view_uses_torchvisions_arithmetic_on_many_sizes():
     width, height, left, top = torchvision_resize_and_centre_crop(97, 83, 64, 73)
     expected = to_normalized_tensor(image.resize((width, height), Image.BICUBIC).crop((left, top, left + 64, top + 64)))
     assert torch.equal(center_view(image, 64, 73), expected)
+
+
+# ---- the linear probe converges ------------------------------------------------------------------
+
+def newton_logistic_regression(features, labels, num_classes, weight_decay, iterations=30):
+    """Reference: Newton's method on mean cross-entropy + weight_decay / 2 |W|^2 (bias free), the exact
+    Hessian of the multinomial logistic loss; quadratic convergence to the unique minimum."""
+    count, dim = features.shape
+    inputs = torch.cat((features.double(), torch.ones(count, 1, dtype=torch.float64)), dim=1)  # bias column
+    targets = F.one_hot(labels, num_classes).double()
+    penalty = torch.full((dim + 1,), weight_decay, dtype=torch.float64)
+    penalty[-1] = 0.0
+    theta = torch.zeros(num_classes, dim + 1, dtype=torch.float64)
+    for _ in range(iterations):
+        probabilities = torch.softmax(inputs @ theta.T, dim=1)
+        gradient = (probabilities - targets).T @ inputs / count + theta * penalty
+        # Hessian blocks (c, d): X^T diag(p_c (delta_cd - p_d)) X / N, plus the penalty on the diagonal.
+        weights = probabilities[:, :, None] * (torch.eye(num_classes, dtype=torch.float64) - probabilities[:, None, :])
+        hessian = torch.einsum("ncd,ni,nj->cidj", weights, inputs, inputs) / count
+        hessian = hessian.reshape(num_classes * (dim + 1), -1) + torch.diag(penalty.repeat(num_classes))
+        # The softmax is shift invariant (one class's direction is flat without a penalty on the bias).
+        step = torch.linalg.lstsq(hessian, gradient.reshape(-1, 1)).solution
+        theta = theta - step.reshape(num_classes, dim + 1)
+    logits = inputs @ theta.T
+    objective = F.cross_entropy(logits, labels) + 0.5 * weight_decay * theta[:, :-1].pow(2).sum()
+    return theta[:, :-1], theta[:, -1], float(objective)
+
+
+def overlapping_classes(count=240, dim=12, num_classes=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_classes, (count,), generator=generator)
+    centres = torch.randn(num_classes, dim, generator=generator)
+    return centres[labels] * 0.8 + torch.randn(count, dim, generator=generator), labels
+
+
+@pytest.mark.parametrize("weight_decay", [1e-4, 1e-1])
+def test_logistic_regression_reaches_the_newton_minimum(weight_decay):
+    features, labels = overlapping_classes()
+    ours = fit_logistic_regression(features, labels, 3, weight_decay)
+    weight, bias, objective = newton_logistic_regression(features, labels, 3, weight_decay)
+    assert ours["converged"] and ours["objective"] == pytest.approx(objective, rel=1e-8)
+    torch.testing.assert_close(ours["weight"], weight, rtol=0, atol=1e-4)
+    # The bias is defined up to a shift common to all classes (the softmax ignores it).
+    torch.testing.assert_close(ours["bias"] - ours["bias"].mean(), bias - bias.mean(), rtol=0, atol=1e-4)
+
+
+def test_linear_probe_reports_training_accuracy_and_its_chosen_penalty():
+    features, labels = overlapping_classes(count=300)
+    probe = linear_probe(features[:200], labels[:200], features[200:], 3, seed=0)
+    held_out = probe["selection"]["held_out_top1"]
+    assert probe["converged"] and len(held_out) == 7 and probe["selection"]["held_out_images"] == 40
+    assert held_out[str(probe["selection"]["weight_decay"])] == max(held_out.values())
+    train_top1 = (probe["train_scores"].argmax(1) == labels[:200]).double().mean()
+    assert train_top1 > 0.8 and probe["scores"].shape == (100, 3)
