@@ -13,6 +13,7 @@ from simmim_fast.config import PRESETS, merge
 from simmim_fast.downstream import augment
 from simmim_fast.downstream.finetune import FinetuneOptions, finetune_config, layer_decay_groups
 from simmim_fast.downstream.models import build_classifier, resize_relative_position_table
+from simmim_fast.downstream import probe
 from simmim_fast.downstream.probe import fit_logistic_regression, linear_probe
 from simmim_fast.train.data import center_view, center_view_geometry, to_normalized_tensor
 from simmim_fast.train.distributed import Runtime
@@ -246,10 +247,15 @@ def overlapping_classes(count=240, dim=12, num_classes=3, seed=0):
     return centres[labels] * 0.8 + torch.randn(count, dim, generator=generator), labels
 
 
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
 @pytest.mark.parametrize("weight_decay", [1e-4, 1e-1])
-def test_logistic_regression_reaches_the_newton_minimum(weight_decay):
+def test_logistic_regression_reaches_the_newton_minimum(weight_decay, solver, monkeypatch):
+    """Both solvers of the probe (L-BFGS: the one for more than NEWTON_MAX_PARAMETERS parameters)."""
+    if solver == "lbfgs":
+        monkeypatch.setattr(probe, "NEWTON_MAX_PARAMETERS", 0)
     features, labels = overlapping_classes()
     ours = fit_logistic_regression(features, labels, 3, weight_decay)
+    assert ours["solver"] == solver
     weight, bias, objective = newton_logistic_regression(features, labels, 3, weight_decay)
     assert ours["converged"] and ours["objective"] == pytest.approx(objective, rel=1e-8)
     torch.testing.assert_close(ours["weight"], weight, rtol=0, atol=1e-4)
@@ -259,9 +265,9 @@ def test_logistic_regression_reaches_the_newton_minimum(weight_decay):
 
 def test_linear_probe_reports_training_accuracy_and_its_chosen_penalty():
     features, labels = overlapping_classes(count=300)
-    probe = linear_probe(features[:200], labels[:200], features[200:], 3, seed=0)
-    held_out = probe["selection"]["held_out_top1"]
-    assert probe["converged"] and len(held_out) == 7 and probe["selection"]["held_out_images"] == 40
-    assert held_out[str(probe["selection"]["weight_decay"])] == max(held_out.values())
-    train_top1 = (probe["train_scores"].argmax(1) == labels[:200]).double().mean()
-    assert train_top1 > 0.8 and probe["scores"].shape == (100, 3)
+    result = linear_probe(features[:200], labels[:200], features[200:], 3, seed=0)
+    held_out = result["selection"]["held_out_top1"]
+    assert result["converged"] and len(held_out) == 7 and result["selection"]["held_out_images"] == 40
+    assert held_out[str(result["selection"]["weight_decay"])] == max(held_out.values())
+    train_top1 = (result["train_scores"].argmax(1) == labels[:200]).double().mean()
+    assert train_top1 > 0.8 and result["scores"].shape == (100, 3)

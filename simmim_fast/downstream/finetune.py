@@ -5,8 +5,9 @@ The model comes from --preset/--config, or from the pretraining checkpoint's own
 YAML that fine-tunes its preset follows (``PRESET_YAMLS``: ViT-B layer decay 0.65; Swin-B 0.9 after 100
 pretraining epochs, 0.8 after 800; Swin-L 0.7 and drop path 0.2), or the recipe of its type (ViT:
 per-block relative position bias, mean pooling, layer decay 0.65; Swin: 0.9; both drop path 0.1, 100
-epochs, 20 warm-up, base LR 1.25e-3), then --config, --set and the flags. Steps, accumulation, AMP, clipping, checkpoints and the log are pretraining's (``train.engine``,
-``train.checkpoints``, ``train.monitor``). Top-1/top-5 on the validation split after every epoch and at
+epochs, 20 warm-up, base LR 1.25e-3), then --config, --set and the flags. Steps, accumulation, AMP,
+clipping, checkpoints and the log are pretraining's (``train.engine``, ``train.checkpoints``,
+``train.monitor``). Top-1/top-5 on the validation split after every epoch and at
 the end go to log.jsonl and metrics.json.
 """
 from __future__ import annotations
@@ -259,9 +260,9 @@ class Finetuning(TrainingSteps):
         aug = config.AUG
         if aug.AUTO_AUGMENT in ("", "none") and aug.COLOR_JITTER > 0:
             raise ValueError("AUG.COLOR_JITTER without RandAugment is not implemented; set AUG.COLOR_JITTER=0")
-        if aug.REMODE != "pixel" or aug.RECOUNT != 1 or aug.MIXUP_MODE != "batch" or config.DATA.INTERPOLATION != "bicubic":
-            raise ValueError("only AUG.REMODE=pixel, AUG.RECOUNT=1, AUG.MIXUP_MODE=batch and DATA.INTERPOLATION=bicubic "
-                             "(the recipe's) are implemented")
+        if (aug.REMODE, aug.RECOUNT, aug.MIXUP_MODE, config.DATA.INTERPOLATION) != ("pixel", 1, "batch", "bicubic"):
+            raise ValueError("only AUG.REMODE=pixel, AUG.RECOUNT=1, AUG.MIXUP_MODE=batch and "
+                             "DATA.INTERPOLATION=bicubic (the recipe's) are implemented")
         transform = FinetuneTransform(config.DATA.IMG_SIZE, aug.AUTO_AUGMENT, aug.REPROB)
         self.batch_size = config.DATA.BATCH_SIZE
         pin = config.DATA.PIN_MEMORY and self.device.type == "cuda"
