@@ -60,6 +60,10 @@ DEFAULTS: Dict[str, Any] = {
         "LR_SCHEDULER": {"NAME": "cosine", "DECAY_EPOCHS": 30, "DECAY_RATE": 0.1, "GAMMA": 0.1, "MULTISTEPS": []},
         "OPTIMIZER": {"NAME": "adamw", "EPS": 1e-8, "BETAS": (0.9, 0.999), "MOMENTUM": 0.9},
         "LAYER_DECAY": 1.0,
+        # Ours: with accumulation, the original clips the running gradient sum after every micro-batch's
+        # backward (main_simmim.py and main_finetune.py); pretraining here clips once per optimizer step,
+        # the fine-tuning recipe (downstream.finetune) as the original.
+        "CLIP_EACH_MICRO_BATCH": False,
     },
     "AMP_OPT_LEVEL": "", "OUTPUT": "", "TAG": "default", "SAVE_FREQ": 1, "PRINT_FREQ": 10, "SEED": 0,
     "EVAL_MODE": False, "THROUGHPUT_MODE": False, "LOCAL_RANK": 0, "PRETRAINED": "",

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -235,8 +236,8 @@ def test_rand_augment_levels_and_ops_are_timms(monkeypatch):
             their_args = timm_aa.LEVEL_TO_ARG[name](7.3, timm_aa._HPARAMS_DEFAULT) if level_to_arg else ()
             our_args = (level_to_arg(7.3, sign),) if level_to_arg else ()
             assert our_args == pytest.approx(their_args), name
-            theirs = timm_aa.NAME_TO_OP[name](image, *their_args, fillcolor=augment.FILL, resample=augment.RESAMPLES[1])
-            ours_image = augment.apply_op(image, name, 7.3, sign, augment.RESAMPLES[1])
+            theirs = timm_aa.NAME_TO_OP[name](image, *their_args, fillcolor=augment.FILL, resample=augment.RESAMPLE)
+            ours_image = augment.apply_op(image, name, 7.3, sign)
             assert ours_image.tobytes() == theirs.tobytes(), name
     assert set(augment.RAND_AUGMENT_OPS) == set(timm_aa._RAND_INCREASING_TRANSFORMS)
 
@@ -258,3 +259,31 @@ def test_mixup_and_cutmix_are_timms(monkeypatch):
     assert augment.cutmix_box(20, 20, 0.6, 13, 4) == (top, bottom, left, right)
     kept = 1 - (bottom - top) * (right - left) / 400
     assert kept == pytest.approx(lam)
+
+
+def test_the_original_transform_gives_rand_augment_one_bicubic_filter():
+    """data_finetune.py's create_transform(..., interpolation='bicubic'): timm's RandAugment then filters
+    every geometric op bicubically, as ours (it draws bilinear or bicubic per op only without one)."""
+    transform = timm.data.create_transform(input_size=64, is_training=True, color_jitter=0.4,
+                                           auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel",
+                                           re_count=1, interpolation="bicubic")
+    rand_augment = next(step for step in transform.transforms if type(step).__name__ == "RandAugment")
+    assert {op.kwargs["resample"] for op in rand_augment.ops} == {augment.RESAMPLE}
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_eval_view_is_torchvisions_resize_and_centre_crop(size):
+    """data_finetune.py's evaluation transform, run by torchvision itself, on 40 image sizes."""
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import transforms
+
+    from simmim_fast.downstream.data import eval_view
+
+    theirs = transforms.Compose([
+        transforms.Resize(int(256 / 224 * size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    scene = render_scene(4)
+    for width, height in np.random.default_rng(size).integers(size, 3 * size, size=(40, 2)).tolist():
+        image = scene.resize((width, height), Image.BILINEAR)
+        torch.testing.assert_close(eval_view(image, size), theirs(image), rtol=0, atol=1e-6, msg=str((width, height)))

@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 PIN=(-c tools/constraints/main.txt)
 .venv/bin/python -m pip install -q "${PIN[@]}" --upgrade pip "setuptools>=77"  # pyproject.toml: PEP 639 licence
 .venv/bin/python -m pip install -q "${PIN[@]}" "torch==2.13.0"
-.venv/bin/python -m pip install -q "${PIN[@]}" "numpy<2.4" "triton==3.6.0" pytest pillow pyyaml tqdm nvidia-ml-py matplotlib safetensors
+.venv/bin/python -m pip install -q "${PIN[@]}" "numpy<2.4" "triton==3.6.0" pytest pillow pyyaml tqdm nvidia-ml-py matplotlib safetensors scipy
 # transformers: the e2e benchmark's smoke run trains its masked-image-modeling models beside ours
 .venv/bin/python -m pip install -q "${PIN[@]}" transformers
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .

@@ -16,7 +16,9 @@ from PIL import Image, ImageEnhance, ImageOps
 
 MAX_LEVEL = 10.0  # timm's _LEVEL_DENOM: magnitudes are in [0, 10]
 FILL = (124, 116, 104)  # ImageNet mean in 0-255: what geometric ops expose (timm's img_mean)
-RESAMPLES = (Image.BILINEAR, Image.BICUBIC)  # one drawn per geometric op
+# The geometric ops' filter: create_transform(interpolation='bicubic') hands timm's RandAugment that one
+# filter for every op (timm draws bilinear or bicubic per op only when given no interpolation).
+RESAMPLE = Image.BICUBIC
 
 
 def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
@@ -74,15 +76,16 @@ RAND_AUGMENT_OPS: Dict[str, Tuple[Optional[Callable[[float, float], float]], Cal
 }
 
 
-def apply_op(image: Image.Image, name: str, level: float, sign: float = 1.0, resample=Image.BICUBIC) -> Image.Image:
+def apply_op(image: Image.Image, name: str, level: float, sign: float = 1.0) -> Image.Image:
     """One RandAugment op at ``level`` (0-10) with the given sign for the symmetric ones."""
     level_to_arg, op = RAND_AUGMENT_OPS[name]
-    return op(image, level_to_arg(level, sign) if level_to_arg is not None else None, resample)
+    return op(image, level_to_arg(level, sign) if level_to_arg is not None else None, RESAMPLE)
 
 
 class RandAugment:
     """timm's rand-m{magnitude}-mstd{magnitude_std}-inc1: ``layers`` ops drawn with replacement, each
-    applied with probability ``prob`` at a magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10]."""
+    applied with probability ``prob`` at a magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10],
+    geometric ops filtered bicubically (``RESAMPLE``), as the original's transform."""
 
     def __init__(self, magnitude: float = 9.0, magnitude_std: float = 0.5, layers: int = 2, prob: float = 0.5):
         self.magnitude, self.magnitude_std, self.layers, self.prob = magnitude, magnitude_std, layers, prob
@@ -114,8 +117,7 @@ class RandAugment:
                 level = self.magnitude + self.magnitude_std * float(torch.randn((), generator=generator))
             level = max(0.0, min(level, MAX_LEVEL))
             sign = -1.0 if _uniform(generator) > 0.5 else 1.0
-            resample = RESAMPLES[int(torch.randint(len(RESAMPLES), (), generator=generator))]
-            image = apply_op(image, name, level, sign, resample)
+            image = apply_op(image, name, level, sign)
         return image
 
 

@@ -1,11 +1,13 @@
 """``simmim-fast finetune``: the original SimMIM fine-tuning recipe on a labelled folder (or the
 labelled embedded scenes), on one device or under torchrun (DDP).
 
-The model comes from --preset/--config, or from the pretraining checkpoint's own config; the recipe
-for its type (ViT: per-block relative position bias, mean pooling, layer decay 0.65; Swin: layer decay
-0.9; both drop path 0.1, 100 epochs, 20 warm-up, base LR 1.25e-3) follows, then --config, --set and the
-flags. Steps, accumulation, AMP, clipping, checkpoints and the log are pretraining's (``train.engine``,
-``train.checkpoints``, ``train.monitor``). Top-1/top-5 on the validation split after every epoch and at
+The model comes from --preset/--config, or from the pretraining checkpoint's own config; the original
+YAML that fine-tunes its preset follows (``PRESET_YAMLS``: ViT-B layer decay 0.65; Swin-B 0.9 after 100
+pretraining epochs, 0.8 after 800; Swin-L 0.7 and drop path 0.2), or the recipe of its type (ViT:
+per-block relative position bias, mean pooling, layer decay 0.65; Swin: 0.9; both drop path 0.1, 100
+epochs, 20 warm-up, base LR 1.25e-3), then --config, --set and the flags. Steps, accumulation, AMP,
+clipping, checkpoints and the log are pretraining's (``train.engine``, ``train.checkpoints``,
+``train.monitor``). Top-1/top-5 on the validation split after every epoch and at
 the end go to log.jsonl and metrics.json.
 """
 from __future__ import annotations
@@ -44,34 +46,67 @@ FINETUNE_SECTIONS = {
             "MIXUP_SWITCH_PROB": 0.5, "MIXUP_MODE": "batch"},
     "TEST": {"CROP": True},
 }
-# The published fine-tuning YAMLs, by model type.
+# What every published fine-tuning YAML shares (configs/*/simmim_finetune__*.yaml), and what the recipe
+# adds to the original's config.py defaults: clipping after every micro-batch (main_finetune.py).
+_SCHEDULE = {"EPOCHS": 100, "WARMUP_EPOCHS": 20, "BASE_LR": 1.25e-3, "WARMUP_LR": 2.5e-7, "MIN_LR": 2.5e-7,
+             "WEIGHT_DECAY": 0.05, "LR_SCHEDULER": {"NAME": "cosine"}, "CLIP_EACH_MICRO_BATCH": True}
+_VIT_HEAD = {"USE_APE": False, "USE_RPB": True, "USE_SHARED_RPB": False, "USE_MEAN_POOLING": True}
+# The recipe of a model type, for a model no YAML fine-tunes (ViT-L/H, the tiny models before their
+# changes): the ViT-B YAML's and the Swin-B 100-epoch YAML's values, without their image and window size.
 RECIPES = {
-    "vit": {"MODEL": {"DROP_PATH_RATE": 0.1, "VIT": {"USE_RPB": True, "USE_SHARED_RPB": False,
-                                                      "USE_MEAN_POOLING": True}},
-            "TRAIN": {"EPOCHS": 100, "WARMUP_EPOCHS": 20, "BASE_LR": 1.25e-3, "WARMUP_LR": 2.5e-7, "MIN_LR": 2.5e-7,
-                      "WEIGHT_DECAY": 0.05, "LAYER_DECAY": 0.65, "LR_SCHEDULER": {"NAME": "cosine"}}},
-    "swin": {"MODEL": {"DROP_PATH_RATE": 0.1},
-             "TRAIN": {"EPOCHS": 100, "WARMUP_EPOCHS": 20, "BASE_LR": 1.25e-3, "WARMUP_LR": 2.5e-7, "MIN_LR": 2.5e-7,
-                       "WEIGHT_DECAY": 0.05, "LAYER_DECAY": 0.9, "LR_SCHEDULER": {"NAME": "cosine"}}},
-    # The successor's simmim_finetune__swinv2_base__img224_window14__800ep.yaml.
-    "swinv2": {"MODEL": {"DROP_PATH_RATE": 0.1},
-               "TRAIN": {"EPOCHS": 100, "WARMUP_EPOCHS": 20, "BASE_LR": 1.25e-3, "WARMUP_LR": 2.5e-7,
-                         "MIN_LR": 2.5e-7, "WEIGHT_DECAY": 0.05, "LAYER_DECAY": 0.75, "LR_SCHEDULER": {"NAME": "cosine"}}},
+    "vit": {"MODEL": {"DROP_PATH_RATE": 0.1, "VIT": _VIT_HEAD}, "TRAIN": {**_SCHEDULE, "LAYER_DECAY": 0.65}},
+    "swin": {"MODEL": {"DROP_PATH_RATE": 0.1}, "TRAIN": {**_SCHEDULE, "LAYER_DECAY": 0.9}},
+    # The successor's simmim_finetune__swinv2_base__img224_window14__800ep.yaml, without its sizes.
+    "swinv2": {"MODEL": {"DROP_PATH_RATE": 0.1}, "TRAIN": {**_SCHEDULE, "LAYER_DECAY": 0.75}},
 }
 # ConvNeXt has no published SimMIM fine-tuning: its presets pretrain in the Swin-B recipe and fine-tune in it.
 RECIPES["convnext"] = RECIPES["swin"]
-# Per pretraining preset: what its fine-tuning changes beyond the type's recipe.
+
+
+def _finetune_yaml(name: str, model: Dict[str, Any], img_size: int, layer_decay: float):
+    """(name, content) of an original fine-tuning YAML: what it sets beyond the pretraining preset's model."""
+    return name, {"MODEL": model, "DATA": {"IMG_SIZE": img_size}, "TRAIN": {**_SCHEDULE, "LAYER_DECAY": layer_decay},
+                  "PRINT_FREQ": 100, "SAVE_FREQ": 5, "TAG": name}
+
+
+FINETUNE_YAMLS = dict([
+    _finetune_yaml("simmim_finetune__vit_base__img224__800ep", {"DROP_PATH_RATE": 0.1, "VIT": _VIT_HEAD}, 224, 0.65),
+    _finetune_yaml("simmim_finetune__swin_base__img224_window7__100ep",
+                   {"DROP_PATH_RATE": 0.1, "SWIN": {"WINDOW_SIZE": 7}}, 224, 0.9),
+    _finetune_yaml("simmim_finetune__swin_base__img224_window7__800ep",
+                   {"DROP_PATH_RATE": 0.1, "SWIN": {"WINDOW_SIZE": 7}}, 224, 0.8),
+    _finetune_yaml("simmim_finetune__swin_large__img224_window14__800ep",
+                   {"DROP_PATH_RATE": 0.2, "SWIN": {"WINDOW_SIZE": 14}}, 224, 0.7),
+    _finetune_yaml("simmim_finetune__swinv2_base__img224_window14__800ep",
+                   {"DROP_PATH_RATE": 0.1, "SWINV2": {"WINDOW_SIZE": 14, "PRETRAINED_WINDOW_SIZES": [12, 12, 12, 6]}},
+                   224, 0.75),
+])
+# Which YAML fine-tunes a pretraining preset, by the pretraining's length (TRAIN.EPOCHS of the checkpoint's
+# config, else the preset's): the longest listed that the pretraining reaches, else the shortest. The
+# original's Swin-B 192/w6 pretraining YAMLs differ only in length from the preset (100 or 800 epochs).
+PRESET_YAMLS = {
+    "vit-base-224": {800: "simmim_finetune__vit_base__img224__800ep"},
+    "swin-base-192-w6": {100: "simmim_finetune__swin_base__img224_window7__100ep",
+                         800: "simmim_finetune__swin_base__img224_window7__800ep"},
+    "swin-large-192-w12": {800: "simmim_finetune__swin_large__img224_window14__800ep"},
+    "swinv2-base-192-w12": {800: "simmim_finetune__swinv2_base__img224_window14__800ep"},
+}
+# The CPU-sized presets: a short run at the tiny batch (peak LR = BASE_LR x 32/512).
 PRESET_CHANGES = {
-    "swin-base-192-w6": {"DATA": {"IMG_SIZE": 224}, "MODEL": {"SWIN": {"WINDOW_SIZE": 7}}},
-    "swin-large-192-w12": {"DATA": {"IMG_SIZE": 224}, "MODEL": {"SWIN": {"WINDOW_SIZE": 14}}},
-    "swinv2-base-192-w12": {"DATA": {"IMG_SIZE": 224}, "MODEL": {"SWINV2": {"WINDOW_SIZE": 14,
-                                                                            "PRETRAINED_WINDOW_SIZES": [12, 12, 12, 6]}}},
-    # CPU-sized: a short run at the tiny batch (peak LR = BASE_LR x 32/512).
     "vit-tiny": {"TRAIN": {"EPOCHS": 10, "WARMUP_EPOCHS": 1, "BASE_LR": 1.6e-2, "WARMUP_LR": 1e-5, "MIN_LR": 1e-5,
                            "LAYER_DECAY": 0.75}, "PRINT_FREQ": 10, "SAVE_FREQ": 5, "TAG": "vit_tiny_finetune"},
     "swin-tiny": {"TRAIN": {"EPOCHS": 10, "WARMUP_EPOCHS": 1, "BASE_LR": 1.6e-2, "WARMUP_LR": 1e-5, "MIN_LR": 1e-5,
                             "LAYER_DECAY": 0.9}, "PRINT_FREQ": 10, "SAVE_FREQ": 5, "TAG": "swin_tiny_finetune"},
 }
+
+
+def finetune_yaml_of(preset: Optional[str], pretraining_epochs: int) -> Optional[str]:
+    """The name of the original YAML that fine-tunes ``preset`` pretrained for ``pretraining_epochs``."""
+    by_length = PRESET_YAMLS.get(preset)
+    if not by_length:
+        return None
+    reached = [epochs for epochs in by_length if epochs <= pretraining_epochs]
+    return by_length[max(reached) if reached else min(by_length)]
 
 
 @dataclass
@@ -93,7 +128,8 @@ def preset_of(model_section) -> Optional[str]:
 
 def finetune_config(options: FinetuneOptions, checkpoint_config: Optional[Dict[str, Any]]) -> Config:
     """Defaults (+ AUG, TEST), the model (preset, or the pretraining checkpoint's), the recipe for its
-    type and preset, then --config, --set and the flags."""
+    type, the original YAML that fine-tunes its preset (``finetune_yaml_of``) or the tiny preset's
+    changes, then --config, --set and the flags."""
     config = to_config({**DEFAULTS, **FINETUNE_SECTIONS})
     preset = options.preset
     if preset is not None:
@@ -113,7 +149,9 @@ def finetune_config(options: FinetuneOptions, checkpoint_config: Optional[Dict[s
     from_file = read_yaml_config(options.config) if options.config is not None else {}
     model_type = from_file.get("MODEL", {}).get("TYPE", config.MODEL.TYPE)
     config = merge(config, RECIPES.get(model_type, {}))
-    config = merge(config, PRESET_CHANGES.get(preset, {}))
+    pretraining = checkpoint_config if checkpoint_config is not None else PRESETS.get(preset, {})
+    yaml_name = finetune_yaml_of(preset, pretraining.get("TRAIN", {}).get("EPOCHS", 0))
+    config = merge(config, FINETUNE_YAMLS[yaml_name] if yaml_name else PRESET_CHANGES.get(preset, {}))
     config = merge(config, from_file)
     for text in options.set:
         config = set_key(config, *parse_assignment(text))
@@ -260,9 +298,9 @@ class Finetuning(TrainingSteps):
         aug = config.AUG
         if aug.AUTO_AUGMENT in ("", "none") and aug.COLOR_JITTER > 0:
             raise ValueError("AUG.COLOR_JITTER without RandAugment is not implemented; set AUG.COLOR_JITTER=0")
-        if aug.REMODE != "pixel" or aug.RECOUNT != 1 or aug.MIXUP_MODE != "batch":
-            raise ValueError("only AUG.REMODE=pixel, AUG.RECOUNT=1 and AUG.MIXUP_MODE=batch (the recipe's) "
-                             "are implemented")
+        if (aug.REMODE, aug.RECOUNT, aug.MIXUP_MODE, config.DATA.INTERPOLATION) != ("pixel", 1, "batch", "bicubic"):
+            raise ValueError("only AUG.REMODE=pixel, AUG.RECOUNT=1, AUG.MIXUP_MODE=batch and "
+                             "DATA.INTERPOLATION=bicubic (the recipe's) are implemented")
         transform = FinetuneTransform(config.DATA.IMG_SIZE, aug.AUTO_AUGMENT, aug.REPROB)
         self.batch_size = config.DATA.BATCH_SIZE
         pin = config.DATA.PIN_MEMORY and self.device.type == "cuda"
@@ -293,6 +331,7 @@ class Finetuning(TrainingSteps):
         self.schedule = build_schedule(config, lrs, self.total_steps, schedule_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.clip_grad = config.TRAIN.CLIP_GRAD or math.inf
+        self.clip_each_micro_batch = config.TRAIN.CLIP_EACH_MICRO_BATCH
         self.log_every = options.log_every or config.PRINT_FREQ
 
         self.step = 0

@@ -3,16 +3,18 @@ token, Swin V1/V2 with its pooled head; ConvNeXt pooled, normalised, as its auth
 
 Loading follows the original ``utils.load_pretrained``: the ``encoder.`` prefix and the decoder are
 dropped, a ViT's shared relative position bias is copied into every block, relative position bias
-tables are resized when the window changes (Swin 192/w6 -> 224/w7) and absolute position embeddings
-when the resolution changes, both bicubic with ``torch.nn.functional.interpolate`` (the original calls
-SciPy's ``interp2d``, which SciPy removed). Index buffers and Swin's attention masks are always the
+tables are resized when the window changes (Swin 192/w6 -> 224/w7) as the original resizes them (source
+distances on a geometric progression, a bicubic spline through them: ``resize_relative_position_table``),
+and absolute position embeddings when the resolution changes (ours: the original has no such resize),
+bicubic with ``torch.nn.functional.interpolate``. Index buffers and Swin's attention masks are always the
 model's own. Anything else that does not fit is a ValueError.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -128,20 +130,50 @@ def encoder_state(source: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return {key: value for key, value in source.items() if key != "mask_token"}
 
 
+def geometric_source_positions(source_side: int, target_side: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(positions of the source's 2S-1 relative distances, the target's 2T-1 integer distances) on one axis,
+    as the original's ``load_pretrained``: the source distances 1, 1+q, 1+q+q^2, ... (and their negatives)
+    with the ratio q bisected in [1.01, 1.5] until the progression reaches the target's half-width, so a
+    larger window stretches the far distances and keeps the near ones about where they were."""
+    half = source_side // 2
+    low, high = 1.01, 1.5
+    while high - low > 1e-6:  # the original uses the last midpoint tried
+        ratio = (low + high) / 2.0
+        if (1.0 - ratio ** half) / (1.0 - ratio) > target_side // 2:
+            high = ratio
+        else:
+            low = ratio
+    distances = np.cumsum([1.0] + [ratio ** power for power in range(1, half)])
+    source = np.concatenate((-distances[::-1], [0.0], distances))
+    reach = target_side // 2
+    return source, np.arange(-reach, reach + 1, dtype=np.float64)
+
+
 def resize_relative_position_table(table: torch.Tensor, target_entries: int, extra_entries: int = 0) -> torch.Tensor:
-    """A ((2W-1)^2 + extra, heads) bias table resampled bicubically to ``target_entries`` rows; the
+    """A ((2W-1)^2 + extra, heads) bias table resized to ``target_entries`` rows as the original does:
+    each head's grid is an interpolating bicubic spline through the source values at
+    ``geometric_source_positions``, evaluated at the target's distances (SciPy's RectBivariateSpline,
+    s=0: the fit the original's ``interp2d(kind='cubic')`` made; interp2d left SciPy in 1.14). The
     ``extra_entries`` last rows (ViT's CLS entries) are kept as they are."""
+    from scipy.interpolate import RectBivariateSpline
+
     grid_entries = table.shape[0] - extra_entries
     source_side = math.isqrt(grid_entries)
     target_side = math.isqrt(target_entries - extra_entries)
     if source_side ** 2 != grid_entries or target_side ** 2 != target_entries - extra_entries:
         raise ValueError(f"relative position bias table of {table.shape[0]} rows cannot be resized to "
                          f"{target_entries}: not a square grid of relative distances")
-    heads = table.shape[1]
-    grid = table[:grid_entries].float().T.reshape(1, heads, source_side, source_side)
-    resized = F.interpolate(grid, size=(target_side, target_side), mode="bicubic", align_corners=True)
-    resized = resized.reshape(heads, -1).T.to(table.dtype)
-    return torch.cat((resized, table[grid_entries:]), dim=0)
+    if source_side == target_side:
+        return table.clone()
+    if source_side < 4:  # a cubic spline needs 4 points per axis
+        raise ValueError(f"relative position bias table of {table.shape[0]} rows: a {source_side}x{source_side} grid "
+                         "of distances is too small for the original's bicubic resize (window 3 or more)")
+    source, target = geometric_source_positions(source_side, target_side)
+    grids = table[:grid_entries].detach().float().cpu().numpy().reshape(source_side, source_side, -1)
+    heads = [RectBivariateSpline(source, source, grids[..., head], kx=3, ky=3, s=0)(target, target)
+             for head in range(grids.shape[-1])]
+    resized = torch.from_numpy(np.stack(heads, axis=-1).reshape(target_side ** 2, -1).astype(np.float32))
+    return torch.cat((resized.to(table.device, table.dtype), table[grid_entries:]), dim=0)
 
 
 def resize_position_embedding(embedding: torch.Tensor, target_tokens: int, prefix_tokens: int) -> torch.Tensor:

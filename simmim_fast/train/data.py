@@ -351,12 +351,24 @@ def build_loader(dataset: PretrainDataset, batch_size: int, world_size: int, ran
                       generator=torch.Generator().manual_seed(seed))
 
 
+def center_view_geometry(width: int, height: int, size: int, resize: int) -> Tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of ``center_view``, in torchvision's arithmetic: Resize(int)
+    makes the shorter side ``resize`` and the longer int(resize x longer / shorter); CenterCrop's offsets
+    are int(round((side - size) / 2)) (Python's round: halves to even)."""
+    if width <= height:
+        new_width, new_height = resize, int(resize * height / width)
+    else:
+        new_width, new_height = int(resize * width / height), resize
+    return new_width, new_height, int(round((new_width - size) / 2.0)), int(round((new_height - size) / 2.0))
+
+
 def center_view(image: Image.Image, size: int, resize: Optional[int] = None) -> torch.Tensor:
-    """The shorter side resized to ``resize`` (default ``size``), then the centre ``size`` square: the view
-    for reconstruction pictures and, with resize = 256/224 x size, the original's evaluation view."""
+    """The shorter side resized to ``resize`` (default ``size``, at least ``size``), then the centre ``size``
+    square, as torchvision's Resize + CenterCrop (bicubic): the view for reconstruction pictures and, with
+    resize = int(256/224 x size), the original's evaluation view."""
     resize = resize or size
-    scale = resize / min(image.width, image.height)
-    width, height = max(resize, round(image.width * scale)), max(resize, round(image.height * scale))
-    image = image.resize((width, height), Image.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
+    if resize < size:
+        raise ValueError(f"center_view: resize {resize} is smaller than the crop {size}")
+    width, height, left, top = center_view_geometry(image.width, image.height, size, resize)
+    image = image.resize((width, height), Image.BICUBIC)  # Pillow copies an image already at that size
     return to_normalized_tensor(image.crop((left, top, left + size, top + size)))

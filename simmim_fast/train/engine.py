@@ -147,8 +147,9 @@ class TrainingSteps:
     """The run, batches and optimizer steps of a training loop that holds ``options`` (with ``fsdp``,
     ``keep_last``, ``max_nonfinite``), ``output``, ``runtime``,
     ``model`` (unwrapped), ``train_model`` (DDP/FSDP/compiled), ``optimizer``, ``scaler`` (or None),
-    ``schedule``, ``step``, ``clip_grad``, ``device``, ``amp_dtype``, ``loader`` (an ``EpochSampler``'s),
-    ``accumulation``, ``epoch`` and ``samples_into_epoch``, and defines ``resume()`` and ``_train()``."""
+    ``schedule``, ``step``, ``clip_grad``, ``clip_each_micro_batch`` (TRAIN.CLIP_EACH_MICRO_BATCH), ``device``,
+    ``amp_dtype``, ``loader`` (an ``EpochSampler``'s), ``accumulation``, ``epoch`` and ``samples_into_epoch``,
+    and defines ``resume()`` and ``_train()``."""
 
     def run(self) -> Dict[str, Any]:
         """Train to the last step (``_train``) from where ``resume`` puts the run; returns its summary.
@@ -301,15 +302,26 @@ class TrainingSteps:
 
     def optimizer_step(self, batches, loss_of: Callable[[Any], torch.Tensor]) -> Dict[str, Any]:
         """Forward/backward of ``loss_of(batch)`` over the micro-batches, then the update unless the loss is
-        bad (non-finite, or a spike). Returns tensors (no host sync here: on XLA the caller reads them after ``xla_sync``)."""
+        bad (non-finite, or a spike). Returns tensors (no host sync here: on XLA the caller reads them after
+        ``xla_sync``).
+
+        Clipping: once, on the step's summed gradients; or, with ``clip_each_micro_batch`` (the original's
+        main_finetune.py and main_simmim.py under accumulation), the running sum after every micro-batch's
+        backward too, then gradients are synchronised after every micro-batch, as the original's DDP did,
+        so that each clip sees the sum over all processes."""
         lr = self.schedule.apply(self.optimizer, self.step)
         loss_sum = torch.zeros((), device=self.device)
+        clip_each = self.clip_each_micro_batch and len(batches) > 1
         for index, batch in enumerate(batches):
-            with self._micro_batch_context(last=index == len(batches) - 1), self._autocast():
+            last = index == len(batches) - 1
+            with self._micro_batch_context(last=last or clip_each), self._autocast():
                 loss = loss_of(batch)
             scaled = loss.float() / len(batches)
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
+            if clip_each and not last:  # the gradients are still scaled here: so is the threshold
+                scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad * scale)
         step_loss = distributed.mean_across(loss_sum / len(batches), self.runtime)
         # A bad loss (docs/long-runs.md) skips the update; XLA cannot branch on it without a host sync per
         # step, so there judge_step stops the run when the loss is read.

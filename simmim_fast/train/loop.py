@@ -129,6 +129,7 @@ class Pretraining(TrainingSteps):
         self.schedule = build_schedule(config, lrs, self.total_steps, schedule_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.clip_grad = config.TRAIN.CLIP_GRAD or math.inf
+        self.clip_each_micro_batch = config.TRAIN.CLIP_EACH_MICRO_BATCH
 
         self.log_every = options.log_every or config.PRINT_FREQ
         self.save_every = options.save_every or config.SAVE_FREQ * self.steps_per_epoch

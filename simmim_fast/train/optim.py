@@ -69,7 +69,11 @@ def build_optimizer(model: nn.Module, config, lr: float, kind: str = "adamw", de
 class LRSchedule:
     """The learning rate of optimizer step ``t`` (0-based): linear warmup from ``warmup_lr`` over
     ``warmup_steps``, then the named decay over the remaining steps, as the original's timm-style
-    schedulers with t_in_epochs=False (the cosine spans all ``total_steps``, warmup included)."""
+    schedulers with t_in_epochs=False (the cosine spans all ``total_steps``, warmup included).
+
+    Layer-wise LR decay (fine-tuning) as the original's timm 0.4 schedulers see it: a group's peak is
+    ``base_lr x lr_scale`` (its initial LR), but the warm-up starts from the unscaled ``warmup_lr`` and the
+    cosine ends at the unscaled ``min_lr`` (both are single values there, not per group)."""
 
     name: str
     base_lr: float
@@ -86,24 +90,25 @@ class LRSchedule:
         if self.name not in ("cosine", "linear", "step", "multistep"):
             raise ValueError(f"TRAIN.LR_SCHEDULER.NAME must be cosine, linear, step or multistep, got {self.name!r}")
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, lr_scale: float = 1.0) -> float:
+        peak = self.base_lr * lr_scale
         if step < self.warmup_steps:
-            return self.warmup_lr + step * (self.base_lr - self.warmup_lr) / self.warmup_steps
+            return self.warmup_lr + step * (peak - self.warmup_lr) / self.warmup_steps
         if self.name == "cosine":
             progress = min(step / max(self.total_steps, 1), 1.0)
-            return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
-        if self.name == "linear":  # the original's LinearLRScheduler, down to 1% of the base rate
+            return self.min_lr + 0.5 * (peak - self.min_lr) * (1 + math.cos(math.pi * progress))
+        if self.name == "linear":  # the original's LinearLRScheduler, down to 1% of the peak
             progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
-            return self.base_lr - (self.base_lr - self.base_lr * 0.01) * min(progress, 1.0)
+            return peak - (peak - peak * 0.01) * min(progress, 1.0)
         if self.name == "step":
-            return self.base_lr * self.decay_rate ** (step // max(self.decay_steps, 1))
-        return self.base_lr * self.gamma ** bisect.bisect_right(list(self.milestones), step)
+            return peak * self.decay_rate ** (step // max(self.decay_steps, 1))
+        return peak * self.gamma ** bisect.bisect_right(list(self.milestones), step)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = self(step)
-        for group in optimizer.param_groups:  # lr_scale: layer-wise LR decay (fine-tuning)
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        return lr
+        """Sets each group's LR for ``step``; returns the unscaled one (the head's, for the log)."""
+        for group in optimizer.param_groups:
+            group["lr"] = self(step, group.get("lr_scale", 1.0))
+        return self(step)
 
     def state_dict(self) -> Dict:
         return {key: list(value) if key == "milestones" else value for key, value in vars(self).items()}
