@@ -133,6 +133,7 @@ class TinySteps(TrainingSteps):
         self.options, self.runtime = FinetuneOptions(), Runtime(torch.device("cpu"))
         self.device, self.amp_dtype, self.scaler, self.step = torch.device("cpu"), None, scaler, 0
         self.clip_grad, self.clip_each_micro_batch = 0.5, clip_each_micro_batch
+        self.start_health()
 
 
 MICRO_BATCHES = [(torch.randn(4, 6, generator=torch.Generator().manual_seed(seed)) * scale,
