@@ -27,7 +27,7 @@ import sys
 import tempfile
 import types
 from dataclasses import dataclass, replace
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 from unittest import mock
 
 import torch
@@ -243,9 +243,10 @@ def compile_training_step(preset: str, capability: int = 90) -> CompileLog:
     return compiled
 
 
-def training_step_on_meta(preset: str, batch: Optional[int] = None) -> None:
-    """compile_training_step's step, at ``batch`` images (default: the preset's), inside a compile_only()."""
-    config = get_config(preset)
+def training_step_on_meta(preset: str, batch: Optional[int] = None, overrides: Iterable[Mapping] = ()) -> None:
+    """compile_training_step's step, at ``batch`` images (default: the preset's), inside a compile_only();
+    ``overrides``: config mappings over the preset (simmim_fast.config.get_config)."""
+    config = get_config(preset, overrides)
     torch.manual_seed(0)
     model = build_simmim(config).to("meta")
     batch, size = batch or config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE

@@ -286,3 +286,35 @@ def test_meta_tensors_reach_the_launchers_of_custom_ops():
         with compile_only.custom_ops_launch_on_meta([sys.modules[__name__]]):
             _double(x)
         assert [launch.kernel for launch in compiled.launches] == ["_double_kernel"]
+
+
+# ---- a new batch size compiles nothing: no specialisation follows the batch ----------------------
+
+# Odd token counts, where Triton's divisibility-by-16 and pointer-alignment specialisations of anything
+# that grows with the batch would flip from one batch size to the next: ViT at 56 px in 8-pixel patches
+# (49 tokens), Swin V2 at 112 px with 7x7 windows (49-token windows, a 7x7 decoder, the normalised target).
+ODD_TOKEN_STEPS = {
+    "vit-tiny 49 tokens": ("vit-tiny", {"DATA": {"IMG_SIZE": 56, "MASK_PATCH_SIZE": 8}}),
+    "swinv2-tiny w7 112px": ("swinv2-tiny", {"DATA": {"IMG_SIZE": 112}, "MODEL": {"SWINV2": {"WINDOW_SIZE": 7}}}),
+}
+# Batches 1 (Triton specialises integers equal to 1) to 9 (every residue mod 4 and 8 twice), then a full
+# batch and a ragged last one.
+BATCH_SIZES = (*range(1, 10), 64, 37)
+
+
+@pytest.mark.parametrize("steps", list(ODD_TOKEN_STEPS))
+def test_no_recompile_after_the_first_step(steps):
+    """A training step (meta tensors, compile only, each kernel's default config) at batch 1, then at
+    every other batch of BATCH_SIZES: the later steps compile nothing."""
+    preset, overrides = ODD_TOKEN_STEPS[steps]
+    with compile_only.compile_only(90, every_config=False) as compiled:
+        compile_only.training_step_on_meta(preset, BATCH_SIZES[0], [overrides])
+        first_step = len(compiled)
+        recompiled = []
+        for batch in BATCH_SIZES[1:]:
+            before = len(compiled)
+            compile_only.training_step_on_meta(preset, batch, [overrides])
+            recompiled += [f"batch {batch}: {_describe(kernel)}" for kernel in compiled[before:]]
+    assert first_step > 0
+    assert not recompiled, "\n".join(recompiled)
+
