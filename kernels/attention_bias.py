@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_operands import attention_operands, packed_qkv_gradient
+from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
 from ._autotune import autotune
 from ._launch import on_device_of
 
@@ -360,11 +360,6 @@ _DKDV_CONFIGS = [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)]
 _bwd_dkdv_dbias = autotune(_DKDV_CONFIGS, _KEY + ["COMPUTE_DBIAS"])(_EVEN(_attention_bwd_dkdv_dbias_kernel))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul setting (exact by default); tf32 is the fast path for fp32 only.
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-
-
 def _head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.arange needs a power of two, tl.dot at least 16
 
@@ -403,7 +398,7 @@ def flash_forward(q, k, v, bias: Optional[torch.Tensor], window_mask: Optional[t
             q, k, v, bias_arg, mask_arg, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *additive_strides,
             heads, tokens, head_dim, num_windows, scale,
-            **flags, HEAD_DIM_PAD=_head_dim_pad(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
+            **flags, HEAD_DIM_PAD=_head_dim_pad(head_dim), DOT_PRECISION=dot_precision(q.dtype),
             BLOCK_M=BLOCK, BLOCK_N=BLOCK,
         )
     return out, lse
@@ -423,7 +418,7 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
     groups = triton.cdiv(batch, batches_per_group)
     dbias_partial = torch.empty((groups, heads, tokens, tokens) if compute_dbias else (0, heads, 0, 0),
                                 device=q.device, dtype=torch.float32)
-    common = dict(**flags, HEAD_DIM_PAD=_head_dim_pad(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
+    common = dict(**flags, HEAD_DIM_PAD=_head_dim_pad(head_dim), DOT_PRECISION=dot_precision(q.dtype),
                   BLOCK_M=BLOCK, BLOCK_N=BLOCK)
     with on_device_of(q):
         _bwd_dq[(batch * heads * blocks,)](

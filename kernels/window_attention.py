@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_operands import attention_operands, packed_qkv_gradient
+from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
 from ._autotune import autotune
 from ._launch import on_device_of
 from .attention_bias import flash_backward, flash_forward
@@ -204,8 +204,7 @@ def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor]) -> di
         num_images=num_images, images_per_split=images_per_split, num_windows=num_windows,
         constexprs=dict(
             TOKENS=tokens, HEAD_DIM=head_dim, HAS_MASK=window_mask is not None,
-            # float32 inputs get exact float32 products, as torch's default; 16-bit inputs ignore it.
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION=dot_precision(q.dtype),
             BLOCK_T=max(16, triton.next_power_of_2(tokens)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         ),
     )

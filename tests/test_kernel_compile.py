@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from benchmarks.kernel_cases import all_cases, envelope_cases
+from benchmarks.kernel_cases import SwinShape, _window_attention_case, all_cases, envelope_cases
 from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 from tests import compile_only
 
@@ -318,3 +318,36 @@ def test_no_recompile_after_the_first_step(steps):
     assert first_step > 0
     assert not recompiled, "\n".join(recompiled)
 
+
+# ---- fp32 attention products: one TF32 rule for the whole-window and the flash kernels -----------
+
+def _dot_precisions(case, dtype):
+    """{kernel: {DOT_PRECISION}} of every autotuned launch of ``case``'s forward and backward, recorded
+    instead of compiled or run."""
+    precisions = defaultdict(set)
+
+    def record(self, *args, **kwargs):
+        precisions[self.base_fn.__name__].add(kwargs["DOT_PRECISION"])
+
+    with compile_only.compile_only(90), mock.patch.object(Autotuner, "run", record):
+        compile_only.run_case(case, dtype)
+    return dict(precisions)
+
+
+def test_fp32_window_attention_follows_allow_tf32():
+    """fp32 window attention takes TF32 products exactly when torch's fp32 matmuls may
+    (torch.backends.cuda.matmul.allow_tf32), in the whole-window kernels (T = 36) as in the flash ones
+    (T = 144): one rule, kernels/_attention_operands.py dot_precision. 16-bit operands are unaffected."""
+    cases = [_window_attention_case(SwinShape(batch=1, image=16 * window, patch=4, dim=64, heads=(2, 4, 8, 16),
+                                              window=window, mask_patch=4 * window), stage=0) for window in (6, 12)]
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow_tf32, fp32_precision in ((False, "ieee"), (True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            for case in cases:
+                for dtype, expected in ((torch.float32, fp32_precision), (torch.bfloat16, "tf32")):
+                    precisions = _dot_precisions(case, dtype)
+                    assert len(precisions) >= 2 and all(found == {expected} for found in precisions.values()), \
+                        f"{case.name} {dtype} allow_tf32={allow_tf32}: {precisions}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
