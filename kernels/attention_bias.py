@@ -27,7 +27,8 @@ Backward, FlashAttention-2's split, in two kernels whose dots all have 64 rows (
 
 dq, dk, dv are written into one (B, N, 3, H, d) buffer, the layout of the qkv projection that
 ViT and Swin split into q, k, v, and returned as views of it (see simmim_fast/models/layers.py).
-dBias's partials are capped at q's size (one batch group when even that is larger). Every launch
+dBias's partials are capped at q's size (one batch group when even that is larger); without a bias
+gradient there are no batch groups: one program per (batch, head, key block). Every launch
 runs on q's device; B * H (with the query or key blocks) is the 1-D grid's only axis,
 and every offset that grows with the batch is int64.
 """
@@ -375,9 +376,14 @@ def _additive_args(q, bias, window_mask):
             num_windows, flags)
 
 
-def _batches_per_group(batch: int, heads: int, tokens: int, head_dim: int, element_size: int) -> int:
-    """Batches each dk/dv/dBias program loops over: enough programs (TARGET_PROGRAMS), and dBias's
-    fp32 partials, (groups, H, N, N), no larger than q. Depends on shapes only, never the device."""
+def _batches_per_group(batch: int, heads: int, tokens: int, head_dim: int, element_size: int,
+                       compute_dbias: bool) -> int:
+    """Batches each dk/dv/dBias program loops over: one without a bias gradient (dk, dv need no sum
+    over the batch, so every (batch, head, key block) is a program); with one, enough programs
+    (TARGET_PROGRAMS), and dBias's fp32 partials, (groups, H, N, N), no larger than q. Depends on
+    shapes only, never the device."""
+    if not compute_dbias:
+        return 1
     if _INTERPRET:
         return 2  # several groups, the last one ragged, in tiny tests
     partial_bytes = heads * tokens * tokens * 4
@@ -414,7 +420,7 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
     delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     bias_arg, mask_arg, additive_strides, num_windows, flags = _additive_args(q, bias, window_mask)
     blocks = triton.cdiv(tokens, BLOCK)
-    batches_per_group = _batches_per_group(batch, heads, tokens, head_dim, q.element_size())
+    batches_per_group = _batches_per_group(batch, heads, tokens, head_dim, q.element_size(), compute_dbias)
     groups = triton.cdiv(batch, batches_per_group)
     dbias_partial = torch.empty((groups, heads, tokens, tokens) if compute_dbias else (0, heads, 0, 0),
                                 device=q.device, dtype=torch.float32)

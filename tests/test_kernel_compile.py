@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -27,7 +28,8 @@ import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from benchmarks.kernel_cases import SwinShape, _window_attention_case, all_cases, envelope_cases
+from benchmarks.kernel_cases import (SwinShape, VitShape, _attention_case, _window_attention_case, all_cases,
+                                    envelope_cases)
 from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 from tests import compile_only
 
@@ -351,3 +353,37 @@ def test_fp32_window_attention_follows_allow_tf32():
                         f"{case.name} {dtype} allow_tf32={allow_tf32}: {precisions}"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+# ---- the dk/dv/dBias launch at the real arguments: batch groups only for a bias gradient ----------
+
+def _dkdv_grid(batch, bias_gradient):
+    """The grid of the dk/dv/dBias launch in ViT-B 224's attention backward at ``batch`` images (meta
+    tensors, bf16 autocast as in training), recorded instead of compiled: the launcher's real sizing,
+    not the interpreter's."""
+    shape = VitShape(batch=batch, image=224, patch=16, dim=768, heads=12, mask_patch=32)
+    arguments = compile_only._meta_arguments(lambda images: _attention_case(replace(shape, batch=images)), batch,
+                                             torch.float32)
+    for name in ("q", "k", "v"):
+        arguments[name].requires_grad_()
+    arguments["bias"].requires_grad_(bias_gradient)
+    grids = {}
+
+    def record(self, *args, **kwargs):
+        grids[self.base_fn.__name__] = compile_only._grid(kwargs["grid"], dict(zip(self.arg_names, args)))
+
+    with compile_only.compile_only(90), mock.patch.object(Autotuner, "run", record), \
+            compile_only.custom_ops_launch_on_meta(), compile_only._meta_autocast(torch.bfloat16):
+        module_name, function_name = KERNEL_ENTRY_POINTS["attention"]
+        out = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)(**arguments)
+        out.backward(torch.ones_like(out))
+    return grids["_attention_bwd_dkdv_dbias_kernel"]
+
+
+def test_dkdv_has_no_batch_groups_without_a_bias_gradient():
+    """Without a bias gradient nothing is summed over the batch: one dk/dv program per (batch, head, key
+    block), 128 * 12 * 4 at ViT-B b128, on more than 2 waves of 132 SMs. With one, the batch groups
+    that bound dBias's partials stay (the control: fewer programs)."""
+    programs = 128 * 12 * 4
+    assert _dkdv_grid(128, bias_gradient=False) == (programs, 1, 1)
+    assert _dkdv_grid(128, bias_gradient=True)[0] < programs
