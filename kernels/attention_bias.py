@@ -27,7 +27,7 @@ Backward, FlashAttention-2's split, in two kernels whose dots all have 64 rows (
 
 dq, dk, dv are written into one (B, N, 3, H, d) buffer, the layout of the qkv projection that
 ViT and Swin split into q, k, v, and returned as views of it (see simmim_fast/models/layers.py).
-dBias's partials are capped at q's size (one batch group when even that is larger); without a bias
+dBias's partials are capped at twice q's size (one batch group when even that is larger); without a bias
 gradient there are no batch groups: one program per (batch, head, key block). Every launch
 runs on q's device; B * H (with the query or key blocks) is the 1-D grid's only axis,
 and every offset that grows with the batch is int64.
@@ -380,7 +380,8 @@ def _batches_per_group(batch: int, heads: int, tokens: int, head_dim: int, eleme
                        compute_dbias: bool) -> int:
     """Batches each dk/dv/dBias program loops over: one without a bias gradient (dk, dv need no sum
     over the batch, so every (batch, head, key block) is a program); with one, enough programs
-    (TARGET_PROGRAMS), and dBias's fp32 partials, (groups, H, N, N), no larger than q. Depends on
+    (TARGET_PROGRAMS), and dBias's fp32 partials, (groups, H, N, N), no larger than twice q (at q's
+    size Swin-L's 144-token stage-3 launch had 504 programs, under 2 waves on 132 SMs). Depends on
     shapes only, never the device."""
     if not compute_dbias:
         return 1
@@ -388,7 +389,7 @@ def _batches_per_group(batch: int, heads: int, tokens: int, head_dim: int, eleme
         return 2  # several groups, the last one ragged, in tiny tests
     partial_bytes = heads * tokens * tokens * 4
     q_bytes = batch * heads * tokens * head_dim * element_size
-    groups = min(batch, TARGET_PROGRAMS // (heads * triton.cdiv(tokens, BLOCK)), q_bytes // partial_bytes)
+    groups = min(batch, TARGET_PROGRAMS // (heads * triton.cdiv(tokens, BLOCK)), 2 * q_bytes // partial_bytes)
     return triton.cdiv(batch, max(1, groups))
 
 
