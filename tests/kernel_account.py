@@ -52,8 +52,10 @@ def resident_ctas(registers: int, num_warps: int, shared_bytes: int) -> int:
     return min(by_registers, by_shared, WARPS_PER_SM // num_warps, CTAS_PER_SM)
 
 
-def _padded(size: int, block: int) -> int:
-    return math.ceil(size / block) * block
+def _padded(size: int, block: int, tail: Optional[int] = None) -> int:
+    """Rows or keys a kernel computes for ``size``: full blocks, and the rest in one block of ``tail``
+    (the forward's TAIL_M, TAIL_N), else of ``block``."""
+    return size // block * block + (0 if size % block == 0 else tail or block)
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def _flash(arguments, backward_kernel: Optional[str]) -> Work:
     bias_slice, mask_slice, bias_minimum, mask_minimum = _additive_bytes(arguments, tokens)
     bh = batch * heads
     row = tokens * head_dim * element  # one (b, h) slice of q, k, v, o or a gradient
-    padded_pairs = _padded(tokens, block_m) * _padded(tokens, block_n)
+    padded_pairs = (_padded(tokens, block_m, arguments.get("TAIL_M"))
+                    * _padded(tokens, block_n, arguments.get("TAIL_N")))
     dbias = bool(arguments.get("COMPUTE_DBIAS", False))
     # Per (batch, head): the additive terms once (each program reads its strip of them).
     additive = bias_slice + mask_slice
