@@ -407,3 +407,16 @@ def test_attention_launches_fill_two_waves_at_swin_l():
     padding = {row.kernel: row.work.mma_executed / row.work.mma_useful for row in rows if "144" in row.shape}
     assert padding["_attention_fwd_kernel"] == padding["_attention_bwd_dq_kernel"] == 1.0
     assert padding["_attention_bwd_dkdv_dbias_kernel"] == pytest.approx(160 / 144)
+
+
+def test_attention_padding_at_vit_b_is_within_a_quarter():
+    """ViT-B 224 b128's N = 197 (issue 23: MMA padding <= 1.25x): the forward's and dq's 16-row and
+    16-key tails compute 208 x 208 (whole 64-blocks: 256 x 256, 1.69x), dk/dv's 16-key tail with whole
+    32-query blocks 208 x 224."""
+    from tests import kernel_account
+
+    padding = {row.kernel: row.work.mma_executed / row.work.mma_useful
+               for row in kernel_account.account("ViT-B 224 b128") if row.kernel in kernel_account.MODELS}
+    assert padding["_attention_fwd_kernel"] == padding["_attention_bwd_dq_kernel"] == pytest.approx(208 ** 2 / 197 ** 2)
+    assert padding["_attention_bwd_dkdv_dbias_kernel"] == pytest.approx(208 * 224 / 197 ** 2)
+    assert max(padding.values()) <= 1.25
