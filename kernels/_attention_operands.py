@@ -1,5 +1,6 @@
 """What the two attention ops (attention_bias.py, window_attention.py) share around their kernels:
-the operands' dtype and scale rules of the reference, and the packed layout of their gradients."""
+the operands' dtype and scale rules of the reference, the precision of their products, and the packed
+layout of their gradients."""
 from __future__ import annotations
 
 from typing import Optional
@@ -15,6 +16,14 @@ def attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return q, k, v, scale
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The one TF32 rule of the attention kernels (flash and whole-window alike): fp32 operands follow
+    ``torch.backends.cuda.matmul.allow_tf32``, as the reference's fp32 matmuls do: exact fp32 products
+    ("ieee", off tensor cores) by default, TF32 when it is allowed. 16-bit operands are exact in
+    either setting."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def packed_qkv_gradient(dqkv: torch.Tensor, needed):

@@ -27,7 +27,7 @@ _TILE_ELEMENTS = 4096
 
 
 @autotune([triton.Config({}, num_warps=8), triton.Config({}, num_warps=4)], key=["dim", "BLOCK_ROWS", "BLOCK_D"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _mask_token_blend_fwd_kernel(
     out_ptr, tokens_ptr, mask_ptr, mask_token_ptr,
     num_rows, length, dim, stride_b, stride_l, stride_d,
@@ -46,7 +46,7 @@ def _mask_token_blend_fwd_kernel(
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * dim + d[None, :], out.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _mask_token_blend_bwd_kernel(
     grad_tokens_ptr, grad_mask_token_part_ptr, grad_out_ptr, mask_ptr,
     num_rows, dim,

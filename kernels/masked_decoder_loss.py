@@ -96,7 +96,7 @@ def _mask_offsets(image, fy, fx, o, stride_b, stride_h, stride_w, STRIDE: tl.con
 _NORM_TARGET_EPS = tl.constexpr(NORM_TARGET_EPS)  # kernels see globals only as constexpr
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["num_active_ptr"])
 def _normalized_target_kernel(
     normalized_ptr, target_ptr, order_ptr, num_active_ptr, tokens_per_image, grid_w, height, width, O,
     stride_tb, stride_tc, stride_th, stride_tw,
@@ -163,7 +163,7 @@ _TILE_KEY = ["K", "O", "DOT_DTYPE", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BL
 
 @autotune([triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=8, num_stages=4)],
           key=_TILE_KEY + ["STRIDE", "PATCH", "NORM_TARGET"])
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["num_active_ptr"])
 def _masked_decoder_loss_fwd_kernel(
     sign_ptr, abs_partial_ptr, count_partial_ptr, features_ptr, weight_ptr, bias_ptr, target_ptr, normalized_ptr,
     mask_ptr, order_ptr, num_active_ptr,
@@ -222,7 +222,7 @@ def _masked_decoder_loss_fwd_kernel(
 
 @autotune([triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=4, num_stages=3),
            triton.Config({}, num_warps=8, num_stages=4)], key=_TILE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["num_active_ptr"])
 def _masked_decoder_loss_bwd_features_kernel(
     grad_features_ptr, sign_ptr, weight_ptr, order_ptr, num_active_ptr, grad_loss_ptr, denominator_ptr, in_chans,
     num_tokens, tokens_per_image, grid_w, K, O,
@@ -263,7 +263,7 @@ def _masked_decoder_loss_bwd_features_kernel(
 
 @autotune([triton.Config({}, num_warps=4, num_stages=3), triton.Config({}, num_warps=4, num_stages=4)],
           key=_TILE_KEY + ["HAS_BIAS", "GRAD_TARGET"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["num_active_ptr"])
 def _masked_decoder_loss_bwd_weight_kernel(
     grad_weight_part_ptr, grad_bias_part_ptr, grad_target_ptr, sign_ptr, features_ptr, order_ptr, num_active_ptr,
     grad_loss_ptr, denominator_ptr, in_chans, num_splits,

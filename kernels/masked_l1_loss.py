@@ -36,6 +36,9 @@ from ._launch import on_device_of, sm_count
 
 # Pixels per tile: 16 per thread at 4 warps; several programs fit on an SM to keep loads in flight.
 _TILE_ELEMENTS = 2048
+# Partials the finish kernel sums per step: one fixed block (8 per thread), not one sized to the partial
+# count, which grows with the batch and would compile the kernel again for every new power of two.
+FINISH_BLOCK = 1024
 
 
 @triton.jit
@@ -70,7 +73,7 @@ def _pixel_offsets(tile, num_rows, height, channels, width, grid_w,
     return rec_offsets, target_offsets, mask_offsets, valid, counted
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_tiles"])
 def _masked_l1_loss_fwd_kernel(
     abs_partial_ptr, count_partial_ptr, rec_ptr, target_ptr, mask_ptr,
     num_rows, height, channels, width, grid_w, num_tiles,
@@ -94,7 +97,7 @@ def _masked_l1_loss_fwd_kernel(
     tl.store(count_partial_ptr + pid, tl.sum(tl.sum(tl.sum(count, axis=2), axis=1), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partials"])
 def _masked_l1_loss_finish_kernel(loss_ptr, denominator_ptr, abs_partial_ptr, count_partial_ptr, num_partials,
                                   in_chans, eps, BLOCK: tl.constexpr):
     """loss = sum(partial abs sums) / (sum(partial counts) + eps) / in_chans, summed in a fixed order; the count
@@ -111,7 +114,7 @@ def _masked_l1_loss_finish_kernel(loss_ptr, denominator_ptr, abs_partial_ptr, co
     tl.store(loss_ptr, (tl.sum(abs_sum, axis=0) / denominator / in_chans).to(loss_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_tiles"])
 def _masked_l1_loss_bwd_kernel(
     grad_rec_ptr, grad_target_ptr, rec_ptr, target_ptr, mask_ptr, grad_loss_ptr, denominator_ptr, in_chans,
     num_rows, height, channels, width, grid_w, num_tiles,
@@ -140,11 +143,9 @@ def finish_loss(abs_partials: torch.Tensor, count_partials: torch.Tensor, in_cha
     counts (int64 here, int32 from the decoder's one-tile programs). Shared with masked_decoder_loss, whose programs produce the same partials."""
     loss = torch.empty((), device=abs_partials.device, dtype=out_dtype)
     denominator = torch.empty((), device=abs_partials.device, dtype=torch.float32)
-    num_partials = abs_partials.numel()
-    block = max(16, min(1024, triton.next_power_of_2(num_partials)))
     with on_device_of(abs_partials):
-        _masked_l1_loss_finish_kernel[(1,)](loss, denominator, abs_partials, count_partials, num_partials, in_chans,
-                                            LOSS_EPS, BLOCK=block, num_warps=4)
+        _masked_l1_loss_finish_kernel[(1,)](loss, denominator, abs_partials, count_partials, abs_partials.numel(),
+                                            in_chans, LOSS_EPS, BLOCK=FINISH_BLOCK, num_warps=4)
     return loss, denominator
 
 

@@ -146,7 +146,7 @@ def _grad_at_projection(grad_out_ptr, image_ptr, weight_ptr, bias_ptr, norm_weig
 
 
 @autotune(_PROJECTION_CONFIGS, key=_PROJECTION_KEY, prune=_default_warps_with_norm)
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["num_visible_ptr"])
 def _masked_patch_embed_fwd_kernel(
     out_ptr, image_ptr, weight_ptr, bias_ptr, mask_token_ptr, pos_ptr, norm_weight_ptr, norm_bias_ptr,
     order_ptr, num_visible_ptr,
@@ -188,7 +188,7 @@ def _masked_patch_embed_fwd_kernel(
 
 
 @autotune(_WEIGHT_GRAD_CONFIGS, key=_PROJECTION_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["num_visible_ptr"])
 def _masked_patch_embed_bwd_kernel(
     grad_weight_part_ptr, grad_bias_part_ptr, grad_norm_weight_part_ptr, grad_norm_bias_part_ptr,
     grad_out_ptr, image_ptr, weight_ptr, bias_ptr, norm_weight_ptr, order_ptr, num_visible_ptr,
@@ -243,7 +243,7 @@ def _masked_patch_embed_bwd_kernel(
 
 # Warps fixed: the mask-token partial is a tl.sum over the tile's layout.
 @autotune(_configs((4, 2), (4, 3)), key=["D", "POS_GRAD", "BLOCK_L", "BLOCK_D"])
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "num_splits"])
 def _masked_patch_embed_bwd_tokens_kernel(
     grad_pos_part_ptr, grad_mask_token_part_ptr, grad_out_ptr, masked_ptr,
     batch, num_splits, tokens_per_image, D,
@@ -274,7 +274,7 @@ def _masked_patch_embed_bwd_tokens_kernel(
 
 
 @autotune(_PROJECTION_CONFIGS, key=_PROJECTION_KEY, prune=_default_warps_with_norm)
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["num_visible_ptr"])
 def _masked_patch_embed_bwd_image_kernel(
     grad_image_ptr, grad_out_ptr, image_ptr, weight_ptr, bias_ptr, norm_weight_ptr, order_ptr, num_visible_ptr,
     tokens_per_image, grid_w, D, K, eps,

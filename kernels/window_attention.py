@@ -35,14 +35,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_operands import attention_operands, packed_qkv_gradient
+from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
 from ._autotune import autotune
 from ._launch import on_device_of
 from .attention_bias import flash_backward, flash_forward
 
-# Programs per launch that the image slices aim at: enough to fill an H100 a few times over. A
-# constant rather than the device's SM count, so that dBias sums in the same order on every GPU.
+# Programs per backward launch that the image slices aim at: enough to fill an H100 a few times over
+# (1 resident CTA per SM). A constant rather than the device's SM count, so that dBias sums in the same
+# order on every GPU.
 TARGET_PROGRAMS = 1024
+# The forward sums nothing across images (each image's result is the same whatever program computes it),
+# so its slices are finer: at 4-5 resident CTAs per SM, 1024 programs would be under 2 waves on 132 SMs.
+FORWARD_TARGET_PROGRAMS = 4096
 # Largest window and head dim the whole-window kernels take (one 64-row warpgroup tile, compile-checked
 # at d <= 64); anything larger goes to the flash kernels of attention_bias.py.
 WHOLE_WINDOW_TOKENS = WHOLE_WINDOW_HEAD_DIM = 64
@@ -191,12 +195,12 @@ _fwd = autotune([triton.Config({}, num_warps=4, num_stages=s) for s in (3, 2)], 
 _bwd = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)], _KEY)(_window_attention_bwd_kernel)
 
 
-def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor]) -> dict:
-    """Image slices, the grid and the constexprs shared by the forward and the backward launch."""
+def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor], target_programs: int) -> dict:
+    """Image slices for about ``target_programs`` programs, the grid and the constexprs of a launch."""
     batch_windows, heads, tokens, head_dim = q.shape
     num_windows = 1 if window_mask is None else window_mask.shape[0]
     num_images = batch_windows // num_windows
-    splits = max(1, min(num_images, TARGET_PROGRAMS // (heads * num_windows)))
+    splits = max(1, min(num_images, target_programs // (heads * num_windows)))
     images_per_split = triton.cdiv(num_images, splits)
     splits = triton.cdiv(num_images, images_per_split)
     return dict(
@@ -204,8 +208,7 @@ def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor]) -> di
         num_images=num_images, images_per_split=images_per_split, num_windows=num_windows,
         constexprs=dict(
             TOKENS=tokens, HEAD_DIM=head_dim, HAS_MASK=window_mask is not None,
-            # float32 inputs get exact float32 products, as torch's default; 16-bit inputs ignore it.
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION=dot_precision(q.dtype),
             BLOCK_T=max(16, triton.next_power_of_2(tokens)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         ),
     )
@@ -226,7 +229,7 @@ def _forward(q, k, v, bias, window_mask, scale):
     if not _whole_windows(*q.shape[2:]):
         return flash_forward(q, k, v, bias, window_mask, scale)
     batch_windows, heads, tokens, head_dim = q.shape
-    geometry = _launch_geometry(q, window_mask)
+    geometry = _launch_geometry(q, window_mask, FORWARD_TARGET_PROGRAMS)
     out = torch.empty((batch_windows, tokens, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     row_stats = torch.empty((2, batch_windows, heads, tokens), device=q.device, dtype=torch.float32)
     mask, mask_strides = _mask_args(bias, window_mask)
@@ -245,7 +248,7 @@ def _backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale):
     if not _whole_windows(*q.shape[2:]):
         return flash_backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale, compute_dbias=True)
     batch_windows, heads, tokens, head_dim = q.shape
-    geometry = _launch_geometry(q, window_mask)
+    geometry = _launch_geometry(q, window_mask, TARGET_PROGRAMS)
     dqkv = torch.empty((batch_windows, tokens, 3, heads, head_dim), device=q.device, dtype=q.dtype)
     grad_q, grad_k, grad_v = packed_qkv_gradient(dqkv, (True, True, True))
     grad_bias_partials = torch.empty((geometry["grid"][0], heads, tokens, tokens), device=q.device,

@@ -14,7 +14,8 @@ layouts, dtypes) and tiles that would not fit in its shared memory or registers.
 Meta tensors go through too (their data pointer is 0, aligned like a CUDA allocation), so a whole
 training step (``compile_training_step``) and every op at batch 4096 (``compile_at_max_batch``;
 ``python -m tests.compile_only --max-batch`` prints its grid and int32 checks) compile without
-computing or allocating anything.
+computing or allocating anything. ``python -m tests.compile_only --account`` prints the attention
+kernels' static efficiency account at the headline recipes (tests/kernel_account.py).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import tempfile
 import time
 import types
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 from unittest import mock
 
 import torch
@@ -274,9 +275,10 @@ def compile_training_step(preset: str, capability: int = 90) -> CompileLog:
     return compiled
 
 
-def training_step_on_meta(preset: str, batch: Optional[int] = None) -> None:
-    """compile_training_step's step, at ``batch`` images (default: the preset's), inside a compile_only()."""
-    config = get_config(preset)
+def training_step_on_meta(preset: str, batch: Optional[int] = None, overrides: Iterable[Mapping] = ()) -> None:
+    """compile_training_step's step, at ``batch`` images (default: the preset's), inside a compile_only();
+    ``overrides``: config mappings over the preset (simmim_fast.config.get_config)."""
+    config = get_config(preset, overrides)
     torch.manual_seed(0)
     model = build_simmim(config).to("meta")
     batch, size = batch or config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE
@@ -385,10 +387,20 @@ def _print_resources() -> None:
                       f"{kernel.spill_bytes:7} {('mma' if kernel.tensor_cores else 'fma') if kernel.dots else '-'}")
 
 
+def _print_account() -> None:
+    from tests import kernel_account
+
+    rows = [row for recipe in kernel_account.RECIPES for row in kernel_account.account(recipe)]
+    print("Static model (compile-only, sm_90, 132 SMs; nothing timed): tests/kernel_account.py")
+    print(kernel_account.format_table(rows))
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--max-batch"]:
         _print_max_batch()
+    elif sys.argv[1:] == ["--account"]:
+        _print_account()
     elif sys.argv[1:]:
-        sys.exit("usage: python -m tests.compile_only [--max-batch]")
+        sys.exit("usage: python -m tests.compile_only [--max-batch | --account]")
     else:
         _print_resources()

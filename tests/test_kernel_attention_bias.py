@@ -172,7 +172,8 @@ def assert_within_torch_error_of_fp64(q, k, v, bias, grad_out, dtype):
     (2, 50, 80, "none"),  # head dim padded to 128, scale * log2(e) folded
     (1, 321, 32, "random"),  # 6 blocks, the last holding one row
     (3, 64, 32, "random"),  # every block full: no masks at all (EVEN_M, EVEN_N, EVEN_HEADDIM)
-], ids=["N197-d64", "N50-d80-nobias", "N321-d32", "N64-even"])
+    (1, 90, 16, "random"),  # the forward's 32-row, 32-key tail blocks (197 and 321 take 16, 50 one 64-block)
+], ids=["N197-d64", "N50-d80-nobias", "N321-d32", "N64-even", "N90-d16"])
 def test_odd_shapes_fp32(batch, tokens, head_dim, bias_kind):
     q, k, v = packed_qkv(batch, tokens, head_dim)
     bias = make_bias(bias_kind, tokens)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -27,7 +28,8 @@ import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from benchmarks.kernel_cases import all_cases, envelope_cases
+from benchmarks.kernel_cases import (SwinShape, VitShape, _attention_case, _window_attention_case, all_cases,
+                                    envelope_cases)
 from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 from tests import compile_only
 
@@ -286,3 +288,135 @@ def test_meta_tensors_reach_the_launchers_of_custom_ops():
         with compile_only.custom_ops_launch_on_meta([sys.modules[__name__]]):
             _double(x)
         assert [launch.kernel for launch in compiled.launches] == ["_double_kernel"]
+
+
+# ---- a new batch size compiles nothing: no specialisation follows the batch ----------------------
+
+# Odd token counts, where Triton's divisibility-by-16 and pointer-alignment specialisations of anything
+# that grows with the batch would flip from one batch size to the next: ViT at 56 px in 8-pixel patches
+# (49 tokens), Swin V2 at 112 px with 7x7 windows (49-token windows, a 7x7 decoder, the normalised target).
+ODD_TOKEN_STEPS = {
+    "vit-tiny 49 tokens": ("vit-tiny", {"DATA": {"IMG_SIZE": 56, "MASK_PATCH_SIZE": 8}}),
+    "swinv2-tiny w7 112px": ("swinv2-tiny", {"DATA": {"IMG_SIZE": 112}, "MODEL": {"SWINV2": {"WINDOW_SIZE": 7}}}),
+}
+# Batches 1 (Triton specialises integers equal to 1) to 9 (every residue mod 4 and 8 twice), then a full
+# batch and a ragged last one.
+BATCH_SIZES = (*range(1, 10), 64, 37)
+
+
+@pytest.mark.parametrize("steps", list(ODD_TOKEN_STEPS))
+def test_no_recompile_after_the_first_step(steps):
+    """A training step (meta tensors, compile only, each kernel's default config) at batch 1, then at
+    every other batch of BATCH_SIZES: the later steps compile nothing."""
+    preset, overrides = ODD_TOKEN_STEPS[steps]
+    with compile_only.compile_only(90, every_config=False) as compiled:
+        compile_only.training_step_on_meta(preset, BATCH_SIZES[0], [overrides])
+        first_step = len(compiled)
+        recompiled = []
+        for batch in BATCH_SIZES[1:]:
+            before = len(compiled)
+            compile_only.training_step_on_meta(preset, batch, [overrides])
+            recompiled += [f"batch {batch}: {_describe(kernel)}" for kernel in compiled[before:]]
+    assert first_step > 0
+    assert not recompiled, "\n".join(recompiled)
+
+
+# ---- fp32 attention products: one TF32 rule for the whole-window and the flash kernels -----------
+
+def _dot_precisions(case, dtype):
+    """{kernel: {DOT_PRECISION}} of every autotuned launch of ``case``'s forward and backward, recorded
+    instead of compiled or run."""
+    precisions = defaultdict(set)
+
+    def record(self, *args, **kwargs):
+        precisions[self.base_fn.__name__].add(kwargs["DOT_PRECISION"])
+
+    with compile_only.compile_only(90), mock.patch.object(Autotuner, "run", record):
+        compile_only.run_case(case, dtype)
+    return dict(precisions)
+
+
+def test_fp32_window_attention_follows_allow_tf32():
+    """fp32 window attention takes TF32 products exactly when torch's fp32 matmuls may
+    (torch.backends.cuda.matmul.allow_tf32), in the whole-window kernels (T = 36) as in the flash ones
+    (T = 144): one rule, kernels/_attention_operands.py dot_precision. 16-bit operands are unaffected."""
+    cases = [_window_attention_case(SwinShape(batch=1, image=16 * window, patch=4, dim=64, heads=(2, 4, 8, 16),
+                                              window=window, mask_patch=4 * window), stage=0) for window in (6, 12)]
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow_tf32, fp32_precision in ((False, "ieee"), (True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            for case in cases:
+                for dtype, expected in ((torch.float32, fp32_precision), (torch.bfloat16, "tf32")):
+                    precisions = _dot_precisions(case, dtype)
+                    assert len(precisions) >= 2 and all(found == {expected} for found in precisions.values()), \
+                        f"{case.name} {dtype} allow_tf32={allow_tf32}: {precisions}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+# ---- the dk/dv/dBias launch at the real arguments: batch groups only for a bias gradient ----------
+
+def _dkdv_grid(batch, bias_gradient):
+    """The grid of the dk/dv/dBias launch in ViT-B 224's attention backward at ``batch`` images (meta
+    tensors, bf16 autocast as in training), recorded instead of compiled: the launcher's real sizing,
+    not the interpreter's."""
+    shape = VitShape(batch=batch, image=224, patch=16, dim=768, heads=12, mask_patch=32)
+    arguments = compile_only._meta_arguments(lambda images: _attention_case(replace(shape, batch=images)), batch,
+                                             torch.float32)
+    for name in ("q", "k", "v"):
+        arguments[name].requires_grad_()
+    arguments["bias"].requires_grad_(bias_gradient)
+    grids = {}
+
+    def record(self, *args, **kwargs):
+        grids[self.base_fn.__name__] = compile_only._grid(kwargs["grid"], dict(zip(self.arg_names, args)))
+
+    with compile_only.compile_only(90), mock.patch.object(Autotuner, "run", record), \
+            compile_only.custom_ops_launch_on_meta(), compile_only._meta_autocast(torch.bfloat16):
+        module_name, function_name = KERNEL_ENTRY_POINTS["attention"]
+        out = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)(**arguments)
+        out.backward(torch.ones_like(out))
+    return grids["_attention_bwd_dkdv_dbias_kernel"]
+
+
+def test_dkdv_has_no_batch_groups_without_a_bias_gradient():
+    """Without a bias gradient nothing is summed over the batch: one dk/dv program per (batch, head, key
+    block), 128 * 12 * 4 at ViT-B b128, on more than 2 waves of 132 SMs. With one, the batch groups
+    that bound dBias's partials stay (the control: fewer programs)."""
+    programs = 128 * 12 * 4
+    assert _dkdv_grid(128, bias_gradient=False) == (programs, 1, 1)
+    assert _dkdv_grid(128, bias_gradient=True)[0] < programs
+
+
+# ---- the static efficiency account (tests/kernel_account.py) ---------------------------------------
+
+def test_attention_launches_fill_two_waves_at_swin_l():
+    """Swin-L 192 w12 b64's first training step: every attention launch has at least 2 waves of programs
+    on 132 SMs at its compiled residency (its stage-3 dk/dv/dBias had 1.9 with dBias's partials capped
+    at q's size), and the model's padding is the tile arithmetic: the forward's and dq's 16-row and
+    16-key tails hold 144 tokens exactly (in whole 64-row, 64-key blocks, 192 x 192), and dk/dv's
+    16-key tail with whole 32-query blocks 144 x 160."""
+    from tests import kernel_account
+
+    rows = kernel_account.account("Swin-L 192 w12 b64")
+    assert {row.kernel for row in rows} >= set(kernel_account.MODELS)
+    thin = [f"{row.kernel} {row.shape} {row.additive}: {row.programs} programs, {row.ctas_per_sm} CTAs/SM, "
+            f"{row.waves:.2f} waves" for row in rows if row.waves < 2]
+    assert not thin, "\n".join(thin)
+    padding = {row.kernel: row.work.mma_executed / row.work.mma_useful for row in rows if "144" in row.shape}
+    assert padding["_attention_fwd_kernel"] == padding["_attention_bwd_dq_kernel"] == 1.0
+    assert padding["_attention_bwd_dkdv_dbias_kernel"] == pytest.approx(160 / 144)
+
+
+def test_attention_padding_at_vit_b_is_within_a_quarter():
+    """ViT-B 224 b128's N = 197 (issue 23: MMA padding <= 1.25x): the forward's and dq's 16-row and
+    16-key tails compute 208 x 208 (whole 64-blocks: 256 x 256, 1.69x), dk/dv's 16-key tail with whole
+    32-query blocks 208 x 224."""
+    from tests import kernel_account
+
+    padding = {row.kernel: row.work.mma_executed / row.work.mma_useful
+               for row in kernel_account.account("ViT-B 224 b128") if row.kernel in kernel_account.MODELS}
+    assert padding["_attention_fwd_kernel"] == padding["_attention_bwd_dq_kernel"] == pytest.approx(208 ** 2 / 197 ** 2)
+    assert padding["_attention_bwd_dkdv_dbias_kernel"] == pytest.approx(208 * 224 / 197 ** 2)
+    assert max(padding.values()) <= 1.25

@@ -78,10 +78,12 @@ def test_explicit_scale_and_fully_masked_row():
 
 
 def test_several_images_per_program(monkeypatch):
-    """Few programs: each loops over 2 images (the last slice holds 1), accumulating dbias across them."""
+    """Few programs: each loops over 2 images (the last slice holds 1), accumulating dbias across them in
+    the backward; the forward's slices are set alike."""
     from simmim_fast.kernels import window_attention as kernel_module
 
-    monkeypatch.setattr(kernel_module, "TARGET_PROGRAMS", 2 * 4 * 3)  # heads * nW * 3 slices of 5 images
+    for target in ("TARGET_PROGRAMS", "FORWARD_TARGET_PROGRAMS"):
+        monkeypatch.setattr(kernel_module, target, 2 * 4 * 3)  # heads * nW * 3 slices of 5 images
     qkv, bias, grad_out = make_inputs(5 * 4, 2, 9, 16)
     assert_matches_reference(qkv, bias, swin_shift_mask(6, 3, 1), grad_out)
 
