@@ -5,7 +5,8 @@ tests/test_xla.py starts it as `python tests/xla_spmd_driver.py SPEC.json RESULT
 runs, each {"argv": [...], "resume_from": CHECKPOINT or null}; resume_from is copied into the run's
 --output first, so the run continues from it. RESULT: per run, per step (at the step's sync, before the
 step's logging and saving) the process's totals of compiled graphs, cached graphs and device->host
-transfers, then the run's exit status.
+transfers, then the run's exit status and the aten ops that fell back to the CPU so far (torch_xla's aten::*
+counters).
 """
 import json
 import shutil
@@ -42,7 +43,8 @@ def main(spec_path: str, result_path: str) -> None:
             shutil.copy(run["resume_from"], output)
         loop.xla_sync = recording_sync
         status = cli_main(argv)
-        results.append({"status": status, "steps": steps})
+        results.append({"status": status, "steps": steps,
+                        "fallbacks": sorted(name for name in metrics.counter_names() if name.startswith("aten::"))})
     Path(result_path).write_text(json.dumps(results))
 
 

@@ -201,7 +201,6 @@ class Finetuning(TrainingSteps):
     """One fine-tuning run; ``run()`` trains to the last step, evaluating every epoch."""
 
     def __init__(self, options: FinetuneOptions, runtime: distributed.Runtime):
-        check_options(options)
         self.options, self.runtime = options, runtime
         pretrained = read_pretrained(options.pretrained, options.trust_checkpoint) if options.pretrained else None
         self.config = config = finetune_config(options, pretrained and pretrained["config"])
@@ -427,6 +426,7 @@ def save_atomic_json(data: Dict[str, Any], path: Path) -> None:
 
 def finetune(options: FinetuneOptions) -> Dict[str, Any]:
     """Run a fine-tuning (see ``FinetuneOptions``); returns the metrics and the output folder."""
+    check_options(options)  # before the device starts (XLA's runtime, a process group)
     with kernel_backend(options.backend):
         runtime = distributed.start(options.device)
         try:

@@ -51,11 +51,16 @@ COUNT_OPTIONS = {"steps": 1, "epochs": 1, "batch_size": 1, "accum_steps": 1, "nu
 
 
 def check_options(options: RunOptions) -> None:
-    """Refuse counts out of range up front (``--steps 0`` is not "unset", ``--accum-steps -2`` not 1)."""
+    """Refuse counts out of range up front (``--steps 0`` is not "unset", ``--accum-steps -2`` not 1), and
+    what the XLA path does not do, before any device starts."""
     for name, minimum in COUNT_OPTIONS.items():
         value = getattr(options, name, None)  # each command has its own subset
         if value is not None:
             check_count("--" + name.replace("_", "-"), value, minimum)
+    if options.device == "xla":
+        from . import xla_spmd
+
+        xla_spmd.check_options(options)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -30,8 +30,8 @@ from .engine import (NonFiniteLossError, RunOptions, TrainingSteps, check_option
                      seed_everything, xla_sync)
 from .gpu_decode import GpuJpegCrop, resolve_decode
 from .monitor import Monitor
-from .profiling import StepProfile
 from .optim import LRSchedule, build_optimizer, build_schedule, scaled_lrs
+from .profiling import StepProfile
 
 
 @dataclass
@@ -71,7 +71,6 @@ class Pretraining(TrainingSteps):
     """The state of one run; ``run()`` trains to the last step and returns a summary dict."""
 
     def __init__(self, options: PretrainOptions, runtime: distributed.Runtime):
-        check_options(options)
         self.options = options
         self.runtime = runtime
         self.config = build_config(options.preset, options.config, options.set, flags={
@@ -410,10 +409,15 @@ class Pretraining(TrainingSteps):
                 f"{len(self.dataset)} images"
                 f"{' (embedded scenes)' if not config.DATA.DATA_PATH else ' from ' + str(config.DATA.DATA_PATH)}, "
                 f"{config.DATA.IMG_SIZE}px, mask {config.DATA.MASK_RATIO:.0%} of {config.DATA.MASK_PATCH_SIZE}px "
-                f"patches; {self.runtime.world_size} process(es) x batch {self.batch_size} x accumulation "
-                f"{self.accumulation} = {self.images_per_step} images/step; {self.total_steps} steps "
+                f"patches; {self.runtime.world_size} process(es) x batch {self.batch_size}{self._per_device()} x "
+                f"accumulation {self.accumulation} = {self.images_per_step} images/step; {self.total_steps} steps "
                 f"({self.steps_per_epoch}/epoch); peak lr {self.schedule.base_lr:.3e}; device {self.device}, "
                 f"amp {self.amp_dtype or 'off'}; {self.decode_note}; output {self.output}")
+
+    def _per_device(self) -> str:
+        """XLA SPMD: how the process's batch splits over its host's devices."""
+        devices = self.runtime.devices_per_process
+        return f" ({devices} XLA devices x {self.batch_size // devices})" if self.runtime.spmd else ""
 
     def _finish(self, last_picture: Optional[Path]) -> Dict[str, Any]:
         summary = {"output": self.output, "steps": self.step, "losses": list(self.history["loss"]),
@@ -438,6 +442,7 @@ class Pretraining(TrainingSteps):
 
 def pretrain(options: PretrainOptions) -> Dict[str, Any]:
     """Run a pretraining (see ``PretrainOptions``); returns a summary (output folder, losses, files)."""
+    check_options(options)  # before the device starts (XLA's runtime, a process group)
     with kernel_backend(options.backend):
         runtime = distributed.start(options.device)
         try:

@@ -143,7 +143,6 @@ class XlaTraining:
         import torch_xla.distributed.spmd as xs
         import torch_xla.runtime as xr
 
-        check_options(options)
         set_matmul_precision(getattr(options, "xla_matmul_precision", None))
         self.runtime = runtime
         devices = xr.global_runtime_device_count()
@@ -210,5 +209,5 @@ class XlaTraining:
             from .engine import NonFiniteLossError
 
             raise NonFiniteLossError("a step since the start had a non-finite loss or gradient norm: the weights "
-                                 "may hold NaN/inf, no checkpoint written; lower the LR or check the data")
+                                     "may hold NaN/inf, no checkpoint written; lower the LR or check the data")
         return copied
