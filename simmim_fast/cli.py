@@ -14,7 +14,8 @@ def _pretrain_parser(commands) -> None:
     parser = commands.add_parser(
         "pretrain", help="pretrain a SimMIM model (embedded demo data unless --data)",
         description="SimMIM pretraining with the original recipe. Multi-process: "
-                    "torchrun --nproc_per_node=N -m simmim_fast.train [options]. "
+                    "torchrun --nproc_per_node=N -m simmim_fast.train [options]; --device xla uses every "
+                    "device of the host (SPMD, docs/tpu.md). "
                     "Settings apply in order: preset, --config, --set, then the dedicated options.")
     model = parser.add_argument_group("recipe")
     model.add_argument("--preset", choices=list(PRESETS), help="a published recipe or a tiny CPU-sized one")
@@ -41,7 +42,10 @@ def _pretrain_parser(commands) -> None:
     run = parser.add_argument_group("hardware")
     run.add_argument("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto")
     run.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                     help="autocast: auto = bf16 on CUDA (fp16 + GradScaler where bf16 is missing), off elsewhere")
+                     help="autocast: auto = bf16 on CUDA (fp16 + GradScaler where bf16 is missing) and on TPUs, "
+                          "off elsewhere")
+    run.add_argument("--xla-matmul-precision", choices=["default", "high", "highest"],
+                     help="XLA fp32 matmuls: default = one bf16 pass on TPUs, highest = full fp32 (parity checks)")
     run.add_argument("--backend", help="kernel choice, as SIMMIM_FAST_BACKEND (e.g. triton, or attention=sdpa)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
@@ -54,6 +58,9 @@ def _pretrain_parser(commands) -> None:
     out.add_argument("--log-every", type=int, help="steps between text lines / GPU stats (default PRINT_FREQ)")
     out.add_argument("--save-every", type=int, help="steps between checkpoints (default SAVE_FREQ epochs)")
     out.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0: all)")
+    out.add_argument("--profile", action="store_true",
+                     help="trace 3 steps after the first 2 into <output>/profile (XLA's profiler on XLA, the torch "
+                          "profiler elsewhere)")
     out.add_argument("--picture-every", type=int, help="steps between reconstruction pictures (default --save-every)")
 
 

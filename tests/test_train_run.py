@@ -1,5 +1,6 @@
 """Training runs on CPU with a tiny ViT: resume, interrupted checkpoints, non-finite losses, fp16,
 unreadable files, command-line errors."""
+import json
 import shutil
 
 import pytest
@@ -173,3 +174,11 @@ def test_reconstruct_refuses_pickled_objects_unless_trusted(tmp_path, image_fold
     written = reconstruct_images(str(path), str(image_folder), str(tmp_path / "grid.png"), count=2,
                                  preset="vit-tiny", trust_checkpoint=True)
     assert written.exists()
+
+
+def test_profile_traces_three_steps_after_the_first_two(tmp_path, image_folder):
+    """--profile on the CPU: the torch profiler's Chrome trace of steps 3-5 in <output>/profile."""
+    pretrain(options(tmp_path, image_folder, steps=6, save_every=6, profile=True))
+    events = json.loads((tmp_path / "profile" / "trace.json").read_text())["traceEvents"]
+    steps_traced = [event for event in events if event.get("name") == "Optimizer.step#AdamW.step"]
+    assert len(steps_traced) == 3

@@ -166,10 +166,12 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, smoo
     flipped = images.flip(0)
     if box is None:
         mixed = images * lam + flipped * (1.0 - lam)
-    else:
+    else:  # a mask rather than a slice: the same shapes whatever the box (XLA compiles the step once)
         top, bottom, left, right = box
-        mixed = images.clone()
-        mixed[:, :, top:bottom, left:right] = flipped[:, :, top:bottom, left:right]
+        rows = torch.arange(images.shape[-2], device=images.device)
+        columns = torch.arange(images.shape[-1], device=images.device)
+        inside = ((rows >= top) & (rows < bottom))[:, None] & ((columns >= left) & (columns < right))[None, :]
+        mixed = torch.where(inside, flipped, images)
     targets = smooth_one_hot(labels, num_classes, smoothing)
     return mixed, targets * lam + targets.flip(0) * (1.0 - lam)
 

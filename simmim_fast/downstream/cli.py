@@ -26,8 +26,11 @@ def add_commands(commands) -> None:
     parser.add_argument("--accum-steps", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto",
+                        help="xla: every device of the host, the batch sharded over them (SPMD, docs/tpu.md)")
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    parser.add_argument("--xla-matmul-precision", choices=["default", "high", "highest"],
+                        help="XLA fp32 matmuls: default = one bf16 pass on TPUs, highest = full fp32")
     parser.add_argument("--backend", help="kernel choice, as SIMMIM_FAST_BACKEND")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--resume", metavar="auto|PATH")

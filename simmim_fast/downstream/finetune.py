@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 from .._checks import check_writable_folder
 from ..checkpoint import read_checkpoint_file, state_dict_of, write_atomic
 from ..config import DEFAULTS, PRESETS, Config, check_hyperparameters, merge, set_key, to_config
-from ..train import checkpoints, distributed
+from ..train import checkpoints, distributed, xla_spmd
 from ..train.configs import given_texts, parse_assignment, read_yaml_config
 from ..train.data import build_loader, sample_seed
 from ..train.engine import (RunOptions, TrainingSteps, check_forced_backend, check_options, kernel_backend,
-                            resolve_amp, seed_everything)
+                            resolve_amp, seed_everything, xla_sync)
 from ..train.monitor import Monitor, json_text
 from ..train.optim import build_optimizer, build_schedule, scaled_lrs, skips_weight_decay
 from .augment import Mixup
@@ -258,6 +258,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, r
         top1, top5 = topk_correct(logits, labels)
         totals += torch.stack([top1.double(), top5.double(), F.cross_entropy(logits, labels, reduction="sum").double(),
                                torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+        if device.type == "xla":  # one graph per batch, not one for the whole pass
+            xla_sync()
     model.train(was_training)
     totals = distributed.sum_across(totals, runtime)
     count = max(float(totals[3]), 1.0)
@@ -269,7 +271,6 @@ class Finetuning(TrainingSteps):
     """One fine-tuning run; ``run()`` trains to the last step, evaluating every epoch."""
 
     def __init__(self, options: FinetuneOptions, runtime: distributed.Runtime):
-        check_options(options)
         self.options, self.runtime = options, runtime
         pretrained = read_pretrained(options.pretrained, options.trust_checkpoint) if options.pretrained else None
         self.config = config = finetune_config(options, pretrained and pretrained["config"])
@@ -278,6 +279,7 @@ class Finetuning(TrainingSteps):
         check_writable_folder("--output", self.output)
         self.device = runtime.device
         self.amp_dtype = resolve_amp(options.amp, self.device)
+        self.xla = xla_spmd.XlaTraining(runtime, options) if runtime.is_xla else None
 
         self.train_source, self.val_source = open_splits(config.DATA.DATA_PATH)
         self.classes = self.train_source.classes
@@ -291,6 +293,8 @@ class Finetuning(TrainingSteps):
         check_forced_backend(lambda: self.model(torch.zeros(1, 3, size, size, device=self.device)), self.device,
                              self.amp_dtype)
         seed_everything(config.SEED + runtime.rank)
+        if self.xla:
+            xla_spmd.seed(config.SEED)
         self.train_model = distributed.wrap(self.model, runtime, fsdp=False)
         if options.compile:
             self.train_model = torch.compile(self.train_model)
@@ -302,7 +306,7 @@ class Finetuning(TrainingSteps):
             raise ValueError("only AUG.REMODE=pixel, AUG.RECOUNT=1, AUG.MIXUP_MODE=batch and "
                              "DATA.INTERPOLATION=bicubic (the recipe's) are implemented")
         transform = FinetuneTransform(config.DATA.IMG_SIZE, aug.AUTO_AUGMENT, aug.REPROB)
-        self.batch_size = config.DATA.BATCH_SIZE
+        self.batch_size = config.DATA.BATCH_SIZE * runtime.devices_per_process  # per process (XLA: per host)
         pin = config.DATA.PIN_MEMORY and self.device.type == "cuda"
         self.loader = build_loader(TrainingSet(self.train_source, transform, config.SEED), self.batch_size,
                                    runtime.world_size, runtime.rank, config.SEED, config.DATA.NUM_WORKERS, pin)
@@ -346,8 +350,10 @@ class Finetuning(TrainingSteps):
         rng = checkpoints.gathered_rng(self.device, self.runtime)
         if not self.runtime.is_main:
             return None
+        states = (self.model.state_dict(), self.optimizer.state_dict())
+        model_state, optimizer_state = self.xla.state_to_cpu(states) if self.xla else states  # XLA: one transfer
         return self.write_checkpoint({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state,
             "lr_scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch, "step": self.step, "config": self.config.to_dict(), "classes": list(self.classes),
@@ -374,8 +380,10 @@ class Finetuning(TrainingSteps):
     # ---- training ----------------------------------------------------------------------------------
 
     def _loss(self, batch, generator: torch.Generator) -> torch.Tensor:
-        images = batch["image"].to(self.device, non_blocking=True)
-        labels = batch["label"].to(self.device, non_blocking=True)
+        return self._loss_on_device(batch["image"].to(self.device, non_blocking=True),
+                                    batch["label"].to(self.device, non_blocking=True), generator)
+
+    def _loss_on_device(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.mixup is not None:  # soft targets: mixed, smoothed one-hots
             images, targets = self.mixup(images, labels, generator)
             return torch.sum(-targets * F.log_softmax(self.train_model(images), dim=-1), dim=-1).mean()
@@ -396,13 +404,21 @@ class Finetuning(TrainingSteps):
         monitor = Monitor(self.output, self.total_steps, self.step, self.device, enabled=self.runtime.is_main,
                           name="finetune")
         monitor.message(self.describe())
-        batches = self._batches()
+        if self.xla:
+            xla_steps = self.xla.steps(xla_spmd.host_steps(self, ("image", "label")), ranks={"image": 5, "label": 2})
+        else:
+            batches = self._batches()
         window_start = time.perf_counter()
+        # Mixup's draws: per process, except under SPMD, where one program (one draw) spans the processes.
+        mix_rank = 0 if self.runtime.spmd else self.runtime.rank
         try:
             while self.step < self.total_steps:
-                micro = [next(batches) for _ in range(self.accumulation)]
-                generator = torch.Generator().manual_seed(sample_seed(self.config.SEED, self.step, self.runtime.rank))
-                result = self.optimizer_step(micro, lambda batch: self._loss(batch, generator))
+                generator = torch.Generator().manual_seed(sample_seed(self.config.SEED, self.step, mix_rank))
+                if self.xla:
+                    result = self._xla_step(next(xla_steps), generator)
+                else:
+                    micro = [next(batches) for _ in range(self.accumulation)]
+                    result = self.optimizer_step(micro, lambda batch: self._loss(batch, generator))
                 self.step += 1
                 self.samples_into_epoch += self.images_per_step
                 rate = self.images_per_step / max(time.perf_counter() - window_start, 1e-9)
@@ -412,9 +428,23 @@ class Finetuning(TrainingSteps):
                     self._evaluate(monitor)
                     self.save()
         finally:
+            if self.xla:
+                self.xla.close()
             monitor.close()
         self.confirm_last_checkpoint()
         return self._finish()
+
+    def _xla_step(self, step_inputs, generator: torch.Generator) -> Dict[str, Any]:
+        """One step from the parallel loader's sharded (batch, accumulation, ...) images and labels; its
+        loss and gradient norm come back in one transfer (the log has a row per step)."""
+        inputs, host_step = step_inputs
+        if host_step.epoch != self.epoch:
+            self.epoch, self.samples_into_epoch = host_step.epoch, 0
+        result = self.optimizer_step(range(self.accumulation), lambda index: self._loss_on_device(
+            inputs["image"][:, index], inputs["label"][:, index], generator))
+        self.xla.note_step(result)
+        xla_sync()
+        return xla_spmd.batched_to_cpu(result)
 
     def _log(self, result: Dict[str, Any], rate: float, monitor: Monitor) -> None:
         loss = float(result["loss"])
@@ -460,6 +490,7 @@ def save_atomic_json(data: Dict[str, Any], path: Path) -> None:
 
 def finetune(options: FinetuneOptions) -> Dict[str, Any]:
     """Run a fine-tuning (see ``FinetuneOptions``); returns the metrics and the output folder."""
+    check_options(options)  # before the device starts (XLA's runtime, a process group)
     with kernel_backend(options.backend):
         runtime = distributed.start(options.device)
         try:

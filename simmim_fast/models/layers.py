@@ -8,6 +8,7 @@ from typing import Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def to_2tuple(value: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -137,6 +138,23 @@ def split_qkv(qkv: torch.Tensor, heads: int):
         batch, tokens, channels = qkv.shape
         return qkv.view(batch, tokens, 3, heads, channels // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
     return _SplitQKV.apply(qkv, heads)
+
+
+def activation_checkpoint(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with activation checkpointing (recomputed in the backward pass). On XLA
+    tensors torch_xla's implementation: torch's saves the RNG state through ``torch.xla``, which does not exist."""
+    if args[0].device.type != "xla":
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+    import torch_xla.utils.checkpoint
+
+    # torch_xla's is the reentrant kind, which takes positional inputs only: a keyword tensor (ViT's shared
+    # relative position bias) must be one of them for its gradient to flow.
+    names = list(kwargs)
+
+    def positional(*inputs):
+        return function(*inputs[:len(args)], **dict(zip(names, inputs[len(args):])))
+
+    return torch_xla.utils.checkpoint.checkpoint(positional, *args, *kwargs.values(), use_reentrant=True)
 
 
 def drop_path_rates(drop_path_rate: float, blocks: int):

@@ -10,11 +10,10 @@ from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint as checkpoint
 
 from .. import _checks, ops
-from .layers import Mlp, drop_path_or_identity, drop_path_rates, gather_relative_position_bias, init_weights
-from .layers import relative_position_index, split_qkv, to_2tuple
+from .layers import Mlp, activation_checkpoint, drop_path_or_identity, drop_path_rates, gather_relative_position_bias
+from .layers import init_weights, relative_position_index, split_qkv, to_2tuple
 from .layers import trunc_normal_
 from .registry import common_kwargs, read_key, register_encoder, section
 
@@ -170,7 +169,7 @@ class BasicLayer(nn.Module):
 
     def forward(self, x):
         for block in self.blocks:
-            x = checkpoint.checkpoint(block, x, use_reentrant=False) if self.use_checkpoint else block(x)
+            x = activation_checkpoint(block, x) if self.use_checkpoint else block(x)
         return self.downsample(x) if self.downsample is not None else x
 
 

@@ -112,6 +112,10 @@ def capture_rng(device: torch.device) -> Dict[str, Any]:
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "xla":
+        from . import xla_spmd
+
+        state["xla"] = xla_spmd.rng_state()
     return state
 
 
@@ -133,6 +137,10 @@ def restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "xla" and "xla" in state:
+        from . import xla_spmd
+
+        xla_spmd.restore_rng(state["xla"])
 
 
 def save_checkpoint(path: Path, state: Dict[str, Any], kind: str = CHECKPOINT_FORMAT) -> Path:

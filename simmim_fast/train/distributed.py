@@ -1,4 +1,5 @@
-"""Devices and processes: torchrun detection, gloo/nccl, DDP or FSDP2 wrapping, collective helpers."""
+"""Devices and processes: torchrun detection, gloo/nccl, DDP or FSDP2 wrapping, collective helpers; XLA's
+SPMD runtime (one process per host, ``xla_spmd``)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    devices_per_process: int = 1  # > 1 under XLA SPMD: the process feeds all its host's devices
+    spmd: bool = False  # XLA SPMD: one program over every process; no process group, no DDP
 
     @property
     def is_main(self) -> bool:
@@ -22,7 +25,9 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Processes that exchange values through torch.distributed (not XLA SPMD's, whose compiled
+        program holds the collectives)."""
+        return self.world_size > 1 and not self.spmd
 
     @property
     def is_xla(self) -> bool:
@@ -32,11 +37,11 @@ class Runtime:
 def resolve_device(choice: str, local_rank: int) -> torch.device:
     if choice == "xla":
         try:
-            import torch_xla  # imported only here: an optional dependency
+            import torch_xla  # noqa: F401  (an optional dependency: is it installed?)
         except ImportError as error:
             raise ValueError(f"--device xla needs torch_xla ({error}); use --device auto, cpu or cuda") from None
 
-        return torch_xla.device()
+        return torch.device("xla")  # xla_spmd.start turns on SPMD before the runtime hands out its device
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("--device cuda but torch sees no CUDA device; use --device auto or cpu")
@@ -52,10 +57,12 @@ def start(device_choice: str) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_choice, local_rank)
+    if device.type == "xla":
+        from . import xla_spmd
+
+        return xla_spmd.start(local_rank)
     if world_size == 1:
         return Runtime(device)
-    if device.type == "xla":
-        raise NotImplementedError("multi-process XLA runs are not supported by this launcher; use torchrun on CPU/CUDA")
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Runtime(device, rank=dist.get_rank(), world_size=world_size, local_rank=local_rank)
 

@@ -49,6 +49,7 @@ class RunOptions:
     num_workers: Optional[int] = None
     log_every: Optional[int] = None
     max_nonfinite: int = 10
+    xla_matmul_precision: Optional[str] = None
 
 
 # Options that count things, and the smallest value each allows (None: the config's value).
@@ -57,11 +58,16 @@ COUNT_OPTIONS = {"steps": 1, "epochs": 1, "batch_size": 1, "accum_steps": 1, "nu
 
 
 def check_options(options: RunOptions) -> None:
-    """Refuse counts out of range up front (``--steps 0`` is not "unset", ``--accum-steps -2`` not 1)."""
+    """Refuse counts out of range up front (``--steps 0`` is not "unset", ``--accum-steps -2`` not 1), and
+    what the XLA path does not do, before any device starts."""
     for name, minimum in COUNT_OPTIONS.items():
         value = getattr(options, name, None)  # each command has its own subset
         if value is not None:
             check_count("--" + name.replace("_", "-"), value, minimum)
+    if options.device == "xla":
+        from . import xla_spmd
+
+        xla_spmd.check_options(options)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,8 +88,13 @@ SPIKE_MIN_HISTORY = 10
 
 
 def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None = full precision). auto: bf16 on CUDA where supported, else fp16; off elsewhere."""
+    """The autocast dtype (None = full precision). auto: bf16 on CUDA where supported, else fp16; bf16 on
+    TPUs; off elsewhere (the CPU, XLA's CPU device)."""
     if choice == "auto":
+        if device.type == "xla":
+            from . import xla_spmd
+
+            return xla_spmd.default_amp()
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -164,15 +175,22 @@ class TrainingSteps:
 
     def _batches(self):
         """Micro-batches from the saved position on, epoch after epoch; keeps ``self.epoch`` current."""
-        world = self.runtime.world_size
+        for epoch, batch in self._epoch_batches():
+            if epoch != self.epoch:
+                self.epoch, self.samples_into_epoch = epoch, 0
+            yield batch
+
+    def _epoch_batches(self):
+        """(epoch, micro-batch) from the saved position on; reads the position once, changes nothing (XLA's
+        loader thread runs it ahead of the steps)."""
+        epoch, skip = self.epoch, self.samples_into_epoch // self.runtime.world_size
         while True:
-            self.loader.sampler.set_position(self.epoch, self.samples_into_epoch // world)
+            self.loader.sampler.set_position(epoch, skip)
             micro_batches = len(self.loader) // self.accumulation * self.accumulation
             iterator = iter(self.loader)
             for _ in range(micro_batches):
-                yield next(iterator)
-            self.epoch += 1
-            self.samples_into_epoch = 0
+                yield epoch, next(iterator)
+            epoch, skip = epoch + 1, 0
 
     def _micro_batch_context(self, last: bool):
         """Gradient sync only on the last micro-batch of an accumulation."""

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.utils.checkpoint
 
 from .. import tuning
 from .._checks import check_writable_folder
@@ -23,8 +22,9 @@ from ..checkpoint import fitting_state_dict
 from ..config import build_simmim, check_hyperparameters
 from ..masking import MaskGenerator
 from ..models.convnext import Block as ConvNeXtBlock
+from ..models.layers import activation_checkpoint
 from ..models.vit import Block as VitBlock
-from . import checkpoints, distributed, pictures
+from . import checkpoints, distributed, pictures, xla_spmd
 from .configs import build_config, given_texts
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
@@ -33,6 +33,7 @@ from .engine import (RunOptions, TrainingSteps, check_forced_backend, check_opti
 from .gpu_decode import GpuJpegCrop, resolve_decode
 from .monitor import Monitor
 from .optim import LRSchedule, build_optimizer, build_schedule, scaled_lrs
+from .profiling import StepProfile
 
 
 @dataclass
@@ -46,6 +47,7 @@ class PretrainOptions(RunOptions):
     picture_count: int = 8
     optimizer: str = "adamw"
     decode: Optional[str] = None
+    profile: bool = False
 
 
 def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
@@ -53,15 +55,13 @@ def checkpoint_vit_blocks(model: torch.nn.Module) -> None:
     the forward is replaced on the instance, so parameter names and checkpoints stay the original's."""
     for module in model.modules():
         if isinstance(module, (VitBlock, ConvNeXtBlock)):
-            module.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(module).forward.__get__(module),
-                                               use_reentrant=False)
+            module.forward = functools.partial(activation_checkpoint, type(module).forward.__get__(module))
 
 
 class Pretraining(TrainingSteps):
     """The state of one run; ``run()`` trains to the last step and returns a summary dict."""
 
     def __init__(self, options: PretrainOptions, runtime: distributed.Runtime):
-        check_options(options)
         self.options = options
         self.runtime = runtime
         self.config = build_config(options.preset, options.config, options.set, flags={
@@ -75,11 +75,14 @@ class Pretraining(TrainingSteps):
         check_writable_folder("--output", self.output)  # before any work
         self.device = runtime.device
         self.amp_dtype = resolve_amp(options.amp, self.device)
+        self.xla = xla_spmd.XlaTraining(runtime, options) if runtime.is_xla else None
         # The same initial weights on every rank (FSDP shards them, it does not broadcast them), then a
         # different random stream per rank (drop path), as the original seeds SEED + rank.
         seed_everything(config.SEED)
         self.model = build_simmim(config).to(self.device)  # the SimMIM itself: checkpoints and pictures use it
         seed_everything(config.SEED + runtime.rank)
+        if self.xla:
+            xla_spmd.seed(config.SEED)
         if config.TRAIN.USE_CHECKPOINT:
             checkpoint_vit_blocks(self.model)
         mask_generator = MaskGenerator.from_config(config, self.model.patch_size)
@@ -101,7 +104,8 @@ class Pretraining(TrainingSteps):
         self.dataset = PretrainDataset(open_image_source(config.DATA.DATA_PATH), FastCrop(config.DATA.IMG_SIZE),
                                        seed=config.SEED)
         self.gpu_decode = self._gpu_decode(config.DATA.DECODE)
-        self.batch_size = config.DATA.BATCH_SIZE
+        # Per process: under XLA SPMD one process loads the batches of all its host's devices.
+        self.batch_size = config.DATA.BATCH_SIZE * runtime.devices_per_process
         self.loader = build_loader(
             self.gpu_decode.dataset() if self.gpu_decode else self.dataset, self.batch_size, runtime.world_size,
             runtime.rank, config.SEED, config.DATA.NUM_WORKERS,
@@ -158,7 +162,9 @@ class Pretraining(TrainingSteps):
 
     def _state_dicts(self):
         """(model, optimizer) state dicts, on the device; with FSDP gathered in full on the CPU (all ranks
-        take part)."""
+        take part); from XLA on the CPU in one transfer, refused if a step since the start was non-finite."""
+        if self.xla:
+            return self.xla.state_to_cpu((self.model.state_dict(), self.optimizer.state_dict()))
         if self.options.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                                  get_optimizer_state_dict)
@@ -238,6 +244,20 @@ class Pretraining(TrainingSteps):
         return self.optimizer_step(list(zip(batches, step_masks)), lambda batch_and_mask: self.train_model(
             normalize(self._pixels(batch_and_mask[0])), batch_and_mask[1]))
 
+    def _xla_train_step(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        """One step from the parallel loader's sharded (batch, accumulation, ...) pixels and masks."""
+        result = self.optimizer_step(range(self.accumulation), lambda index: self.train_model(
+            normalize(inputs["image"][:, index]), inputs["mask"][:, index]))
+        self.xla.note_step(result)
+        return result
+
+    def _host_steps(self):
+        """Each step's uint8 crops and masks, stacked (batch, accumulation, ...), for XLA's parallel loader."""
+        masks = StepMasks(self.mask_generator, torch.device("cpu"), self.config.SEED, self.runtime.world_size,
+                          self.runtime.rank, self.batch_size, self.accumulation)
+        return xla_spmd.host_steps(self, ("image",), lambda epoch, step: {
+            "mask": torch.stack(masks.for_step(epoch, step), 1)})
+
     def _pixels(self, batch) -> torch.Tensor:
         """A micro-batch's (B, 3, S, S) uint8 crops on the device."""
         if self.gpu_decode:
@@ -281,7 +301,11 @@ class Pretraining(TrainingSteps):
         monitor = Monitor(self.output, self.total_steps, self.step, self.device, enabled=self.runtime.is_main)
         monitor.message(self.describe())
         picture_batch = pictures.picture_batch(self.dataset, self.options.picture_count, self.mask_generator)
-        batches = self._batches()
+        profile = StepProfile(self.device, self.output) if self.options.profile and self.runtime.is_main else None
+        if self.xla:
+            xla_steps = self.xla.steps(self._host_steps(), ranks={"image": 5, "mask": 4})
+        else:
+            batches = self._batches()
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         first_window = True
         pending: List[Dict[str, Any]] = []  # XLA: steps whose values are still on the device
@@ -289,13 +313,22 @@ class Pretraining(TrainingSteps):
         last_picture = latest if latest.exists() else None  # a resumed, already finished run
         try:
             while self.step < self.total_steps:
+                if profile:
+                    profile.before_step()
                 wait_start = time.perf_counter()
-                micro = [next(batches) for _ in range(self.accumulation)]
-                window_wait += time.perf_counter() - wait_start
-                result = self.train_step(micro)
-                self._record_unreadable(micro)  # after: GPU decoding adds the files it redid on the CPU
-                if self.runtime.is_xla:
+                if self.xla:
+                    inputs, host_step = next(xla_steps)
+                    window_wait += time.perf_counter() - wait_start
+                    if host_step.epoch != self.epoch:
+                        self.epoch, self.samples_into_epoch = host_step.epoch, 0
+                    result = self._xla_train_step(inputs)
+                    self.unreadable.update(host_step.unreadable)
                     xla_sync()
+                else:
+                    micro = [next(batches) for _ in range(self.accumulation)]
+                    window_wait += time.perf_counter() - wait_start
+                    result = self.train_step(micro)
+                    self._record_unreadable(micro)  # after: GPU decoding adds the files it redid on the CPU
                 self.step += 1
                 self.samples_into_epoch += self.images_per_step
                 window_steps += 1
@@ -312,6 +345,8 @@ class Pretraining(TrainingSteps):
                     if not first_window:  # the first one includes the workers' start
                         monitor.record_data_wait(window_wait, elapsed, self.step)
                     first_window = False
+                    if self.xla:  # the rows' device values in one transfer
+                        pending = xla_spmd.batched_to_cpu(pending)
                     for row in pending:
                         self._log(row, rate, monitor)
                     pending.clear()
@@ -321,6 +356,10 @@ class Pretraining(TrainingSteps):
                 if self.step % self.picture_every == 0 or self.step == self.total_steps:
                     last_picture = self._pictures(picture_batch) or last_picture
         finally:
+            if profile:
+                profile.close()
+            if self.xla:
+                self.xla.close()
             monitor.close()
         self.confirm_last_checkpoint()
         self._gather_unreadable()
@@ -355,10 +394,15 @@ class Pretraining(TrainingSteps):
                 f"{len(self.dataset)} images"
                 f"{' (embedded scenes)' if not config.DATA.DATA_PATH else ' from ' + str(config.DATA.DATA_PATH)}, "
                 f"{config.DATA.IMG_SIZE}px, mask {config.DATA.MASK_RATIO:.0%} of {config.DATA.MASK_PATCH_SIZE}px "
-                f"patches; {self.runtime.world_size} process(es) x batch {self.batch_size} x accumulation "
-                f"{self.accumulation} = {self.images_per_step} images/step; {self.total_steps} steps "
+                f"patches; {self.runtime.world_size} process(es) x batch {self.batch_size}{self._per_device()} x "
+                f"accumulation {self.accumulation} = {self.images_per_step} images/step; {self.total_steps} steps "
                 f"({self.steps_per_epoch}/epoch); peak lr {self.schedule.base_lr:.3e}; device {self.device}, "
                 f"amp {self.amp_dtype or 'off'}; {self.decode_note}; output {self.output}")
+
+    def _per_device(self) -> str:
+        """XLA SPMD: how the process's batch splits over its host's devices."""
+        devices = self.runtime.devices_per_process
+        return f" ({devices} XLA devices x {self.batch_size // devices})" if self.runtime.spmd else ""
 
     def _finish(self, last_picture: Optional[Path]) -> Dict[str, Any]:
         summary = {"output": self.output, "steps": self.step, "losses": list(self.history["loss"]),
@@ -383,6 +427,7 @@ class Pretraining(TrainingSteps):
 
 def pretrain(options: PretrainOptions) -> Dict[str, Any]:
     """Run a pretraining (see ``PretrainOptions``); returns a summary (output folder, losses, files)."""
+    check_options(options)  # before the device starts (XLA's runtime, a process group)
     with kernel_backend(options.backend):
         runtime = distributed.start(options.device)
         try:
