@@ -7,7 +7,7 @@ import torch
 
 import simmim_fast as sf
 from simmim_fast import dispatch, ops
-from simmim_fast.backends import ALL_OPS, registry
+from simmim_fast.backends import ALL_OPS, Backend, registry
 
 
 def loss_args():
@@ -98,3 +98,34 @@ def test_ops_bind_arguments_like_the_reference():
         ops.masked_l1_loss(**args, stride=2)
     with pytest.raises(TypeError, match="missing arguments"):
         ops.masked_l1_loss(args["reconstruction"], args["target"])
+
+
+class FakeBackend(Backend):
+    """A backend that implements every op and refuses the inputs when given reasons."""
+
+    def __init__(self, name, reasons=()):
+        self.name, self.ops, self.refusals = name, ALL_OPS, list(reasons)
+
+    def not_supported_reasons(self, op, args):
+        return self.refusals
+
+
+def test_auto_skips_backends_that_give_reasons_even_when_first_or_measured(monkeypatch):
+    fakes = {backend.name: backend for backend in (FakeBackend("first", ["first cannot take these inputs"]),
+                                                   FakeBackend("second"), FakeBackend("third"))}
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "registry", lambda: fakes)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("first", "second", "third"))
+    monkeypatch.setattr(dispatch.tuning_table, "lazy_tuning_enabled", lambda device_type: False)
+    monkeypatch.setattr(dispatch.tuning_table, "measured_choice", lambda op, args: None)
+    assert dispatch.usable("masked_l1_loss", loss_args()) == ["second", "third"]
+    assert dispatch.select("masked_l1_loss", loss_args()).name == "second"  # the first usable, unmeasured
+    # A stale measurement naming the refusing backend is not followed; one naming a usable one is.
+    monkeypatch.setattr(dispatch.tuning_table, "measured_choice", lambda op, args: "first")
+    assert dispatch.select("masked_l1_loss", loss_args()).name == "second"
+    monkeypatch.setattr(dispatch.tuning_table, "measured_choice", lambda op, args: "third")
+    assert dispatch.select("masked_l1_loss", loss_args()).name == "third"
+    # Only the refusing one in the order: an error listing its reason, not a call into it.
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("first",))
+    with pytest.raises(dispatch.BackendError, match="first: first cannot take these inputs"):
+        dispatch.select("masked_l1_loss", loss_args())

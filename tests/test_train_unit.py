@@ -1,6 +1,7 @@
 """Pretraining pieces without a training run: schedule, weight-decay groups, config loading, data,
 sampling order, checkpoint safety."""
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from simmim_fast.masking import MaskGenerator
 from simmim_fast.train import checkpoints
 from simmim_fast.train.configs import build_config, parse_assignment, read_yaml_config
 from simmim_fast.train.data import (EpochSampler, FastCrop, ImageFiles, PretrainDataset, SimMIMTransform, find_images,
-                                    random_resized_crop_box)
+                                    crop_and_flip, random_resized_crop_box)
 from simmim_fast.train.optim import LRSchedule, build_optimizer, build_schedule, param_groups, scaled_lrs
 from simmim_fast.train.scenes import render_scene
 
@@ -219,6 +220,18 @@ def test_random_resized_crop_box_stays_in_range():
             assert area <= 1.0 + 1e-9
 
 
+def test_pretraining_crop_area_stays_in_the_original_scale_range():
+    """The original's RandomResizedCrop(scale=(0.67, 1)): the crop keeps 67% to 100% of the pixels and
+    reaches both ends; fine-tuning's (0.08, 1) would give areas down to 8%. Areas up to 0.75 are never
+    rejected (0.75 x 4/3 <= 1), so at least their uniform share 0.08/0.33 of the draws lands there."""
+    generator = torch.Generator().manual_seed(0)
+    areas = torch.tensor([crop_w * crop_h / 200 ** 2 for (_, _, crop_w, crop_h), _ in
+                          (crop_and_flip(200, 200, generator) for _ in range(2000))])
+    assert areas.min() >= 0.67 * 0.99  # rounding the sides to whole pixels moves the area by < 1% at 200 px
+    assert areas.min() < 0.675 and areas.max() > 0.99
+    assert ((areas >= 0.67 * 0.99) & (areas < 0.75)).float().mean() > 0.08 / 0.33 - 0.03
+
+
 def test_transform_shapes_normalisation_and_mask():
     image = render_scene(3)
     mask_generator = MaskGenerator(224, 32, 16, 0.6)  # ViT-224: 14 x 14 tokens
@@ -304,6 +317,29 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_checkpoint_bytes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """Without the fsync a power cut after os.replace can leave an empty file under the final name
+    (the rename reaches the disk before the data): the temp file's complete bytes go to disk first."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", str(source), os.stat(source).st_size))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = save_atomic({"model": {"w": torch.ones(100)}}, tmp_path / "ckpt.pth")
+    monkeypatch.undo()
+    assert [kind for kind, _, _ in events] == ["fsync", "replace"], events
+    (_, synced, synced_size), (_, renamed, renamed_size) = events
+    assert synced == renamed and synced_size == renamed_size == path.stat().st_size  # the whole file, flushed
 
 
 def test_keep_last_and_resume_discovery(tmp_path):
