@@ -13,21 +13,19 @@ from simmim_fast.config import merge
 from simmim_fast.downstream.augment import Mixup, RandAugment, apply_op, cutmix_box, mix_batch, random_erasing
 from simmim_fast.downstream.data import LabelledFolder, open_splits, write_scene_folder
 from simmim_fast.downstream.export import transformers_layout
-from simmim_fast.downstream.finetune import layer_decay_groups
+from simmim_fast.downstream.finetune import RECIPES, layer_decay_groups
 from simmim_fast.downstream.models import build_classifier, load_into, resize_relative_position_table
 from simmim_fast.downstream.probe import knn_classify
 from simmim_fast.models.layers import relative_position_index
 from simmim_fast.train.scenes import render_scene
 
+from discriminating import assert_discriminates, discriminating_weights, swapped_q_and_k
+
 VIT_FINETUNE = {"MODEL": {"VIT": {"USE_RPB": True, "USE_SHARED_RPB": False, "USE_MEAN_POOLING": True}}}
 
 
 def pretrained(preset):
-    model = build_simmim(preset)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.05)
-    return model
+    return discriminating_weights(build_simmim(preset))
 
 
 def test_vit_shared_bias_becomes_per_block_and_encoder_features_match():
@@ -44,6 +42,21 @@ def test_vit_shared_bias_becomes_per_block_and_encoder_features_match():
     images = torch.randn(2, 3, 64, 64)
     expected = model.eval().encoder(images, torch.zeros(2, 8, 8, dtype=torch.long)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(frozen.forward_tokens(images)[:, 1:], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
+def test_export_comparison_weights_see_a_q_k_swap(preset):
+    """The downstream lane compares exports loaded into timm/transformers with our features at 1e-5 on
+    weights from ``discriminating_weights``; a q/k-swapped export computes what this swapped copy does,
+    which must miss by >= 10x that tolerance (N(0, 0.05) weights, the old draw, gave 1.5e-6: a pass)."""
+    config = merge(get_config(preset), {"MODEL": RECIPES[get_config(preset).MODEL.TYPE]["MODEL"]})
+    classifier = discriminating_weights(build_classifier(config, 3)).eval()
+    wrong = build_classifier(config, 3).eval()
+    wrong.load_state_dict(swapped_q_and_k(classifier.state_dict()))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_discriminates(wrong.forward_features(images), classifier.forward_features(images), rtol=1e-5,
+                             atol=1e-5, name="features with q and k swapped")
 
 
 def test_swin_bias_table_resized_bicubic_when_the_window_changes():

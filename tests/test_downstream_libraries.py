@@ -21,15 +21,10 @@ from simmim_fast.downstream.models import build_classifier, load_into  # noqa: E
 from simmim_fast.downstream.probe import model_from_checkpoint  # noqa: E402
 from simmim_fast.train.scenes import render_scene  # noqa: E402
 
+from discriminating import assert_discriminates, discriminating_weights, swapped_q_and_k  # noqa: E402
+
 pytestmark = pytest.mark.downstream
 FEATURE_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding of differently ordered matmuls
-
-
-def random_weights(model):
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.05)
-    return model
 
 
 def write_checkpoint(tmp_path, preset, finetuned):
@@ -38,10 +33,10 @@ def write_checkpoint(tmp_path, preset, finetuned):
     if finetuned:
         model_type = config.MODEL.TYPE
         config = merge(config, {"MODEL": RECIPES[model_type]["MODEL"]})
-        model = random_weights(build_classifier(config, 3))
+        model = discriminating_weights(build_classifier(config, 3))
         load_into(model, model.state_dict())
     else:
-        model = random_weights(build_simmim(preset))
+        model = discriminating_weights(build_simmim(preset))
     path = tmp_path / f"{preset}-{'ft' if finetuned else 'pt'}.pth"
     save_atomic({"model": model.state_dict(), "config": config.to_dict()}, path)
     return path
@@ -65,15 +60,21 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, preset, finetuned):
     folder = export_checkpoint(str(path), "timm", str(tmp_path / "timm"))
     config = json.loads((folder / "config.json").read_text())
     model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"]).eval()
-    model.load_state_dict(safetensors_torch.load_file(str(folder / "model.safetensors")), strict=True)
+    state = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    model.load_state_dict(state, strict=True)
     images = torch.randn(2, 3, 64, 64)
     features, logits = ours(path, images)
-    with torch.no_grad():
+
+    def their_features():
         tokens = model.forward_features(images)
-        theirs = tokens if preset == "vit-tiny" and not finetuned else model.forward_head(tokens, pre_logits=True)
-        torch.testing.assert_close(theirs, features, **FEATURE_TOLERANCE)
+        return tokens if preset == "vit-tiny" and not finetuned else model.forward_head(tokens, pre_logits=True)
+
+    with torch.no_grad():
+        torch.testing.assert_close(their_features(), features, **FEATURE_TOLERANCE)
         if logits is not None:
             torch.testing.assert_close(model(images), logits, **FEATURE_TOLERANCE)
+        model.load_state_dict(swapped_q_and_k(state))  # the planted wrong export
+        assert_discriminates(their_features(), features, **FEATURE_TOLERANCE, name="a q/k-swapped export")
 
 
 @pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
@@ -89,14 +90,16 @@ def test_transformers_export_loads_strictly_and_matches(tmp_path, preset, finetu
     model.eval()
     images = torch.randn(2, 3, 64, 64)
     features, logits = ours(path, images)
-    with torch.no_grad():
+    def compared():  # (theirs, ours) of what the export must reproduce
         output = model(pixel_values=images, output_hidden_states=True)
         if logits is not None:
-            torch.testing.assert_close(output.logits, logits, **FEATURE_TOLERANCE)
-        elif preset == "vit-tiny":
-            torch.testing.assert_close(output.last_hidden_state, features, **FEATURE_TOLERANCE)
-        else:
-            torch.testing.assert_close(output.pooler_output, features, **FEATURE_TOLERANCE)
+            return output.logits, logits
+        return (output.last_hidden_state if preset == "vit-tiny" else output.pooler_output), features
+
+    with torch.no_grad():
+        torch.testing.assert_close(*compared(), **FEATURE_TOLERANCE)
+        model.load_state_dict(swapped_q_and_k(model.state_dict()))  # the planted wrong export
+        assert_discriminates(*compared(), **FEATURE_TOLERANCE, name="a q/k-swapped export")
 
 
 def test_rand_augment_levels_and_ops_are_timms(monkeypatch):
