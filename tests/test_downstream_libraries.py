@@ -90,6 +90,7 @@ def test_transformers_export_loads_strictly_and_matches(tmp_path, preset, finetu
     model.eval()
     images = torch.randn(2, 3, 64, 64)
     features, logits = ours(path, images)
+
     def compared():  # (theirs, ours) of what the export must reproduce
         output = model(pixel_values=images, output_hidden_states=True)
         if logits is not None:

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -275,13 +276,15 @@ def run_target(name: str, target: Target, folder: Path, max_mutants: Optional[in
     baseline, seconds = run_tests(folder, target, timeout=1800)
     if baseline != "passed":
         raise SystemExit(f"{name}: the tests fail on the unmutated code ({target.tests}); fix that first")
-    timeout = max(3 * seconds, seconds + 30)
+    timeout = max(4 * seconds, seconds + 120)  # generous: the machine is shared, a slow run is not a kill
     log(f"{name}: {len(found)} mutants, tests take {seconds:.0f} s unmutated")
     outcomes = []
     try:
         for index, mutant in enumerate(found, 1):
             module.write_text(apply(source, mutant))
             outcome, _ = run_tests(folder, target, timeout)
+            if outcome == "timeout":  # once more with twice the time before calling it a hang
+                outcome, _ = run_tests(folder, target, 2 * timeout)
             outcomes.append((mutant, outcome))
             log(f"  [{index}/{len(found)}] {outcome:7s} {mutant.describe(target.path)}")
     finally:
@@ -312,7 +315,7 @@ def write_report(name: str, result: dict) -> None:
                f"equivalent (tools/mutation_equivalent.txt)",
              f"- score (killed / non-equivalent): **{score}**", "",
              "## Survivors (a missing test, or an equivalent mutant to list with its reason)", ""]
-    lines += [f"- {line}" for line in result["survivors"]] or ["- none"]
+    lines += [f"- {line}\n  key: `{key}`" for line, key in zip(result["survivors"], result["survivor_keys"])] or ["- none"]
     if result["equivalent_survivors"]:
         lines += ["", "## Judged equivalent", ""] + [f"- {line}" for line in result["equivalent_survivors"]]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -348,6 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print("  " + mutant.describe(target.path))
         return 0
     os.nice(19)  # a shared machine: the mutants run at the lowest priority, one at a time
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the scratch copy
     equivalents = read_equivalents()
     folder = scratch_copy()
     try:
