@@ -10,6 +10,7 @@ import torch
 
 import simmim_fast
 from simmim_fast.checkpoint import load_checkpoint, save_atomic
+from simmim_fast.config import checked_value
 from simmim_fast.masking import MaskGenerator
 from simmim_fast.train import checkpoints
 from simmim_fast.train.configs import build_config, parse_assignment, read_yaml_config
@@ -185,6 +186,25 @@ def test_set_overrides_and_flag_order():
     config = build_config("vit-tiny", None, ["DATA.BATCH_SIZE=8", "TRAIN.EPOCHS=3"], {"TRAIN.EPOCHS": 5,
                                                                                       "SEED": None})
     assert config.DATA.BATCH_SIZE == 8 and config.TRAIN.EPOCHS == 5 and config.SEED == 0
+
+
+@pytest.mark.parametrize("default, value, expected", [
+    (None, 0.5, 0.5), (0.1, None, None),  # QK_SCALE=0.5 over its None default; INIT_VALUES=None turns it off
+    (1e-4, 2, 2.0), (True, False, False), (8, 16, 16), ("cosine", "linear", "linear"),
+    ([2, 2], (2, 6, 2), [2, 6, 2]), ((0.9, 0.999), [0.8, 0.99], (0.8, 0.99)), ([], ["a"], ["a"]),
+])
+def test_config_value_types_accepted(default, value, expected):
+    result = checked_value(default, value, "KEY")
+    assert result == expected and type(result) is type(expected)
+
+
+@pytest.mark.parametrize("default, value", [
+    (1e-4, True), (1, True), (True, 1), (True, 1.0), (8, 8.0), (8, "8"), ("cosine", 1), ([2, 2], [2, "a"]),
+    ([2, 2], 2), (2, [2]),
+])
+def test_config_value_types_refused(default, value):
+    with pytest.raises(ValueError, match=r"type mismatch for config key 'KEY(\[1\])?': expected"):
+        checked_value(default, value, "KEY")
 
 
 def test_bad_config_key_lists_valid_keys(tmp_path):
