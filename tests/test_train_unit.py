@@ -452,6 +452,14 @@ def test_checkpoint_bytes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     assert synced == renamed and synced_size == renamed_size == path.stat().st_size  # the whole file, flushed
 
 
+def test_save_atomic_flushes_before_the_fsync_whatever_torch_save_does(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch, "save", lambda obj, file: file.write(b"x" * 100))  # a writer that leaves a buffer
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size))
+    save_atomic({}, tmp_path / "ckpt.pth")
+    assert synced == [100]
+
+
 def test_save_atomic_makes_missing_folders(tmp_path):
     path = save_atomic({"w": torch.ones(2)}, tmp_path / "run" / "nested" / "ckpt.pth")
     assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))
@@ -518,8 +526,9 @@ def test_load_checkpoint_refuses_pickled_objects_unless_trusted(tmp_path):
             read(path)
     assert checkpoint_module.read_checkpoint_file(path, trust=True)["config"] == Path("yacs")
     path.write_bytes(b"\x80\x02garbage")
-    with pytest.raises(checkpoint_module.CheckpointReadError, match=r"not a readable checkpoint \(not a torch"):
-        load_checkpoint(path, trust_checkpoint=True)
+    for trust in (False, True):
+        with pytest.raises(checkpoint_module.CheckpointReadError, match=r"not a readable checkpoint \(not a torch"):
+            load_checkpoint(path, trust_checkpoint=trust)
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         checkpoint_module.read_checkpoint_file(tmp_path / "missing.pth")
 
@@ -537,6 +546,8 @@ def test_load_pretrained_is_strict_and_refuses_objects_by_default(tmp_path):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="Missing key"):
         simmim_fast.load_pretrained(model, {"weight": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match="expected a state_dict or a checkpoint dict with a 'model' entry"):
+        simmim_fast.load_pretrained(model, {"epoch": 3, "optimizer": {}})  # a checkpoint without its model
     path = tmp_path / "original.pth"
     torch.save({"model": model.state_dict(), "config": Path("yacs")}, path)
     with pytest.raises(checkpoint_module.CheckpointReadError):

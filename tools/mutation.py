@@ -87,10 +87,11 @@ class Mutant:
     kind: str
     original: str
     replacement: str
+    context: str  # the mutated line, stripped: tells apart the same change on two lines
 
     def key(self, path: str) -> str:
-        """Stable across line moves: the file, the original code and the change (equivalents file key)."""
-        return f"{path} | {self.kind} | {self.original} -> {self.replacement}"
+        """Stable across line moves: the file, the line's code and the change (equivalents file key)."""
+        return f"{path} | {self.kind} | {self.context} | {self.original} -> {self.replacement}"
 
     def describe(self, path: str) -> str:
         return f"{path}:{self.line} {self.kind}: `{self.original}` -> `{self.replacement}`"
@@ -176,12 +177,17 @@ def _variants(node: ast.AST) -> Iterator[Tuple[str, ast.AST]]:
             yield "swapped", new
 
 
+def _code_of(line: str) -> str:
+    """A line without its inline comment (a key must not hold the file's '  # ' separator)."""
+    return line.split("  #")[0].strip()
+
+
 def mutants(source: str, only: Sequence[str] = ()) -> List[Mutant]:
     tree = ast.parse(source)
     skip = _unmutable(tree)
     roots = [node for node in tree.body
              if not only or (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in only)]
-    found = []
+    lines, found = source.splitlines(), []
     for root in roots:
         for node in ast.walk(root):
             if id(node) in skip or not hasattr(node, "end_col_offset"):
@@ -191,12 +197,12 @@ def mutants(source: str, only: Sequence[str] = ()) -> List[Mutant]:
                 continue
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
                 found.append(Mutant(node.lineno, node.col_offset, node.end_lineno, node.end_col_offset,
-                                    "call dropped", original, "pass"))
+                                    "call dropped", original, "pass", _code_of(lines[node.lineno - 1])))
                 continue
             if isinstance(node, ast.expr):
                 for kind, new in _variants(node):
                     found.append(Mutant(node.lineno, node.col_offset, node.end_lineno, node.end_col_offset,
-                                        kind, original, f"({ast.unparse(new)})"))
+                                        kind, original, f"({ast.unparse(new)})", _code_of(lines[node.lineno - 1])))
     return sorted(set(found), key=lambda m: (m.line, m.col, m.kind, m.replacement))
 
 
@@ -301,7 +307,15 @@ def run_target(name: str, target: Target, folder: Path, max_mutants: Optional[in
             "survivors": [m.describe(target.path) for m in missed],
             "survivor_keys": [m.key(target.path) for m in missed],
             "equivalent_survivors": [f"{m.describe(target.path)}  # {equivalents[m.key(target.path)]}" for m in equivalent],
-            "baseline_seconds": round(seconds, 1), "sampled_from": max_mutants}
+            "baseline_seconds": round(seconds, 1), "sampled_from": max_mutants,
+            # what a later run compares against: when, on which torch, by which command
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": _torch_version(folder),
+            "command": " ".join(["tools/mutation.py", *sys.argv[1:]])}
+
+
+def _torch_version(folder: Path) -> str:
+    return subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], cwd=folder,
+                          env=_test_environment(folder), capture_output=True, text=True).stdout.strip()
 
 
 def write_report(name: str, result: dict) -> None:
@@ -313,7 +327,9 @@ def write_report(name: str, result: dict) -> None:
                                                   if result["sampled_from"] else "")
              + f", {result['killed']} killed ({result['timeouts']} by timeout), {result['equivalent']} judged "
                f"equivalent (tools/mutation_equivalent.txt)",
-             f"- score (killed / non-equivalent): **{score}**", "",
+             f"- score (killed / non-equivalent): **{score}**",
+             f"- run {result['date']} on torch {result['torch']} ({result['baseline_seconds']} s for the unmutated "
+             f"tests): `{result['command']}`", "",
              "## Survivors (a missing test, or an equivalent mutant to list with its reason)", ""]
     lines += [f"- {line}\n  key: `{key}`" for line, key in zip(result["survivors"], result["survivor_keys"])] or ["- none"]
     if result["equivalent_survivors"]:
@@ -322,7 +338,7 @@ def write_report(name: str, result: dict) -> None:
     scores_file = RESULTS / "scores.json"
     scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
     scores[name] = {key: result[key] for key in ("module", "mutants", "killed", "timeouts", "equivalent", "score",
-                                                 "sampled_from")}
+                                                 "sampled_from", "date", "torch", "command")}
     scores_file.write_text(json.dumps(dict(sorted(scores.items())), indent=2) + "\n")
 
 
