@@ -74,6 +74,7 @@ def test_cosine_schedule_edges():
     # One step in all: the last rate is MIN_LR; past the end (a resumed run with more steps) it stays there.
     one = LRSchedule("cosine", base_lr=1.0, warmup_lr=0.1, min_lr=0.01, total_steps=1, warmup_steps=0)
     assert (one(0), one(1)) == (pytest.approx(1.0), pytest.approx(0.01))
+    assert LRSchedule("cosine", 1.0, 0.1, 0.01, total_steps=0, warmup_steps=0)(0) == pytest.approx(1.0)  # no 0/0
     schedule = LRSchedule("cosine", base_lr=1.0, warmup_lr=0.1, min_lr=0.01, total_steps=100, warmup_steps=10)
     assert schedule(150) == pytest.approx(0.01)
 
