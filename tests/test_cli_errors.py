@@ -70,6 +70,7 @@ BAD_PRETRAIN_FLAGS = [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--set", "DATA.BATCH_SIZE=abc"], "type mismatch for config key 'DATA.BATCH_SIZE': expected int"),
     (["--set", "TRAIN.BASE_LR=fast"], "type mismatch for config key 'TRAIN.BASE_LR': expected float"),
+    (["--set", "TRAIN.BASE_LR=true"], "type mismatch for config key 'TRAIN.BASE_LR': expected float"),  # not 1.0
     (["--set", "DATA.IMG_SIZE=64.0"], "type mismatch for config key 'DATA.IMG_SIZE': expected int"),
     (["--set", "TRAIN.AUTO_RESUME=1"], "type mismatch for config key 'TRAIN.AUTO_RESUME': expected bool"),
     (["--set", "DATA.MASK_RATO=0.5"], "unknown config key 'DATA.MASK_RATO'; valid keys here:"),

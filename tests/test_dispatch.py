@@ -7,7 +7,7 @@ import torch
 
 import simmim_fast as sf
 from simmim_fast import dispatch, ops
-from simmim_fast.backends import ALL_OPS, registry
+from simmim_fast.backends import ALL_OPS, Backend, registry
 
 
 def loss_args():
@@ -98,3 +98,89 @@ def test_ops_bind_arguments_like_the_reference():
         ops.masked_l1_loss(**args, stride=2)
     with pytest.raises(TypeError, match="missing arguments"):
         ops.masked_l1_loss(args["reconstruction"], args["target"])
+
+
+class FakeBackend(Backend):
+    """A backend that implements every op and refuses the inputs when given reasons."""
+
+    def __init__(self, name, reasons=()):
+        self.name, self.ops, self.refusals = name, ALL_OPS, list(reasons)
+
+    def not_supported_reasons(self, op, args):
+        return self.refusals
+
+
+def test_auto_skips_backends_that_give_reasons_even_when_first_or_measured(monkeypatch):
+    fakes = {backend.name: backend for backend in (FakeBackend("first", ["first cannot take these inputs"]),
+                                                   FakeBackend("second"), FakeBackend("third"))}
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "registry", lambda: fakes)
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("first", "second", "third"))
+    monkeypatch.setattr(dispatch.tuning_table, "lazy_tuning_enabled", lambda device_type: False)
+    monkeypatch.setattr(dispatch.tuning_table, "measured_choice", lambda op, args: None)
+    assert dispatch.usable("masked_l1_loss", loss_args()) == ["second", "third"]
+    assert dispatch.select("masked_l1_loss", loss_args()).name == "second"  # the first usable, unmeasured
+    # A stale measurement naming the refusing backend is not followed; one naming a usable one is.
+    monkeypatch.setattr(dispatch.tuning_table, "measured_choice", lambda op, args: "first")
+    assert dispatch.select("masked_l1_loss", loss_args()).name == "second"
+    monkeypatch.setattr(dispatch.tuning_table, "measured_choice", lambda op, args: "third")
+    assert dispatch.select("masked_l1_loss", loss_args()).name == "third"
+    # Only the refusing one in the order: an error listing its reason, not a call into it.
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("first",))
+    with pytest.raises(dispatch.BackendError, match="first: first cannot take these inputs"):
+        dispatch.select("masked_l1_loss", loss_args())
+
+
+def fake_registry(monkeypatch, *backends):
+    fakes = {backend.name: backend for backend in backends}
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "registry", lambda: fakes)
+    monkeypatch.setattr(dispatch.tuning_table, "measured_choice", lambda op, args: None)
+    monkeypatch.setattr(dispatch.tuning_table, "lazy_tuning_enabled", lambda device_type: False)
+
+
+def test_auto_order_per_device_type_without_a_measurement(monkeypatch):
+    sdpa = FakeBackend("sdpa")
+    sdpa.ops = ("attention", "window_attention")
+    fake_registry(monkeypatch, sdpa, *(FakeBackend(name) for name in ("reference", "triton", "cuda", "xformers", "xla")))
+    chosen = {}
+    for devices in ({"cuda"}, {"xla"}, {"cpu"}, {"cuda", "xla"}):
+        monkeypatch.setattr(dispatch, "device_types", lambda args, devices=devices: devices)
+        chosen[",".join(sorted(devices))] = [dispatch.select(op, loss_args()).name for op in ("attention", "masked_l1_loss")]
+    # CUDA: PyTorch's SDPA for attention, the reference for the rest; XLA: its own; tensors on two device
+    # types: the reference (which then reports the mix), never one device's order
+    assert chosen == {"cuda": ["sdpa", "reference"], "xla": ["xla", "xla"], "cpu": ["reference", "reference"],
+                      "cuda,xla": ["reference", "reference"]}
+
+
+def test_explain_lists_every_backend_once_auto_order_first(monkeypatch):
+    fake_registry(monkeypatch, FakeBackend("other", ["not today"]), FakeBackend("first", ["no"]), FakeBackend("second"))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("first", "second"))
+    assert dispatch.explain("attention", loss_args()) == [("first", ["no"]), ("second", []), ("other", ["not today"])]
+
+
+def test_lazy_tuning_only_with_a_choice_and_outside_a_recording(monkeypatch):
+    import simmim_fast.tuning
+
+    fake_registry(monkeypatch, FakeBackend("first"), FakeBackend("second", ["refused"]), FakeBackend("third"))
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("first", "second", "third"))
+    seen = []
+    monkeypatch.setattr(dispatch.tuning_table, "lazy_tuning_enabled", lambda device_type: seen.append(device_type) or True)
+    monkeypatch.setattr(simmim_fast.tuning, "tune_lazily", lambda op, args: "third")
+    assert dispatch.select("attention", loss_args()).name == "third" and seen == ["cpu"]
+    with dispatch.recording(lambda op, args: None):  # the tuner's recording forward: no timing inside it
+        assert dispatch.select("attention", loss_args()).name == "first"
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("second", "third"))  # one usable backend: nothing to tune
+    monkeypatch.setattr(simmim_fast.tuning, "tune_lazily", lambda op, args: pytest.fail("tuned without a choice"))
+    assert dispatch.select("attention", loss_args()).name == "third"
+
+
+def test_recording_sees_calls_inside_its_block_innermost_only(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    outer, inner = [], []
+    with dispatch.recording(lambda op, args: outer.append(op)):
+        ops.masked_l1_loss(**loss_args())
+        with dispatch.recording(lambda op, args: inner.append(op)):
+            ops.masked_l1_loss(**loss_args())
+    ops.masked_l1_loss(**loss_args())
+    assert (outer, inner, dispatch._recorders) == (["masked_l1_loss"], ["masked_l1_loss"], [])

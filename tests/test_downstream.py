@@ -12,21 +12,20 @@ from simmim_fast.cli import main
 from simmim_fast.config import merge
 from simmim_fast.downstream.augment import Mixup, RandAugment, apply_op, cutmix_box, mix_batch, random_erasing
 from simmim_fast.downstream.data import LabelledFolder, open_splits, write_scene_folder
-from simmim_fast.downstream.finetune import layer_decay_groups
+from simmim_fast.downstream.export import transformers_layout
+from simmim_fast.downstream.finetune import RECIPES, layer_decay_groups
 from simmim_fast.downstream.models import build_classifier, load_into, resize_relative_position_table
 from simmim_fast.downstream.probe import knn_classify
 from simmim_fast.models.layers import relative_position_index
 from simmim_fast.train.scenes import render_scene
 
+from discriminating import assert_discriminates, discriminating_weights, swapped_q_and_k
+
 VIT_FINETUNE = {"MODEL": {"VIT": {"USE_RPB": True, "USE_SHARED_RPB": False, "USE_MEAN_POOLING": True}}}
 
 
 def pretrained(preset):
-    model = build_simmim(preset)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.05)
-    return model
+    return discriminating_weights(build_simmim(preset))
 
 
 def test_vit_shared_bias_becomes_per_block_and_encoder_features_match():
@@ -43,6 +42,21 @@ def test_vit_shared_bias_becomes_per_block_and_encoder_features_match():
     images = torch.randn(2, 3, 64, 64)
     expected = model.eval().encoder(images, torch.zeros(2, 8, 8, dtype=torch.long)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(frozen.forward_tokens(images)[:, 1:], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
+def test_export_comparison_weights_see_a_q_k_swap(preset):
+    """The downstream lane compares exports loaded into timm/transformers with our features at 1e-5 on
+    weights from ``discriminating_weights``; a q/k-swapped export computes what this swapped copy does,
+    which must miss by >= 10x that tolerance (N(0, 0.05) weights, the old draw, gave 1.5e-6: a pass)."""
+    config = merge(get_config(preset), {"MODEL": RECIPES[get_config(preset).MODEL.TYPE]["MODEL"]})
+    classifier = discriminating_weights(build_classifier(config, 3)).eval()
+    wrong = build_classifier(config, 3).eval()
+    wrong.load_state_dict(swapped_q_and_k(classifier.state_dict()))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_discriminates(wrong.forward_features(images), classifier.forward_features(images), rtol=1e-5,
+                             atol=1e-5, name="features with q and k swapped")
 
 
 def test_swin_bias_table_resized_when_the_window_changes():
@@ -91,6 +105,58 @@ def test_layer_decay_groups_follow_the_original_layers():
     assert scales["cls_token"] == (0.5 ** (depth + 1), 0.0)
     # The original ViT's no_weight_decay() is {pos_embed, cls_token}: its 2-D bias tables are decayed.
     assert scales["blocks.3.attn.relative_position_bias_table"] == (0.5, 0.05)
+
+
+def lr_scales_and_weight_decays(model, config):
+    """name -> (lr_scale, weight_decay) of the parameter's layer-decay group."""
+    groups = {id(param): (group["lr_scale"], group["weight_decay"])
+              for group in layer_decay_groups(model, config) for param in group["params"]}
+    return {name: groups[id(param)] for name, param in model.named_parameters()}
+
+
+def test_swin_layer_decay_groups_follow_the_original_layers():
+    """The original's get_swin_layer: patch embedding 0, block j of stage i sum(depths[:i]) + j + 1, a
+    stage's patch merging (downsample) with the stage's last block, sum(depths[:i+1]); the final norm
+    and the head sum(depths) + 1, so they train at the full LR and the last block at LAYER_DECAY."""
+    config = merge(get_config("swin-tiny"), {"TRAIN": {"LAYER_DECAY": 0.5}})
+    depths = list(config.MODEL.SWIN.DEPTHS)
+    scales = lr_scales_and_weight_decays(build_classifier(config, 3), config)
+    top = sum(depths) + 1
+
+    def scale(layer):
+        return 0.5 ** (top - layer)
+
+    assert scales["patch_embed.proj.weight"] == (scale(0), 0.05)
+    assert scales["layers.0.blocks.0.attn.qkv.weight"] == (scale(1), 0.05)
+    assert scales[f"layers.{len(depths) - 1}.blocks.{depths[-1] - 1}.mlp.fc2.weight"] == (0.5, 0.05)
+    assert scales["norm.weight"] == (1.0, 0.0) and scales["head.weight"] == (1.0, 0.05)
+    for stage in range(len(depths) - 1):  # the last stage has no patch merging
+        end = sum(depths[:stage + 1])
+        last_block = f"layers.{stage}.blocks.{depths[stage] - 1}.mlp.fc1.weight"
+        assert scales[last_block] == (scale(end), 0.05)
+        assert scales[f"layers.{stage}.downsample.reduction.weight"] == (scale(end), 0.05), stage
+        assert scales[f"layers.{stage}.downsample.norm.weight"] == (scale(end), 0.0), stage
+
+
+def test_transformers_export_splits_qkv_into_q_k_v_in_order():
+    """q_proj, k_proj, v_proj are rows 0/1/2 thirds of the fused qkv (the original's
+    qkv.reshape(B, N, 3, heads, d) order); ViT's separate q and v biases go to q_proj and v_proj."""
+    for preset in ("vit-tiny", "swin-tiny"):
+        encoder = build_classifier(get_config(preset), 0)  # what export builds from a pretraining checkpoint
+        load_into(encoder, pretrained(preset).state_dict())
+        state = encoder.state_dict()
+        exported, _ = transformers_layout(encoder, get_config(preset))
+        qkv_name = next(name for name in state if name.endswith("attn.qkv.weight"))
+        block = {"vit-tiny": "layers.0.attention.", "swin-tiny": "encoder.layers.0.blocks.0.attention."}[preset]
+        dim = state[qkv_name].shape[1]
+        for index, part in enumerate(("q_proj", "k_proj", "v_proj")):
+            assert torch.equal(exported[block + part + ".weight"], state[qkv_name][index * dim:(index + 1) * dim])
+            if preset == "swin-tiny":
+                qkv_bias = state[qkv_name.replace("weight", "bias")]
+                assert torch.equal(exported[block + part + ".bias"], qkv_bias[index * dim:(index + 1) * dim])
+        if preset == "vit-tiny":
+            assert torch.equal(exported[block + "q_proj.bias"], state["blocks.0.attn.q_bias"])
+            assert torch.equal(exported[block + "v_proj.bias"], state["blocks.0.attn.v_bias"])
 
 
 def test_mixup_targets_sum_to_one_and_cutmix_lambda_is_the_kept_area():

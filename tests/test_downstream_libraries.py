@@ -23,7 +23,7 @@ from simmim_fast.downstream.models import build_classifier, load_into  # noqa: E
 from simmim_fast.downstream.probe import model_from_checkpoint  # noqa: E402
 from simmim_fast.train.scenes import render_scene  # noqa: E402
 
-from discriminating import discriminating_weights  # noqa: E402
+from discriminating import assert_discriminates, discriminating_weights, swapped_q_and_k  # noqa: E402
 
 pytestmark = pytest.mark.downstream
 FEATURE_TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding of differently ordered matmuls
@@ -84,19 +84,26 @@ def test_exports_load_strictly_into_timm_and_transformers_and_match(tmp_path, pr
     features, logits = ours(path, images)
     timm_classes = timm_model(export_checkpoint(str(path), "timm", str(tmp_path / "timm")))
     hf_classes = hf_model(export_checkpoint(str(path), "transformers", str(tmp_path / "hf")))
-    with torch.no_grad():
+
+    def compared():  # (theirs, ours) for every output the exports must reproduce
         tokens = timm_classes.forward_features(images)
         pooled = preset != "vit-tiny" or finetuned  # a pretrained ViT gives its tokens
-        theirs = timm_classes.forward_head(tokens, pre_logits=True) if pooled else tokens
-        torch.testing.assert_close(theirs, features, **FEATURE_TOLERANCE)
+        pairs = [(timm_classes.forward_head(tokens, pre_logits=True) if pooled else tokens, features)]
         output = hf_classes(pixel_values=images)
         if logits is not None:
-            torch.testing.assert_close(timm_classes(images), logits, **FEATURE_TOLERANCE)
-            torch.testing.assert_close(output.logits, logits, **FEATURE_TOLERANCE)
-        elif preset == "vit-tiny":
-            torch.testing.assert_close(output.last_hidden_state, features, **FEATURE_TOLERANCE)
+            pairs += [(timm_classes(images), logits), (output.logits, logits)]
         else:
-            torch.testing.assert_close(output.pooler_output, features, **FEATURE_TOLERANCE)
+            pairs.append((output.last_hidden_state if preset == "vit-tiny" else output.pooler_output, features))
+        return pairs
+
+    with torch.no_grad():
+        for theirs, expected in compared():
+            torch.testing.assert_close(theirs, expected, **FEATURE_TOLERANCE)
+        if preset != "convnext-tiny":  # attention: exports with q and k swapped (planted) miss by >= 10x
+            for model in (timm_classes, hf_classes):
+                model.load_state_dict(swapped_q_and_k(model.state_dict()))
+            for theirs, expected in compared():
+                assert_discriminates(theirs, expected, **FEATURE_TOLERANCE, name="a q/k-swapped export")
 
 
 @pytest.mark.parametrize("fmt", ["timm", "transformers"])

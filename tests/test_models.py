@@ -1,4 +1,5 @@
 """The drop-in API: shapes, parameter counts, names, init, loading, and loss parity with the original."""
+import copy
 import math
 from types import SimpleNamespace
 
@@ -7,7 +8,11 @@ import torch
 
 import simmim_fast as sf
 from simmim_fast.config import get_config
+from simmim_fast.models import swin
+from discriminating import assert_discriminates, discriminating_weights, swapped_q_and_k
 from original_forward import simmim_loss
+
+swin_window_partition, swin_window_reverse = swin.window_partition, swin.window_reverse
 
 MASK_CONFIGS = {"vit-tiny": None, "swin-tiny": None}
 
@@ -129,19 +134,55 @@ VARIANTS = {
 }
 
 
+def partition_transposed(x, window_size):
+    """window_partition with each window's rows and columns exchanged (the relative bias misplaced)."""
+    return swin_window_partition(x, window_size).transpose(1, 2).contiguous()
+
+
+def reverse_transposed(windows, window_size, height, width):
+    return swin_window_reverse(windows.transpose(1, 2).contiguous(), window_size, height, width)
+
+
+def planted_wrong_losses(model, x, mask):
+    """(what is wrong, its loss) for plausible wrong versions of the model: the parity test must see them."""
+    swapped = copy.deepcopy(model)
+    swapped.load_state_dict(swapped_q_and_k(model.state_dict()))
+    yield "q/k swapped", swapped(x, mask)
+    no_scale = copy.deepcopy(model)
+    for module in no_scale.modules():
+        if hasattr(module, "scale") and hasattr(module, "qkv"):
+            module.scale = 1.0
+    yield "no attention scale", no_scale(x, mask)
+    if not hasattr(model.encoder, "layers"):
+        return
+    assert any(block.shift_size > 0 for block in model.encoder.modules() if isinstance(block, swin.SwinTransformerBlock))
+    off_by_one = copy.deepcopy(model)
+    for block in off_by_one.encoder.modules():
+        if isinstance(block, swin.SwinTransformerBlock) and block.shift_size > 0:
+            block.shift_size -= 1
+    yield "shift off by one", off_by_one(x, mask)
+    unmasked = copy.deepcopy(model)
+    for block in unmasked.encoder.modules():
+        if isinstance(block, swin.SwinTransformerBlock):
+            block.attn_mask = None
+    yield "no shifted-window mask", unmasked(x, mask)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(swin, "window_partition", partition_transposed)
+        patch.setattr(swin, "window_reverse", reverse_transposed)
+        yield "windows transposed", model(x, mask)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_loss_and_grads_match_original_computation(variant):
     preset = "vit-tiny" if variant.startswith("vit") else "swin-tiny"
     config = get_config(preset, [VARIANTS[variant]])
-    torch.manual_seed(1)
-    model = sf.build_simmim(config)
-    with torch.no_grad():  # non-trivial biases so every term matters
-        for name, param in model.named_parameters():
-            if "relative_position_bias_table" in name or name.endswith(("q_bias", "v_bias", "pos_embed")):
-                param.normal_(0, 0.5)
+    # Gains near 1 with spread, large attention logits, real biases: every term matters (tests/README.md).
+    model = discriminating_weights(sf.build_simmim(config), seed=1)
     x, mask = tiny_batch(model, config)
     with sf.use_backend("reference"):
         loss = model(x, mask)
+        for wrong, wrong_loss in planted_wrong_losses(model, x, mask):
+            assert_discriminates(wrong_loss, loss.detach(), rtol=2e-6, atol=0, name=wrong)
     # allow_unused: with mean pooling the original also never uses fc_norm in pretraining.
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     expected = simmim_loss(model, x, mask)

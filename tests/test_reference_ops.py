@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 from simmim_fast import ops, reference
 
+from discriminating import assert_discriminates
+
 
 def loss_by_loops(x_rec, x, mask, patch, in_chans):
     x_rec, x, mask = x_rec.double().numpy(), x.double().numpy(), mask.numpy()
@@ -27,7 +29,12 @@ def test_masked_l1_loss_equals_loop_count(fill):
     mask = {"random": torch.randint(0, 2, (2, 3, 5), generator=g), "zeros": torch.zeros(2, 3, 5, dtype=torch.long),
             "ones": torch.ones(2, 3, 5, dtype=torch.long)}[fill]
     loss = ops.masked_l1_loss(rec, x, mask, 4, 3)
-    assert loss.item() == pytest.approx(loss_by_loops(rec, x, mask, 4, 3), rel=1e-6, abs=1e-9)
+    expected = loss_by_loops(rec, x, mask, 4, 3)
+    assert loss.item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    if fill == "random":  # the planted wrong versions: the mask one patch off, the mean over every pixel
+        for name, wrong in (("mask shifted by a patch", ops.masked_l1_loss(rec, x, mask.roll(1, -1), 4, 3)),
+                            ("unmasked mean", (rec - x).abs().mean())):
+            assert_discriminates(wrong, torch.tensor(expected), rtol=1e-6, atol=1e-9, name=name)
     if fill == "zeros":
         rec.requires_grad_(True)
         ops.masked_l1_loss(rec, x, mask, 4, 3).backward()
@@ -63,11 +70,18 @@ def test_attention_and_window_attention_match_numpy():
     bias = torch.randn(3, 9, 9, generator=g, dtype=torch.float64)
     want = softmax_attention_numpy(q.numpy(), k.numpy(), v.numpy(), bias.numpy()[None], 0.3)
     np.testing.assert_allclose(ops.attention(q, k, v, bias, 0.3).numpy(), want, rtol=1e-10)
+    for name, wrong in (("bias transposed", ops.attention(q, k, v, bias.transpose(-2, -1), 0.3)),
+                        ("q and k swapped", ops.attention(k, q, v, bias, 0.3)),
+                        ("default scale instead of 0.3", ops.attention(q, k, v, bias))):
+        assert_discriminates(wrong, torch.from_numpy(want), rtol=1e-10, atol=0, name=name)
     window_mask = torch.zeros(2, 9, 9, dtype=torch.float64)
     window_mask[1, :4, 4:] = -100.0
     per_window = bias.numpy()[None] + window_mask.numpy()[np.arange(4) % 2][:, None]
     want = softmax_attention_numpy(q.numpy(), k.numpy(), v.numpy(), per_window, 8 ** -0.5)
     np.testing.assert_allclose(ops.window_attention(q, k, v, bias, window_mask).numpy(), want, rtol=1e-10)
+    # Windows are batch-major (window i of an image is row b * nW + i): the mask of window i % nW.
+    wrong = ops.window_attention(q, k, v, bias, window_mask.flip(0))
+    assert_discriminates(wrong, torch.from_numpy(want), rtol=1e-10, atol=0, name="masks of the wrong windows")
 
 
 def test_mask_token_blend_and_patch_embed():
@@ -84,4 +98,7 @@ def test_mask_token_blend_and_patch_embed():
     expected = patches @ weight.reshape(5, 48).T + bias
     expected = torch.where(mask.bool()[..., None], token.expand(2, 6, 5), expected)
     torch.testing.assert_close(ops.masked_patch_embed(image, grid_mask, weight, bias, token), expected)
+    channels_last_patches = image.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 4, 5, 1).reshape(2, 6, 48)
+    wrong = torch.where(mask.bool()[..., None], token.expand(2, 6, 5), channels_last_patches @ weight.reshape(5, 48).T + bias)
+    assert_discriminates(wrong, expected, rtol=1.3e-6, atol=1e-5, name="patches flattened channels-last")
     assert reference.OPS.keys() == set(__import__("simmim_fast").backends.ALL_OPS)

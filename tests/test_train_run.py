@@ -9,7 +9,7 @@ import torch
 import simmim_fast
 from simmim_fast.checkpoint import load_checkpoint
 from simmim_fast.cli import main
-from simmim_fast.train import NonFiniteLossError, PretrainOptions, pretrain
+from simmim_fast.train import NonFiniteLossError, PretrainOptions, checkpoints, pretrain
 from simmim_fast.train.monitor import read_log
 from simmim_fast.train.scenes import render_scene
 
@@ -39,15 +39,25 @@ def losses(output):
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, image_folder):
     """Stopping after step 3 and resuming gives the uninterrupted run's losses and weights, bit for bit
-    (drop path on, so the RNG states matter; accumulation on, so the data position does)."""
-    settings = dict(set=TINY + ["MODEL.DROP_PATH_RATE=0.2"], accum_steps=2, batch_size=4)
+    (drop path on, so the RNG states matter; accumulation on, so the data position does). Two blocks:
+    the drop path rates are linspace(0, rate, depth), so one block would have rate 0 and draw nothing."""
+    settings = dict(set=TINY + ["MODEL.VIT.DEPTH=2", "MODEL.DROP_PATH_RATE=0.2"], accum_steps=2, batch_size=4)
     full = pretrain(options(tmp_path / "full", image_folder, **settings))
     assert len(full["losses"]) == 6
 
+    def resume_from_step_3(folder):
+        folder.mkdir()
+        shutil.copy(tmp_path / "full" / "ckpt_step_0000003.pth", folder)
+        return pretrain(options(folder, image_folder, resume="auto", **settings))
+
+    # The control: the same resume without the saved random states gives other losses (drop path draws).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, "restore_rng", lambda state, device: None)
+        unrestored = resume_from_step_3(tmp_path / "unrestored")
+    assert unrestored["losses"][3:] != full["losses"][3:]
+
     resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copy(tmp_path / "full" / "ckpt_step_0000003.pth", resumed_dir)
-    resumed = pretrain(options(resumed_dir, image_folder, resume="auto", **settings))
+    resumed = resume_from_step_3(resumed_dir)
     assert resumed["losses"] == full["losses"]  # the first 3 come from the checkpoint's history
     assert losses(resumed_dir) == full["losses"][3:]
     final_full = load_checkpoint(tmp_path / "full" / "ckpt_step_0000006.pth")

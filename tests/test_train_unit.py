@@ -1,6 +1,10 @@
 """Pretraining pieces without a training run: schedule, weight-decay groups, config loading, data,
 sampling order, checkpoint safety."""
+import errno
 import math
+import os
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,12 +12,14 @@ import pytest
 import torch
 
 import simmim_fast
+from simmim_fast import checkpoint as checkpoint_module
 from simmim_fast.checkpoint import load_checkpoint, save_atomic
+from simmim_fast.config import checked_value, set_key
 from simmim_fast.masking import MaskGenerator
 from simmim_fast.train import checkpoints
 from simmim_fast.train.configs import build_config, parse_assignment, read_yaml_config
 from simmim_fast.train.data import (EpochSampler, FastCrop, ImageFiles, PretrainDataset, SimMIMTransform, find_images,
-                                    random_resized_crop_box)
+                                    crop_and_flip, random_resized_crop_box)
 from simmim_fast.train.optim import LRSchedule, build_optimizer, build_schedule, param_groups, scaled_lrs
 from simmim_fast.train.scenes import render_scene
 
@@ -56,6 +62,70 @@ def test_schedule_applied_to_optimizer():
     schedule = LRSchedule("cosine", base_lr=1.0, warmup_lr=0.0, min_lr=0.0, total_steps=4, warmup_steps=2)
     assert schedule.apply(optimizer, 1) == pytest.approx(0.5)
     assert [group["lr"] for group in optimizer.param_groups] == [0.5, 0.5]
+
+
+def test_lr_scaling_takes_accumulation_steps_0_and_1_as_none():
+    config = simmim_fast.get_config("swin-base-192-w6")  # the original's default ACCUMULATION_STEPS is 0
+    for steps in (0, 1):
+        assert scaled_lrs(config, global_batch=512, accumulation_steps=steps)["base"] == pytest.approx(2e-4)
+
+
+def test_cosine_schedule_edges():
+    # One step in all: the last rate is MIN_LR; past the end (a resumed run with more steps) it stays there.
+    one = LRSchedule("cosine", base_lr=1.0, warmup_lr=0.1, min_lr=0.01, total_steps=1, warmup_steps=0)
+    assert (one(0), one(1)) == (pytest.approx(1.0), pytest.approx(0.01))
+    assert LRSchedule("cosine", 1.0, 0.1, 0.01, total_steps=0, warmup_steps=0)(0) == pytest.approx(1.0)  # no 0/0
+    schedule = LRSchedule("cosine", base_lr=1.0, warmup_lr=0.1, min_lr=0.01, total_steps=100, warmup_steps=10)
+    assert schedule(150) == pytest.approx(0.01)
+
+
+def test_linear_schedule_warmup_then_down_to_1_percent():
+    schedule = LRSchedule("linear", base_lr=2.0, warmup_lr=0.1, min_lr=0.5, total_steps=110, warmup_steps=10)
+    assert schedule(0) == pytest.approx(0.1) and schedule(5) == pytest.approx(0.1 + 5 * 1.9 / 10)
+    # the original's LinearLRScheduler: from the base rate at the end of warmup to 1% of it (MIN_LR unused)
+    assert schedule(10) == pytest.approx(2.0)
+    assert schedule(60) == pytest.approx(2.0 - 0.99 * 2.0 * 0.5)
+    assert schedule(110) == pytest.approx(0.02) and schedule(200) == pytest.approx(0.02)
+    # --steps no longer than the warmup: no division by zero; one step after it is the end
+    assert LRSchedule("linear", 2.0, 0.1, 0.5, total_steps=10, warmup_steps=10)(10) == pytest.approx(2.0)
+    assert LRSchedule("linear", 2.0, 0.1, 0.5, total_steps=11, warmup_steps=10)(11) == pytest.approx(0.02)
+
+
+def test_step_schedule_decays_every_decay_steps_warmup_included():
+    schedule = LRSchedule("step", base_lr=1.0, warmup_lr=0.1, min_lr=0.0, total_steps=100, warmup_steps=10,
+                          decay_steps=30, decay_rate=0.5)
+    assert schedule(10) == pytest.approx(1.0) and schedule(29) == pytest.approx(1.0)
+    assert schedule(30) == pytest.approx(0.5) and schedule(65) == pytest.approx(0.25)
+    # DECAY_EPOCHS shorter than one step after --steps shrank the epoch: decay every step
+    for decay_steps in (0, 1):
+        every = LRSchedule("step", 1.0, 0.1, 0.0, total_steps=10, warmup_steps=0, decay_steps=decay_steps,
+                           decay_rate=0.5)
+        assert every(3) == pytest.approx(0.125)
+
+
+def test_multistep_schedule_compounds_gamma():
+    schedule = LRSchedule("multistep", base_lr=1.0, warmup_lr=0.0, min_lr=0.0, total_steps=100, warmup_steps=0,
+                          milestones=(20, 40), gamma=0.5)
+    assert [schedule(t) for t in (19, 20, 39, 40, 99)] == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_schedule_defaults_are_the_configs_and_its_state_round_trips():
+    defaults = simmim_fast.get_config("vit-tiny").TRAIN.LR_SCHEDULER
+    schedule = LRSchedule("multistep", 1.0, 0.0, 0.0, total_steps=100, warmup_steps=0, milestones=(20, 40))
+    assert (schedule.decay_rate, schedule.gamma) == (defaults.DECAY_RATE, defaults.GAMMA)
+    # saved in checkpoints and compared on resume: plain values, milestones a list
+    state = schedule.state_dict()
+    assert state == {"name": "multistep", "base_lr": 1.0, "warmup_lr": 0.0, "min_lr": 0.0, "total_steps": 100,
+                     "warmup_steps": 0, "decay_steps": 0, "decay_rate": 0.1, "milestones": [20, 40], "gamma": 0.1}
+    assert LRSchedule(**state) == LRSchedule("multistep", 1.0, 0.0, 0.0, 100, 0, milestones=[20, 40])
+
+
+def test_schedule_applied_with_layer_decay_scales():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW([{"params": [model.weight], "lr_scale": 0.25}, {"params": [model.bias]}], lr=1.0)
+    schedule = LRSchedule("cosine", base_lr=1.0, warmup_lr=0.0, min_lr=0.0, total_steps=4, warmup_steps=2)
+    schedule.apply(optimizer, 1)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.125, 0.5]
 
 
 # ---- weight decay ----------------------------------------------------------------------------------
@@ -115,6 +185,28 @@ def test_adamw_settings_of_the_original():
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["eps"] == 1e-8
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
+
+
+def test_optimizer_choices_of_the_original(monkeypatch):
+    config = simmim_fast.get_config("vit-tiny")
+    model = torch.nn.Linear(2, 2)
+    assert build_optimizer(model, config, lr=1e-3).defaults["fused"] is None
+    assert build_optimizer(model, config, lr=1e-3, device_type="cuda").defaults["fused"] is True
+    groups = [{"params": [model.weight], "lr_scale": 0.5}, {"params": [model.bias], "weight_decay": 0.0}]
+    assert build_optimizer(model, config, lr=1e-3, groups=groups).param_groups[0]["lr_scale"] == 0.5
+    sgd = build_optimizer(model, set_key(config, "TRAIN.OPTIMIZER.NAME", "SGD"), lr=1e-3)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] is True
+    assert (sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.9, 0.05)
+    with pytest.raises(ValueError, match="TRAIN.OPTIMIZER.NAME must be 'adamw' or 'sgd', got 'lamb'"):
+        build_optimizer(model, set_key(config, "TRAIN.OPTIMIZER.NAME", "lamb"), lr=1e-3)
+    # apex's FusedAdam (not installed here): AdamW-style decay with the config's settings
+    made = {}
+    fake = type(sys)("apex.optimizers")
+    fake.FusedAdam = lambda groups, **settings: made.update(settings) or "fused adam"
+    monkeypatch.setitem(sys.modules, "apex", type(sys)("apex"))
+    monkeypatch.setitem(sys.modules, "apex.optimizers", fake)
+    assert build_optimizer(model, config, lr=1e-3, kind="apex-fused-adam") == "fused adam"
+    assert made == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05, "adam_w_mode": True}
 
 
 def test_apex_optimizer_asked_for_but_missing_is_a_clear_error():
@@ -186,6 +278,26 @@ def test_set_overrides_and_flag_order():
     assert config.DATA.BATCH_SIZE == 8 and config.TRAIN.EPOCHS == 5 and config.SEED == 0
 
 
+@pytest.mark.parametrize("default, value, expected", [
+    (None, 0.5, 0.5), (0.1, None, None),  # QK_SCALE=0.5 over its None default; INIT_VALUES=None turns it off
+    (1e-4, 2, 2.0), (True, False, False), (8, 16, 16), ("cosine", "linear", "linear"),
+    ([2, 2], (2, 6, 2), [2, 6, 2]), ((0.9, 0.999), [0.8, 0.99], (0.8, 0.99)), ([], ["a"], ["a"]),
+    ([0.5], [1, 2], [1.0, 2.0]),  # a one-element default types every element; ints widen inside lists too
+])
+def test_config_value_types_accepted(default, value, expected):
+    result = checked_value(default, value, "KEY")
+    assert result == expected and type(result) is type(expected)
+
+
+@pytest.mark.parametrize("default, value", [
+    (1e-4, True), (1, True), (True, 1), (True, 1.0), (8, 8.0), (8, "8"), ("cosine", 1), ([2, 2], [2, "a"]),
+    ([2, 2], 2), (2, [2]),
+])
+def test_config_value_types_refused(default, value):
+    with pytest.raises(ValueError, match=r"type mismatch for config key 'KEY(\[1\])?': expected"):
+        checked_value(default, value, "KEY")
+
+
 def test_bad_config_key_lists_valid_keys(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key 'TRAIN.BASE_LRR'.*BASE_LR.*WARMUP_LR"):
         build_config("vit-tiny", None, ["TRAIN.BASE_LRR=1"])
@@ -217,6 +329,18 @@ def test_random_resized_crop_box_stays_in_range():
             assert 0 <= left and left + crop_w <= width and 0 <= top and top + crop_h <= height
             area = crop_w * crop_h / (width * height)
             assert area <= 1.0 + 1e-9
+
+
+def test_pretraining_crop_area_stays_in_the_original_scale_range():
+    """The original's RandomResizedCrop(scale=(0.67, 1)): the crop keeps 67% to 100% of the pixels and
+    reaches both ends; fine-tuning's (0.08, 1) would give areas down to 8%. Areas up to 0.75 are never
+    rejected (0.75 x 4/3 <= 1), so at least their uniform share 0.08/0.33 of the draws lands there."""
+    generator = torch.Generator().manual_seed(0)
+    areas = torch.tensor([crop_w * crop_h / 200 ** 2 for (_, _, crop_w, crop_h), _ in
+                          (crop_and_flip(200, 200, generator) for _ in range(2000))])
+    assert areas.min() >= 0.67 * 0.99  # rounding the sides to whole pixels moves the area by < 1% at 200 px
+    assert areas.min() < 0.675 and areas.max() > 0.99
+    assert ((areas >= 0.67 * 0.99) & (areas < 0.75)).float().mean() > 0.08 / 0.33 - 0.03
 
 
 def test_transform_shapes_normalisation_and_mask():
@@ -304,6 +428,132 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_checkpoint_bytes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """Without the fsync a power cut after os.replace can leave an empty file under the final name
+    (the rename reaches the disk before the data): the temp file's complete bytes go to disk first."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", str(source), os.stat(source).st_size))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = save_atomic({"model": {"w": torch.ones(100)}}, tmp_path / "ckpt.pth")
+    monkeypatch.undo()
+    assert [kind for kind, _, _ in events] == ["fsync", "replace"], events
+    (_, synced, synced_size), (_, renamed, renamed_size) = events
+    assert synced == renamed and synced_size == renamed_size == path.stat().st_size  # the whole file, flushed
+
+
+def test_save_atomic_flushes_before_the_fsync_whatever_torch_save_does(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch, "save", lambda obj, file: file.write(b"x" * 100))  # a writer that leaves a buffer
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size))
+    save_atomic({}, tmp_path / "ckpt.pth")
+    assert synced == [100]
+
+
+def test_save_atomic_makes_missing_folders(tmp_path):
+    path = save_atomic({"w": torch.ones(2)}, tmp_path / "run" / "nested" / "ckpt.pth")
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(2))
+    save_atomic({"w": torch.zeros(2)}, path)  # the folder exists now: overwritten, no error
+    assert torch.equal(load_checkpoint(path)["w"], torch.zeros(2))
+
+
+def test_save_atomic_errors_and_their_cleanup(tmp_path, monkeypatch):
+    refused = OSError(errno.EXDEV, "cross-device link")
+
+    def fail(*args):
+        raise refused
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError) as raised:
+        save_atomic({"w": torch.ones(2)}, tmp_path / "ckpt.pth")
+    assert raised.value is refused and not list(tmp_path.iterdir())  # the temp file removed
+    monkeypatch.setattr(os, "open", fail)  # no temp file was made: nothing to remove, the error unchanged
+    with pytest.raises(OSError) as raised:
+        save_atomic({"w": torch.ones(2)}, tmp_path / "ckpt.pth")
+    assert raised.value is refused
+    monkeypatch.undo()
+    # torch's zip writer on a full disk raises a RuntimeError with the ENOSPC only in its chain: that OSError,
+    # naming the file, is raised instead. A RuntimeError without an OSError behind it stays itself.
+    def zip_writer_fails(obj, file):
+        raise RuntimeError("[enforce fail at inline_container.cc:672]") from cause
+
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    cause = OSError(errno.ENOSPC, "full")
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*ckpt.pth\)") as raised:
+        save_atomic({"w": torch.ones(2)}, tmp_path / "ckpt.pth")
+    assert raised.value.errno == errno.ENOSPC
+    cause = None
+    with pytest.raises(RuntimeError, match="enforce fail"):
+        save_atomic({"w": torch.ones(2)}, tmp_path / "ckpt.pth")
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_finds_the_os_error_anywhere_in_the_chain():
+    full = OSError(errno.ENOSPC, "full")
+    for link in ("__cause__", "__context__"):
+        outer, middle = RuntimeError("zip writer"), RuntimeError("inner")
+        setattr(outer, link, middle)
+        middle.__context__ = full
+        assert checkpoint_module._os_error_in_chain(outer) is full
+    looped_a, looped_b = RuntimeError("a"), RuntimeError("b")
+    looped_a.__context__, looped_b.__context__ = looped_b, looped_a  # a cycle ends the search
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the search loops forever on a cycle"))
+    signal.setitimer(signal.ITIMER_REAL, 5)  # a failure, not a hang
+    try:
+        assert checkpoint_module._os_error_in_chain(looped_a) is None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    no_errno = RuntimeError("outer")
+    no_errno.__context__ = OSError("no errno")
+    assert checkpoint_module._os_error_in_chain(no_errno) is None
+
+
+def test_load_checkpoint_refuses_pickled_objects_unless_trusted(tmp_path):
+    path = tmp_path / "original.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "config": Path("yacs")}, path)  # an object besides tensors
+    for read in (load_checkpoint, checkpoint_module.read_checkpoint_file):
+        with pytest.raises(checkpoint_module.CheckpointReadError, match=r"pickled Python objects.*trust_checkpoint"):
+            read(path)
+    assert checkpoint_module.read_checkpoint_file(path, trust=True)["config"] == Path("yacs")
+    path.write_bytes(b"\x80\x02garbage")
+    for trust in (False, True):
+        with pytest.raises(checkpoint_module.CheckpointReadError, match=r"not a readable checkpoint \(not a torch"):
+            load_checkpoint(path, trust_checkpoint=trust)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        checkpoint_module.read_checkpoint_file(tmp_path / "missing.pth")
+
+
+def test_load_checkpoint_names_the_first_line_of_the_reason(tmp_path, monkeypatch):
+    for raised, reason in [(RuntimeError("zip archive broken\nmore detail"), "zip archive broken"),
+                           (EOFError(), "EOFError")]:
+        monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (_ for _ in ()).throw(raised))
+        with pytest.raises(checkpoint_module.CheckpointReadError) as error:
+            load_checkpoint(tmp_path / "torn.pth")
+        assert str(error.value) == f"{tmp_path / 'torn.pth'} is not a readable checkpoint ({reason})"
+
+
+def test_load_pretrained_is_strict_and_refuses_objects_by_default(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        simmim_fast.load_pretrained(model, {"weight": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match="expected a state_dict or a checkpoint dict with a 'model' entry"):
+        simmim_fast.load_pretrained(model, {"epoch": 3, "optimizer": {}})  # a checkpoint without its model
+    path = tmp_path / "original.pth"
+    torch.save({"model": model.state_dict(), "config": Path("yacs")}, path)
+    with pytest.raises(checkpoint_module.CheckpointReadError):
+        simmim_fast.load_pretrained(model, path)
+    assert not simmim_fast.load_pretrained(model, path, trust_checkpoint=True).missing_keys
 
 
 def test_keep_last_counts_good_checkpoints_and_resume_never_picks_a_bad_one(tmp_path, capsys):
