@@ -71,15 +71,16 @@ def discriminating_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Mo
 
 def swapped_q_and_k(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``state`` with the query and key projections exchanged, in our/timm's fused layout (rows 0/1 thirds
-    of ``attn.qkv.weight``) and in transformers' BEiT/Swin/Swin V2 (``query``/``key`` weights): the planted wrong version of a
-    model or an export. Raises if ``state`` has neither (the bug would not be planted)."""
+    of ``attn.qkv.weight``) and in transformers' (``q_proj``/``k_proj`` of BEiT and Swin, ``query``/``key``
+    of Swin V2): the planted wrong version of a model or an export. Raises if ``state`` has neither (the bug would not be planted)."""
     wrong = dict(state)
     for key, value in state.items():
         if key.endswith("attn.qkv.weight"):
             query, key_projection, value_projection = value.chunk(3)
             wrong[key] = torch.cat([key_projection, query, value_projection])
-        elif key.endswith(".query.weight"):
-            partner = key[:-len("query.weight")] + "key.weight"
+        elif key.endswith((".q_proj.weight", ".query.weight")):  # transformers' BEiT and Swin / Swin V2
+            stem, query = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            partner = f"{stem}.{'k_proj' if query == 'q_proj' else 'key'}.weight"
             wrong[key], wrong[partner] = state[partner], value
     assert any(wrong[key] is not state[key] for key in state), "no q/k projection found to swap"
     return wrong

@@ -160,18 +160,16 @@ def test_explain_lists_every_backend_once_auto_order_first(monkeypatch):
 
 
 def test_lazy_tuning_only_with_a_choice_and_outside_a_recording(monkeypatch):
-    import simmim_fast.tuning
-
     fake_registry(monkeypatch, FakeBackend("first"), FakeBackend("second", ["refused"]), FakeBackend("third"))
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("first", "second", "third"))
     seen = []
     monkeypatch.setattr(dispatch.tuning_table, "lazy_tuning_enabled", lambda device_type: seen.append(device_type) or True)
-    monkeypatch.setattr(simmim_fast.tuning, "tune_lazily", lambda op, args: "third")
+    monkeypatch.setattr(dispatch, "_lazy_tuner", [lambda op, args: "third"])  # what tuning registers
     assert dispatch.select("attention", loss_args()).name == "third" and seen == ["cpu"]
     with dispatch.recording(lambda op, args: None):  # the tuner's recording forward: no timing inside it
         assert dispatch.select("attention", loss_args()).name == "first"
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("second", "third"))  # one usable backend: nothing to tune
-    monkeypatch.setattr(simmim_fast.tuning, "tune_lazily", lambda op, args: pytest.fail("tuned without a choice"))
+    monkeypatch.setattr(dispatch, "_lazy_tuner", [lambda op, args: pytest.fail("tuned without a choice")])
     assert dispatch.select("attention", loss_args()).name == "third"
 
 

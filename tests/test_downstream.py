@@ -12,7 +12,7 @@ from simmim_fast.cli import main
 from simmim_fast.config import merge
 from simmim_fast.downstream.augment import Mixup, RandAugment, apply_op, cutmix_box, mix_batch, random_erasing
 from simmim_fast.downstream.data import LabelledFolder, open_splits, write_scene_folder
-from simmim_fast.downstream.export import transformers_layout
+from simmim_fast.downstream.export import DERIVED_BUFFERS, transformers_layout
 from simmim_fast.downstream.finetune import RECIPES, layer_decay_groups
 from simmim_fast.downstream.models import build_classifier, load_into, resize_relative_position_table
 from simmim_fast.downstream.probe import knn_classify
@@ -145,7 +145,8 @@ def test_transformers_export_splits_qkv_into_q_k_v_in_order():
         encoder = build_classifier(get_config(preset), 0)  # what export builds from a pretraining checkpoint
         load_into(encoder, pretrained(preset).state_dict())
         state = encoder.state_dict()
-        exported, _ = transformers_layout(encoder, get_config(preset))
+        weights = {key: value for key, value in state.items() if not key.endswith(DERIVED_BUFFERS)}  # as export does
+        exported, _ = transformers_layout(weights, get_config(preset), num_classes=0)
         qkv_name = next(name for name in state if name.endswith("attn.qkv.weight"))
         block = {"vit-tiny": "layers.0.attention.", "swin-tiny": "encoder.layers.0.blocks.0.attention."}[preset]
         dim = state[qkv_name].shape[1]

@@ -505,18 +505,18 @@ def test_save_finds_the_os_error_anywhere_in_the_chain():
         outer, middle = RuntimeError("zip writer"), RuntimeError("inner")
         setattr(outer, link, middle)
         middle.__context__ = full
-        assert checkpoint_module._os_error_in_chain(outer) is full
+        assert checkpoint_module._cause_in_chain(outer) is full
     looped_a, looped_b = RuntimeError("a"), RuntimeError("b")
     looped_a.__context__, looped_b.__context__ = looped_b, looped_a  # a cycle ends the search
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the search loops forever on a cycle"))
     signal.setitimer(signal.ITIMER_REAL, 5)  # a failure, not a hang
     try:
-        assert checkpoint_module._os_error_in_chain(looped_a) is None
+        assert checkpoint_module._cause_in_chain(looped_a) is None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     no_errno = RuntimeError("outer")
     no_errno.__context__ = OSError("no errno")
-    assert checkpoint_module._os_error_in_chain(no_errno) is None
+    assert checkpoint_module._cause_in_chain(no_errno) is None
 
 
 def test_load_checkpoint_refuses_pickled_objects_unless_trusted(tmp_path):
@@ -538,16 +538,17 @@ def test_load_checkpoint_names_the_first_line_of_the_reason(tmp_path, monkeypatc
     for raised, reason in [(RuntimeError("zip archive broken\nmore detail"), "zip archive broken"),
                            (EOFError(), "EOFError")]:
         monkeypatch.setattr(torch, "load", lambda *args, **kwargs: (_ for _ in ()).throw(raised))
+        (tmp_path / "torn.pth").write_bytes(b"PK\x03\x04 torn")
         with pytest.raises(checkpoint_module.CheckpointReadError) as error:
             load_checkpoint(tmp_path / "torn.pth")
-        assert str(error.value) == f"{tmp_path / 'torn.pth'} is not a readable checkpoint ({reason})"
+        assert str(error.value) == f"{tmp_path / 'torn.pth'} is not a readable checkpoint (cut short or corrupt: {reason})"
 
 
 def test_load_pretrained_is_strict_and_refuses_objects_by_default(tmp_path):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="Missing key"):
         simmim_fast.load_pretrained(model, {"weight": torch.ones(2, 2)})
-    with pytest.raises(ValueError, match="expected a state_dict or a checkpoint dict with a 'model' entry"):
+    with pytest.raises(ValueError, match="holds a dict of dict, int, not model weights"):
         simmim_fast.load_pretrained(model, {"epoch": 3, "optimizer": {}})  # a checkpoint without its model
     path = tmp_path / "original.pth"
     torch.save({"model": model.state_dict(), "config": Path("yacs")}, path)
