@@ -5,19 +5,26 @@
   off, so it must be a sensible choice on its own.
 - Keys never name the batch size (nor anything that grows with it): a new batch size must not
   start another round of compiles and timings.
-- A kernel whose summation order depends on a tile size keeps that tile fixed in every config, so its
-  bits are the same in every process and rank. ``num_warps`` is such a choice too wherever a result goes
-  through a cross-thread ``tl.sum`` (its reduction tree follows the warp layout): those kernels tune
-  ``num_stages`` only.
-- ``SIMMIM_FAST_AUTOTUNE=0`` (read when ``simmim_fast.kernels`` modules are first imported), and the
-  CPU interpreter (which has no timer), bind the default alone: one compile, no timing.
+- A config may change the summation order (tiles; ``num_warps`` wherever a result goes through a
+  cross-thread ``tl.sum``): ranks and runs still compute the same bits because the choice per key is
+  made once and shared, not made by each process. A timed choice is recorded in the tuning table
+  (``simmim_fast.tuning_table``, entries ``(KERNEL_CONFIG, kernel, key)``), which later runs read and
+  ``simmim_fast.tuning.use_rank_0_table`` hands from rank 0 to every rank; a process that may not
+  time (the table is frozen to rank 0's, ``SIMMIM_FAST_AUTOTUNE=0``, the CPU interpreter, which has
+  no timer) takes the table's choice, else the default.
+- ``SIMMIM_FAST_AUTOTUNE=0`` (read when ``simmim_fast.kernels`` modules are first imported) binds the
+  default alone: one compile, no timing.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
+import torch
 import triton
+from triton.runtime.autotuner import Autotuner
+
+from .. import tuning_table
 
 AUTOTUNE_ENV = "SIMMIM_FAST_AUTOTUNE"
 
@@ -26,9 +33,47 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
+def config_json(config: triton.Config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def untimed_choice(tuner: "SharedAutotuner") -> triton.Config:
+    """What a process that may not time takes where the table has no choice: the default."""
+    return tuner.configs[0]
+
+
+class SharedAutotuner(Autotuner):
+    """triton's Autotuner, but the config of a key comes from the tuning table when it holds one;
+    otherwise it is timed (when this process may) and recorded there, or it is the default."""
+
+    def run(self, *args, **kwargs):
+        named: Mapping[str, object] = {**dict(zip(self.arg_names, args)), **kwargs}
+        tensors = [named[name] for name in self.arg_names if isinstance(named.get(name), torch.Tensor)]
+        # triton's own key: the key arguments' values and every tensor argument's dtype
+        key = tuple(named[name] for name in self.keys) + tuple(str(tensor.dtype) for tensor in tensors)
+        kernel = f"{self.base_fn.__module__}.{self.base_fn.__name__}"
+        device = tensors[0].device
+        config = self._candidate(tuning_table.kernel_config(device, kernel, key))
+        if config is None and len(self.configs) > 1 and (tuning_table.frozen() or not autotune_enabled()):
+            config = untimed_choice(self)
+        if config is not None:
+            self.best_config = config
+            return self.fn.run(*args, **kwargs, **config.all_kwargs())
+        self.best_config = None  # set by triton's run when it chose (not by the compile-only harness's)
+        result = super().run(*args, **kwargs)
+        if len(self.configs) > 1 and self.best_config is not None:
+            tuning_table.record_kernel_config(device, kernel, key, config_json(self.best_config))
+        return result
+
+    def _candidate(self, shared: Optional[dict]) -> Optional[triton.Config]:
+        """The config the table names, if it is still one of this kernel's (a table outlives code changes)."""
+        return next((config for config in self.configs if config_json(config) == shared), None)
+
+
 def autotune(configs: Sequence[triton.Config], key: Sequence[str], prune: Optional[Callable] = None):
-    """``triton.autotune`` under the policy above; ``prune`` is an ``early_config_prune`` that must
-    keep at least one config."""
-    configs = list(configs) if autotune_enabled() else list(configs[:1])
+    """A SharedAutotuner under the policy above; ``prune`` is an ``early_config_prune`` (applied when
+    timing) that must keep at least one config."""
+    configs = list(configs) if os.environ.get(AUTOTUNE_ENV, "1") != "0" else list(configs[:1])
     prune_by = {"early_config_prune": prune} if prune is not None and len(configs) > 1 else None
-    return triton.autotune(configs=configs, key=list(key), prune_configs_by=prune_by)
+    return lambda fn: SharedAutotuner(fn, fn.arg_names, configs, list(key), reset_to_zero=None, restore_value=None,
+                                      prune_configs_by=prune_by)

@@ -54,9 +54,9 @@ from ._launch import on_device_of
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels see globals only as constexpr
 LN2 = tl.constexpr(0.6931471805599453)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Tiles are fixed, not tuned: BLOCK_N sets the order of the forward's and dq's sums over keys,
-# BLOCK_M that of dk/dv's over queries, so tuning them would change bits between processes (the
-# tails, _tail, follow from N alone). 64 rows is one warpgroup's wgmma tile on sm_90. The
+# Tiles are fixed for now: BLOCK_N sets the order of the forward's and dq's sums over keys, BLOCK_M
+# that of dk/dv's over queries (the tails, _tail, follow from N alone). Tuning them would keep ranks
+# bitwise equal (kernels/_autotune.py shares one choice), but other candidates wait for GPU timings. 64 rows is one warpgroup's wgmma tile on sm_90. The
 # dk/dv/dBias kernel's tiles are 64 keys x 32 queries: its dots still have 64 rows (wgmma) but in
 # the key tail, and its (keys x queries) fp32 tiles (P^T, dP^T, dS^T, the additive terms, the dBias
 # strip) take half the registers (64 x 64 spills on sm_90).

@@ -81,6 +81,9 @@ def tuning_lines(device: torch.device) -> List[str]:
         lines.append("  none: auto takes the first backend of AUTO_ORDER that can run each op "
                      f"({', '.join(dispatch.AUTO_ORDER.get(device.type, dispatch.DEFAULT_ORDER))})")
     for sig, entry in entries.items():
+        if sig[0] == tuning_table.KERNEL_CONFIG:
+            lines.append(f"  kernel {sig[1]} at {sig[2]}: {entry['config']}")
+            continue
         times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(entry["times_ms"].items(), key=lambda i: i[1]))
         failed = "".join(f"; {name} failed" for name in entry["failures"])
         choice = entry["backend"] or f"default (tuning failed: {entry.get('failed', '?')})"

@@ -10,8 +10,9 @@ torch/triton starts with an empty table rather than trusting another's measureme
 An entry is a JSON object: ``backend`` (the choice; null when the signature's tuning failed: auto
 then takes its untuned default and the signature is never measured again in that environment),
 ``times_ms``, ``failures`` (backend -> why it was not chosen) and, for a failed signature, ``failed``
-(why). Readers ignore keys they do not know, so later fields (e.g. per-kernel launch configurations
-shared across ranks) can be added without a new file format.
+(why). Readers ignore keys they do not know. A Triton kernel's launch configuration (tiles, warps,
+stages: see simmim_fast/kernels/_autotune.py) is an entry too, at the signature ``(KERNEL_CONFIG,
+kernel, key values)`` with ``config``: the one choice every rank and every later run takes.
 
 Cache folder: ``$SIMMIM_FAST_TUNE_DIR``, else ``$XDG_CACHE_HOME/simmim_fast/tuning``, else
 ``~/.cache/simmim_fast/tuning``. Files are replaced atomically; a corrupt one is ignored with a warning.
@@ -25,6 +26,7 @@ graph), so no file is read and nothing breaks the graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import inspect
 import json
@@ -54,10 +56,13 @@ Signature = tuple
 Entry = Dict[str, object]  # {"backend": name | None, "times_ms": {name: ms}, "failures": {name: why}, ...}
 # What lookup() answers for a signature whose tuning failed: no backend name, so auto takes its default.
 UNTUNABLE = "(tuning failed: default)"
+KERNEL_CONFIG = "kernel config"  # sig[0] of a kernel's launch configuration (no op has this name)
 
 _tables: Dict[Path, Dict[Signature, Entry]] = {}  # file -> its entries, read on first use
 _device_names: Dict[Tuple[str, Optional[int]], str] = {}
 _lazy_state = {"frozen": False, "paused": 0}
+# kernel_config's answers: kernels ask at every launch, and table() costs ~30 us. Emptied whenever a table changes.
+_kernel_configs: Dict[tuple, Optional[dict]] = {}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -138,6 +143,7 @@ def device_name(device_type: str, index: Optional[int]) -> str:
     return _device_names[key]
 
 
+@functools.lru_cache(maxsize=None)  # a metadata lookup takes ~0.3 ms, and kernels ask at every launch
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -227,6 +233,7 @@ def record(device: torch.device, sig: Signature, entry: Entry, save: bool = True
     wrote meanwhile). A cache that cannot be written is reported once per path; the table still holds it."""
     entries = table(device)
     entries[sig] = entry
+    _kernel_configs.clear()
     if not save:
         return
     path, env = table_path(device), environment(device)
@@ -240,6 +247,19 @@ def record(device: torch.device, sig: Signature, entry: Entry, save: bool = True
                       stacklevel=2)
 
 
+def kernel_config(device: torch.device, kernel: str, key: tuple) -> Optional[dict]:
+    """The launch configuration recorded for ``kernel`` at ``key`` (the autotuner's key values), or None."""
+    known = (device.type, device.index, kernel, key)
+    if known not in _kernel_configs:
+        entry = table(device).get((KERNEL_CONFIG, kernel, key))
+        _kernel_configs[known] = entry["config"] if entry is not None else None
+    return _kernel_configs[known]
+
+
+def record_kernel_config(device: torch.device, kernel: str, key: tuple, config: dict) -> None:
+    record(device, (KERNEL_CONFIG, kernel, key), {"config": config})
+
+
 def export(device: torch.device) -> Dict[Signature, Entry]:
     return dict(table(device))
 
@@ -247,11 +267,13 @@ def export(device: torch.device) -> Dict[Signature, Entry]:
 def install(device: torch.device, entries: Mapping[Signature, Entry]) -> None:
     """Replace ``device``'s table in this process (not on disk): how ranks take rank 0's choices."""
     _tables[table_path(device)] = dict(entries)
+    _kernel_configs.clear()
 
 
 def forget() -> None:
     """Drop the in-memory tables (they are read again from the cache folder at next use)."""
     _tables.clear()
+    _kernel_configs.clear()
 
 
 def tuning_enabled() -> bool:
@@ -265,9 +287,13 @@ def lazy_tuning_enabled(device_type: str) -> bool:
 
 
 def freeze() -> None:
-    """No more lazy tuning in this process: ranks that share rank 0's table must not each measure on
-    their own, or they could pick different kernels for a new shape."""
+    """No more lazy tuning in this process, nor kernel autotuning: ranks that share rank 0's table must
+    not each measure on their own, or they could pick different kernels or configs for a new shape."""
     _lazy_state["frozen"] = True
+
+
+def frozen() -> bool:
+    return _lazy_state["frozen"]
 
 
 @contextlib.contextmanager

@@ -468,6 +468,21 @@ def test_cache_round_trip_and_invalidation(fakes, monkeypatch):
         assert tuning_table.lookup(CPU, sig) is None
 
 
+def test_kernel_config_round_trip_beside_the_op_choices(fakes):
+    """A kernel's launch configuration (kernels/_autotune.py) is kept in the same file for later runs, read
+    back at the same key (JSON lists back to tuples), invisible to the op lookups, listed by info."""
+    key = (197, 64, True, False, "ieee", "torch.float32")
+    config = {"kwargs": {"BLOCK_N": 128}, "num_warps": 8, "num_stages": 2}
+    assert tuning_table.kernel_config(CPU, "module.kernel", key) is None
+    tuning_table.record_kernel_config(CPU, "module.kernel", key, config)
+    assert tuning_table.kernel_config(CPU, "module.kernel", key) == config  # the answer it remembered is replaced
+    tuning_table.forget()
+    assert tuning_table.kernel_config(CPU, "module.kernel", key) == config
+    assert tuning_table.kernel_config(CPU, "module.kernel", key[:-1]) is None
+    assert tuning_table.measured_choices("attention", "cpu", None) == ()
+    assert "  kernel module.kernel at (197, 64, True, False, 'ieee', 'torch.float32'): " + str(config) in info.tuning_lines(CPU)
+
+
 def test_corrupt_cache_is_ignored_with_a_warning_and_replaced(fakes):
     sig = tuning_table.signature("attention", attention_args())
     path = tuning_table.table_path(CPU)
