@@ -6,7 +6,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,10 +18,11 @@ from simmim_fast.downstream.finetune import Finetuning
 from simmim_fast.train import checkpoints, run_lock
 from simmim_fast.train.scenes import render_scene
 
+from test_train_cli import cli_prefix
+
 # A 1-block ViT on 64px images: a step takes tens of milliseconds on a CPU core.
 TINY = ["--set", "MODEL.VIT.DEPTH=1", "--set", "MODEL.VIT.EMBED_DIM=48", "--set", "MODEL.VIT.NUM_HEADS=2"]
-SCRIPT = Path(sys.executable).with_name("simmim-fast")  # the console script of `pip install -e .`
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "simmim_fast.cli"]
+COMMAND = cli_prefix()
 
 
 @pytest.fixture(scope="module")

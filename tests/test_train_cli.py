@@ -11,11 +11,15 @@ from simmim_fast.train.monitor import read_log
 from simmim_fast.train.scenes import render_scene
 
 
+def cli_prefix() -> list:
+    """How a test starts `simmim-fast`: the console script of `pip install -e .`, else the module."""
+    script = Path(sys.executable).with_name("simmim-fast")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "simmim_fast.cli"]
+
+
 def run_command(*args) -> subprocess.CompletedProcess:
     """`simmim-fast ARGS` in a new process, whatever its exit status."""
-    script = Path(sys.executable).with_name("simmim-fast")  # the console script of `pip install -e .`
-    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "simmim_fast.cli"]
-    return subprocess.run(prefix + list(args), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cli_prefix() + list(args), capture_output=True, text=True, timeout=600)
 
 
 def command(*args):
