@@ -3,8 +3,10 @@ augmentation invariants, labelled folders and their errors, a few-step CLI run w
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from scipy.interpolate import CubicSpline
 
 from simmim_fast import build_simmim, get_config
 from simmim_fast.checkpoint import save_atomic
@@ -14,7 +16,8 @@ from simmim_fast.downstream.augment import Mixup, RandAugment, apply_op, cutmix_
 from simmim_fast.downstream.data import LabelledFolder, open_splits, write_scene_folder
 from simmim_fast.downstream.export import DERIVED_BUFFERS, transformers_layout
 from simmim_fast.downstream.finetune import RECIPES, layer_decay_groups
-from simmim_fast.downstream.models import build_classifier, load_into, resize_relative_position_table
+from simmim_fast.downstream.models import (build_classifier, geometric_source_positions, load_into,
+                                           resize_relative_position_table)
 from simmim_fast.downstream.probe import knn_classify
 from simmim_fast.models.layers import relative_position_index
 from simmim_fast.train.scenes import render_scene
@@ -81,12 +84,66 @@ def test_resize_keeps_vit_cls_entries_and_is_identity_at_the_same_size():
     assert torch.equal(resized[-3:], table[-3:])
 
 
+def test_resize_is_the_cubic_spline_through_each_axis():
+    """A bias that is a sum f(dy) + g(dx) resizes to the same sum of 1-D not-a-knot cubic splines
+    (SciPy's CubicSpline; what an s=0 bicubic RectBivariateSpline is on such a grid) at the target's
+    distances: each head in its column, the first axis the grid's rows (dy), the CLS rows kept as
+    they are. Exchanged axes miss by far more than the tolerance, a quadratic or quartic spline by 0.06."""
+    source, target = geometric_source_positions(7, 9)
+    axes = ((np.sin, lambda d: np.cos(0.7 * d)), (lambda d: np.tanh(d) * 2, np.sin))  # (f of dy, g of dx) per head
+
+    def grid(positions, spline=False, exchanged=False):
+        heads = []
+        for f, g in axes:
+            f_values, g_values = ((CubicSpline(source, f(source))(positions), CubicSpline(source, g(source))(positions))
+                                  if spline else (f(positions), g(positions)))
+            if exchanged:
+                f_values, g_values = g_values, f_values
+            heads.append(f_values[:, None] + g_values[None, :])
+        return torch.from_numpy(np.stack(heads, axis=-1)).float().reshape(-1, len(axes))
+    table = torch.cat((grid(source), torch.randn(3, 2)))
+    resized = resize_relative_position_table(table, 9 * 9 + 3, 3)
+    torch.testing.assert_close(resized[:81], grid(target, spline=True), rtol=1e-5, atol=1e-5)
+    assert torch.equal(resized[81:], table[49:])
+    assert_discriminates(grid(target, spline=True, exchanged=True), resized[:81], rtol=1e-5, atol=1e-5,
+                         name="dy and dx exchanged")
+
+
+def test_resize_refuses_tables_that_are_not_square_grids_or_too_small():
+    assert resize_relative_position_table(torch.randn(25, 2), 49).shape == (49, 2)  # window 3 to 4
+    table = torch.randn(25 + 20, 2)  # as many extra rows as the caller says, not only ViT's 3
+    assert torch.equal(resize_relative_position_table(table, 49 + 20, 20)[49:], table[25:])
+    # not squares; even sides (4 x 4, 6 x 6: no window's 2W-1); the CLS rows counted in the grid
+    for rows, target_rows, extra in ((50, 81, 0), (49, 80, 0), (52, 84, 0), (49 + 3, 81, 3), (16, 49, 0), (49, 36, 0)):
+        with pytest.raises(ValueError, match="not a square grid"):
+            resize_relative_position_table(torch.randn(rows, 2), target_rows, extra)
+    with pytest.raises(ValueError, match="too small for the original's bicubic resize"):
+        resize_relative_position_table(torch.randn(9, 2), 25)
+
+
 def test_checkpoint_of_another_architecture_is_a_value_error():
     with pytest.raises(ValueError, match="holds a swin encoder, but the model is a vit"):
         load_into(build_classifier(get_config("vit-tiny"), 3), pretrained("swin-tiny").state_dict())
     wider = merge(get_config("vit-tiny"), {"MODEL": {"VIT": {"EMBED_DIM": 48}}})
     with pytest.raises(ValueError, match="does not fit the model"):
         load_into(build_classifier(wider, 3), pretrained("vit-tiny").state_dict())
+
+
+def test_load_into_keeps_a_fitting_head_unless_told_and_refuses_unknown_keys():
+    """A classifier checkpoint's head is loaded when it fits (keep_head, the default), left at the
+    model's init when told or when the class count differs; a key the model has no place for is an error."""
+    config = merge(get_config("vit-tiny"), VIT_FINETUNE)
+    source = discriminating_weights(build_classifier(config, 3)).state_dict()
+    for classes, keep_head in ((3, True), (3, False), (5, True)):
+        model = build_classifier(config, classes)
+        initial_head = model.head.weight.detach().clone()
+        report = load_into(model, source) if keep_head else load_into(model, source, keep_head=False)  # default: keep
+        loaded = classes == 3 and keep_head
+        assert torch.equal(model.head.weight, source["head.weight"] if loaded else initial_head)
+        assert sorted(report["missing"]) == ([] if loaded else ["head.bias", "head.weight"])
+        assert torch.equal(model.blocks[0].attn.qkv.weight, source["blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_into(build_classifier(config, 3), {**source, "blocks.0.attn.extra": torch.zeros(1)})
 
 
 def test_layer_decay_groups_follow_the_original_layers():

@@ -343,6 +343,69 @@ def test_pretraining_crop_area_stays_in_the_original_scale_range():
     assert ((areas >= 0.67 * 0.99) & (areas < 0.75)).float().mean() > 0.08 / 0.33 - 0.03
 
 
+def test_crop_box_follows_its_draws_in_order():
+    """Each try draws the area fraction, then the log aspect ratio, uniformly from the low end of the
+    range up (torchvision's uniform_(scale[0], scale[1])); an accepted box then draws left and top,
+    each uniform over 0..slack. Replaying the draws pins that mapping: a swapped range has the same
+    distribution but other crops from the same seed (the prepared store's crops match the original
+    files' only draw for draw)."""
+    width, height, checked = 240, 200, 0
+    log_low, log_high = math.log(3 / 4), math.log(4 / 3)
+    for seed in range(300):
+        replay = torch.Generator().manual_seed(seed)
+        u_area, u_ratio, u_left, u_top = (float(torch.rand((), generator=replay, dtype=torch.float64))
+                                          for _ in range(4))
+        fraction, aspect = 0.67 + 0.33 * u_area, math.exp(log_low + (log_high - log_low) * u_ratio)
+        area = width * height * fraction
+        if math.sqrt(area * aspect) > width - 1 or math.sqrt(area / aspect) > height - 1:
+            continue  # the first try may be rejected: only boxes that fit with room to spare are replayed
+        left, top, crop_w, crop_h = random_resized_crop_box(width, height, torch.Generator().manual_seed(seed))
+        assert crop_w * crop_h / (width * height) == pytest.approx(fraction, rel=0.015)  # whole-pixel sides
+        assert crop_w / crop_h == pytest.approx(aspect, rel=0.015)
+        for offset, slack, draw in ((left, width - crop_w, u_left), (top, height - crop_h, u_top)):
+            assert offset == min(int(draw * (slack + 1)), slack)
+        checked += 1
+    assert checked > 100
+
+
+def test_crop_offsets_cover_every_position_evenly():
+    """Left and top are uniform over 0..slack, both ends included (torchvision's randint(0, slack + 1))."""
+    generator = torch.Generator().manual_seed(0)
+    # scale 0.5 and ratio 2 (1/2) on a 100 x 100 image: a box of the image's full width (height), taken
+    # at the first try (torchvision's crop_w <= width), so top (left) is the only freedom
+    for ratio, free in ((2.0, 1), (0.5, 0)):
+        offsets = torch.tensor([random_resized_crop_box(100, 100, generator, scale=(0.5, 0.5),
+                                                        ratio=(ratio, ratio))[free] for _ in range(4000)])
+        counts = torch.bincount(offsets, minlength=51).float() / len(offsets)
+        assert offsets.min() == 0 and offsets.max() == 50 and len(counts) == 51
+        assert counts.max() < 2.2 / 51 and counts.min() > 0.3 / 51  # even, no end doubled or left out
+
+
+def test_crop_falls_back_to_the_centre_clamped_to_the_ratio_range():
+    """After 10 rejected tries (20 draws, no more): the centre, the whole image if its ratio is in
+    range, else the widest (tallest) box of the extreme ratio; never an empty box when the area rounds
+    to no pixel, but a one-pixel box is a box."""
+    generator, replay = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    random_resized_crop_box(50, 50, generator, scale=(2.0, 3.0))
+    for _ in range(20):
+        torch.rand((), generator=replay, dtype=torch.float64)
+    next_draw = torch.rand((), generator=generator, dtype=torch.float64)
+    assert next_draw == torch.rand((), generator=replay, dtype=torch.float64)
+    assert random_resized_crop_box(10, 10, generator, scale=(0.01, 0.01), ratio=(1.0, 1.0))[2:] == (1, 1)
+    assert random_resized_crop_box(1001, 9, generator) == (494, 0, 12, 9)  # 9 x 4/3, centred
+    assert random_resized_crop_box(9, 1001, generator) == (0, 494, 9, 12)  # 9 / (3/4)
+    assert random_resized_crop_box(101, 99, generator, scale=(2.0, 3.0)) == (0, 0, 101, 99)  # never fits
+    # one side rounds to 0 px (1 px of area, ratio 1/16 or 16): refused, the clamped centre box instead
+    assert random_resized_crop_box(10, 10, generator, scale=(0.01, 0.01), ratio=(1 / 16, 1 / 16)) == (4, 0, 1, 10)
+    assert random_resized_crop_box(10, 10, generator, scale=(0.01, 0.01), ratio=(16.0, 16.0)) == (0, 4, 10, 1)
+
+
+def test_crop_flips_half_of_the_samples():
+    generator = torch.Generator().manual_seed(0)
+    flips = [crop_and_flip(64, 64, generator)[1] for _ in range(2000)]
+    assert 0.45 < sum(flips) / len(flips) < 0.55
+
+
 def test_transform_shapes_normalisation_and_mask():
     image = render_scene(3)
     mask_generator = MaskGenerator(224, 32, 16, 0.6)  # ViT-224: 14 x 14 tokens

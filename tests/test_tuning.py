@@ -399,6 +399,7 @@ def test_tune_knob_off_and_paused_means_no_measurement(monkeypatch, tmp_path, ca
     with tuning_table.lazy_tuning_paused():
         ops.attention(**attention_args())
     assert CALLED == ["reference"]
+    assert tuning_table.lazy_tuning_enabled("cpu")  # the pause ends with its block
     tuning_table.freeze()  # monkeypatched state: undone after the test
     ops.attention(**attention_args())
     assert CALLED == ["reference", "reference"]
@@ -455,6 +456,14 @@ def test_cache_round_trip_and_invalidation(fakes, monkeypatch):
     tuning_table.forget()
     assert tuning_table.lookup(CPU, sig) == "fast" and tuning_table.table(CPU)[sig] == entry
 
+    # A file of the previous format (1: signatures without settings or memory layouts) is refused.
+    current = path.read_text()
+    path.write_text(json.dumps({**json.loads(current), "format": 1}))
+    tuning_table.forget()
+    with pytest.warns(UserWarning, match="ignoring the tuning cache"):
+        assert tuning_table.lookup(CPU, sig) is None
+    path.write_text(current)
+    tuning_table.forget()
     # Another torch version or another device: another file, an empty table.
     with monkeypatch.context() as patched:
         patched.setattr(torch, "__version__", "9.9.9")
@@ -643,3 +652,12 @@ def _rank_worker(output: Path) -> None:
 
 if __name__ == "__main__":
     _rank_worker(Path(sys.argv[1]))
+
+
+def test_a_new_process_tunes_lazily_until_frozen():
+    """The state a process starts with (the other tests monkeypatch it): neither frozen nor paused."""
+    code = ("from simmim_fast import tuning_table as t; t.LAZY_DEVICE_TYPES = ('cpu',); "
+            "print(t.lazy_tuning_enabled('cpu')); t.freeze(); print(t.lazy_tuning_enabled('cpu'))")
+    env = {key: value for key, value in os.environ.items() if key != tuning_table.TUNE_VAR}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["True", "False"]

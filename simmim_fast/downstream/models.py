@@ -160,19 +160,21 @@ def resize_relative_position_table(table: torch.Tensor, target_entries: int, ext
     grid_entries = table.shape[0] - extra_entries
     source_side = math.isqrt(grid_entries)
     target_side = math.isqrt(target_entries - extra_entries)
-    if source_side ** 2 != grid_entries or target_side ** 2 != target_entries - extra_entries:
+    # A window W has 2W-1 distances per axis: an even side is no table (SciPy would fail on it obscurely).
+    if (source_side ** 2 != grid_entries or target_side ** 2 != target_entries - extra_entries
+            or source_side % 2 == 0 or target_side % 2 == 0):
         raise ValueError(f"relative position bias table of {table.shape[0]} rows cannot be resized to "
-                         f"{target_entries}: not a square grid of relative distances")
+                         f"{target_entries}: not a square grid of relative distances (an odd side, 2 x window - 1)")
     if source_side == target_side:
         return table.clone()
     if source_side < 4:  # a cubic spline needs 4 points per axis
         raise ValueError(f"relative position bias table of {table.shape[0]} rows: a {source_side}x{source_side} grid "
                          "of distances is too small for the original's bicubic resize (window 3 or more)")
     source, target = geometric_source_positions(source_side, target_side)
-    grids = table[:grid_entries].detach().float().cpu().numpy().reshape(source_side, source_side, -1)
+    grids = table[:grid_entries].detach().float().cpu().numpy().reshape(source_side, source_side, table.shape[1])
     heads = [RectBivariateSpline(source, source, grids[..., head], kx=3, ky=3, s=0)(target, target)
              for head in range(grids.shape[-1])]
-    resized = torch.from_numpy(np.stack(heads, axis=-1).reshape(target_side ** 2, -1).astype(np.float32))
+    resized = torch.from_numpy(np.stack(heads, axis=-1).reshape(target_side ** 2, len(heads)).astype(np.float32))
     return torch.cat((resized.to(table.device, table.dtype), table[grid_entries:]), dim=0)
 
 
@@ -219,6 +221,10 @@ def remap_for(model: nn.Module, source: Mapping[str, torch.Tensor], name: str = 
     return state
 
 
+# What a classifier may lack from a pretraining checkpoint: trained from its init, as the original.
+FRESH_PREFIXES = ("head.", "fc_norm.")
+
+
 def load_into(model: nn.Module, source: Mapping[str, torch.Tensor], keep_head: bool = True,
               name: str = "the checkpoint") -> Dict[str, list]:
     """Load ``source`` into the classifier ``model`` after ``remap_for``. What the model may lack from a
@@ -228,13 +234,12 @@ def load_into(model: nn.Module, source: Mapping[str, torch.Tensor], keep_head: b
     Returns {'missing': [...], 'unused': [...]}."""
     state = remap_for(model, source, name)
     target = model.state_dict()
-    fresh_prefixes = ("head.", "fc_norm.")
     missing = [key for key in target if key not in state]
     unused = [key for key in state if key not in target]
     # The pretraining ViT's final norm has no place in a mean-pooling classifier (norm is Identity there).
     tolerated_unused = [key for key in unused if key.startswith("norm.") and isinstance(model.norm, nn.Identity)
-                        or key.startswith(fresh_prefixes)]
-    bad_missing = [key for key in missing if not key.startswith(fresh_prefixes)]
+                        or key.startswith(FRESH_PREFIXES)]
+    bad_missing = [key for key in missing if not key.startswith(FRESH_PREFIXES)]
     bad_unused = [key for key in unused if key not in tolerated_unused]
     misshapen = [f"{key} {tuple(state[key].shape)} vs the model's {tuple(value.shape)}" for key, value in target.items()
                  if key in state and state[key].shape != value.shape and not key.startswith("head.")]
