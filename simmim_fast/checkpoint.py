@@ -35,6 +35,15 @@ def _cause_in_chain(error: BaseException) -> Optional[BaseException]:
     return None
 
 
+def _write_new_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(file)`` into a new file, flushed and fsynced; its mode follows the umask (os.open with
+    0o666 applies it, where mkstemp would force 0600)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """``write(file)`` to a hidden temp file in the same folder, fsync, then rename: a crash or Ctrl-C
     never leaves a truncated file at ``path`` (the rename is atomic on POSIX) nor the temp file. The file
@@ -45,11 +54,7 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        # os.open with 0o666 applies the umask (mkstemp would force 0600).
-        with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
+        _write_new_file(temp, write)
         os.replace(temp, path)
     except BaseException as error:
         temp.unlink(missing_ok=True)
@@ -67,12 +72,6 @@ def save_atomic(obj: Any, path: PathLike) -> Path:
     return write_atomic(path, lambda file: torch.save(obj, file))
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """A new file holding ``data``, flushed to the disk; its mode follows the umask (os.open 0o666)."""
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -118,7 +117,7 @@ def write_folder_atomic(target: PathLike, files: Mapping[str, bytes], replaceabl
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the renamed folder private
         for name, data in files.items():
-            _write_durably(staging / name, data)
+            _write_new_file(staging / name, lambda file, data=data: file.write(data))
         _fsync_folder(staging)
         if target.exists():
             aside = target.parent / f".{target.name}.{secrets.token_hex(4)}.replaced"

@@ -1,6 +1,7 @@
 """Exports appear as a whole or not at all (issue 21, item 5): a kill between two files, a full disk, an
 existing folder, file modes; and a damaged probe feature cache is rebuilt. Plain lane (safetensors only)."""
 import errno
+import io
 import json
 import os
 import subprocess
@@ -37,17 +38,19 @@ class Killed(BaseException):
 
 
 def failing_writer(monkeypatch, fail_on, error):
-    """``checkpoint._write_durably`` that writes half of ``fail_on`` (a big temporary file) and raises."""
-    real = checkpoint._write_durably
+    """``checkpoint._write_new_file`` that writes half of ``fail_on`` (a big temporary file) and raises."""
+    real = checkpoint._write_new_file
 
-    def write(path, data):
+    def write(path, writer):
         if path.name == fail_on:
+            content = io.BytesIO()
+            writer(content)
             with open(path, "wb") as file:
-                file.write(data[:len(data) // 2])
+                file.write(content.getvalue()[:len(content.getvalue()) // 2])
             raise error
-        real(path, data)
+        real(path, writer)
 
-    monkeypatch.setattr(checkpoint, "_write_durably", write)
+    monkeypatch.setattr(checkpoint, "_write_new_file", write)
 
 
 def test_a_kill_between_files_keeps_the_earlier_export_whole(tmp_path, monkeypatch):
