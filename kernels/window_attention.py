@@ -1,15 +1,16 @@
 """Swin window attention, softmax(q k^T * scale + bias + window_mask) v, as fused Triton kernels.
 
-Work split: a program owns one head, one block of query rows (the whole window when T <= 64, as for
-Swin's 6x6 and 7x7 windows) and one window position w among the nW windows of an image, and loops
-over a fixed slice of the images. What depends only on (head, w) -- the relative-position bias plus
+Work split: a program owns one head, the whole window's rows (T <= 64, as for Swin's 6x6 and 7x7
+windows) and one window position w among the nW windows of an image, and loops over a fixed slice of
+the images. Rows and keys are one power-of-two block, or for 33 to 48 tokens a 32-token head block and
+a 16-token tail block (``token_blocks``): 36 tokens then compute 48 x 48 logits in four tiles, the
+tensor cores' 16-row floor, instead of one 64 x 64 tile. What depends only on (head, w) -- the relative-position bias plus
 the shift mask -- is loaded once per program and kept in registers; in the backward pass the bias
 gradient of the program's rows is accumulated there across its images and written once as a
 partial, and the partials are summed in a fixed order: dBias is deterministic, with no atomics.
 
-Windows are not packed block-diagonally into one tile: T = 36 already pads to a 64-wide tile
-(MMA-sized), the kernels are bound by memory, and packing k windows would multiply the MMA and exp
-work by k. Iterating over windows keeps every tile dense instead.
+Windows are not packed block-diagonally into one tile: packing k windows would multiply the MMA and
+exp work by k. Iterating over windows keeps every tile dense instead.
 
 Full rows: the program holds the whole window (T x next_pow2(T) logits), so the softmax needs no
 online rescaling (and no guard for a row whose first keys are all -inf), and the forward saves each row's max and sum rather than their
@@ -52,6 +53,84 @@ FORWARD_TARGET_PROGRAMS = 4096
 WHOLE_WINDOW_TOKENS = WHOLE_WINDOW_HEAD_DIM = 64
 
 
+@triton.jit
+def _token_block(base_ptr, stride_t, stride_d, first, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers to tokens [first, first + ROWS) of one window and head, and which of them are real."""
+    tokens = first + tl.arange(0, ROWS)
+    dims = tl.arange(0, BLOCK_D)
+    return (base_ptr + tokens[:, None] * stride_t + dims[None, :] * stride_d,
+            (tokens < TOKENS)[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _square_tile(first_row, first_col, TOKENS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows and columns of one tile of a (T, T) matrix, and which entries are real."""
+    rows = first_row + tl.arange(0, ROWS)
+    cols = first_col + tl.arange(0, COLS)
+    return rows, cols, (rows < TOKENS)[:, None] & (cols < TOKENS)[None, :]
+
+
+@triton.jit
+def _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                   stride_mask_w, stride_mask_r, stride_mask_c, first_row, first_col,
+                   TOKENS: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """bias (+ shift mask) over one tile of the logits, in fp32; padded keys at -inf (no weight), padded
+    query rows finite (never stored)."""
+    rows, cols, tile_ok = _square_tile(first_row, first_col, TOKENS, ROWS, COLS)
+    additive = tl.load(bias_ptr + head * stride_bias_h + rows[:, None] * stride_bias_r + cols[None, :] * stride_bias_c,
+                       mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        additive += tl.load(mask_ptr + window * stride_mask_w + rows[:, None] * stride_mask_r
+                            + cols[None, :] * stride_mask_c, mask=tile_ok, other=0.0).to(tl.float32)
+    return tl.where((cols < TOKENS)[None, :], additive, float("-inf"))
+
+
+@triton.jit
+def _attend_rows(q, k_head, v_head, additive_head, k_tail, v_tail, additive_tail, scale,
+                 BLOCK_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(output, row max, row sum) of one block of query rows against the window's keys: the head key
+    block, and the tail block when BLOCK_TAIL > 0 (else the tail arguments are not read)."""
+    logits_head = tl.dot(q, tl.trans(k_head), input_precision=DOT_PRECISION) * scale + additive_head
+    row_max = tl.max(logits_head, 1)
+    if BLOCK_TAIL > 0:
+        logits_tail = tl.dot(q, tl.trans(k_tail), input_precision=DOT_PRECISION) * scale + additive_tail
+        row_max = tl.maximum(row_max, tl.max(logits_tail, 1))
+    probs = tl.exp(logits_head - row_max[:, None])
+    row_sum = tl.sum(probs, 1)
+    out = tl.dot(probs.to(v_head.dtype), v_head, input_precision=DOT_PRECISION)
+    if BLOCK_TAIL > 0:
+        probs_tail = tl.exp(logits_tail - row_max[:, None])
+        row_sum += tl.sum(probs_tail, 1)
+        out = tl.dot(probs_tail.to(v_tail.dtype), v_tail, out, input_precision=DOT_PRECISION)
+    return out / row_sum[:, None], row_max, row_sum
+
+
+@triton.jit
+def _score_gradients(q, grad_out, row_max, row_sum, k_head, v_head, additive_head, k_tail, v_tail, additive_tail,
+                     scale, BLOCK_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(P, dS) against the head key block and (P, dS) against the tail block (the head's again when
+    BLOCK_TAIL == 0) for one block of query rows; dS = dLoss/dlogits.
+
+    With whole rows at hand, sum_j P_ij dP_ij comes from P and dP themselves, in fp32, rather than as
+    dO_i . O_i from the rounded output: a peaked softmax then gets dS ~ 0, as in torch, and O is not
+    read. Padded query rows have dO = 0, so their dS is exactly 0."""
+    inverse_sum = (1.0 / row_sum)[:, None]
+    logits_head = tl.dot(q, tl.trans(k_head), input_precision=DOT_PRECISION) * scale + additive_head
+    probs_head = tl.exp(logits_head - row_max[:, None]) * inverse_sum
+    grad_probs_head = tl.dot(grad_out, tl.trans(v_head), input_precision=DOT_PRECISION)
+    row_dot = tl.sum(probs_head * grad_probs_head, 1)
+    probs_tail, grad_logits_tail = probs_head, probs_head
+    if BLOCK_TAIL > 0:
+        logits_tail = tl.dot(q, tl.trans(k_tail), input_precision=DOT_PRECISION) * scale + additive_tail
+        probs_tail = tl.exp(logits_tail - row_max[:, None]) * inverse_sum
+        grad_probs_tail = tl.dot(grad_out, tl.trans(v_tail), input_precision=DOT_PRECISION)
+        row_dot += tl.sum(probs_tail * grad_probs_tail, 1)
+        grad_logits_tail = probs_tail * (grad_probs_tail - row_dot[:, None])
+    grad_logits_head = probs_head * (grad_probs_head - row_dot[:, None])
+    return probs_head, grad_logits_head, probs_tail, grad_logits_tail
+
+
 # The image counts grow with the batch: not specialised, so a new batch size compiles nothing new.
 @triton.jit(do_not_specialize=["num_images", "images_per_split"])
 def _window_attention_fwd_kernel(
@@ -64,47 +143,68 @@ def _window_attention_fwd_kernel(
     stride_mask_w, stride_mask_r, stride_mask_c,
     num_images, images_per_split, num_windows, scale,
     TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HEAD: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     window = tl.program_id(0) % num_windows  # windows (and image slices) on axis 0, which has no 65535 cap
     split = tl.program_id(0) // num_windows
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
-    rows = tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < TOKENS
-    col_ok = cols < TOKENS
-    dim_ok = dims < HEAD_DIM
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-
-    additive = tl.load(bias_ptr + head * stride_bias_h + rows[:, None] * stride_bias_r + cols[None, :] * stride_bias_c,
-                       mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_MASK:
-        additive += tl.load(mask_ptr + window * stride_mask_w + rows[:, None] * stride_mask_r
-                            + cols[None, :] * stride_mask_c, mask=tile_ok, other=0.0).to(tl.float32)
-    # Padded keys get no weight; padded query rows stay finite and are never stored.
-    additive = tl.where(col_ok[None, :], additive, float("-inf"))
+    # The additive terms of every (query block, key block) tile, once per program.
+    additive_hh = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                 stride_mask_w, stride_mask_r, stride_mask_c, 0, 0,
+                                 TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_HEAD)
+    additive_ht, additive_th, additive_tt = additive_hh, additive_hh, additive_hh
+    if BLOCK_TAIL > 0:
+        additive_ht = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                     stride_mask_w, stride_mask_r, stride_mask_c, 0, BLOCK_HEAD,
+                                     TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_TAIL)
+        additive_th = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                     stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, 0,
+                                     TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_HEAD)
+        additive_tt = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                     stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, BLOCK_HEAD,
+                                     TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_TAIL)
 
     first_image = split * images_per_split
     for image in range(first_image, tl.minimum(first_image + images_per_split, num_images)):
         batch_window = (image * num_windows + window).to(tl.int64)
-        q = tl.load(q_ptr + batch_window * stride_qb + head * stride_qh + rows[:, None] * stride_qt
-                    + dims[None, :] * stride_qd, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        k = tl.load(k_ptr + batch_window * stride_kb + head * stride_kh + cols[:, None] * stride_kt
-                    + dims[None, :] * stride_kd, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + batch_window * stride_vb + head * stride_vh + cols[:, None] * stride_vt
-                    + dims[None, :] * stride_vd, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + additive
-        row_max = tl.max(logits, 1)
-        probs = tl.exp(logits - row_max[:, None])
-        row_sum = tl.sum(probs, 1)
-        out = tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION) / row_sum[:, None]
-        tl.store(out_ptr + batch_window * stride_ob + head * stride_oh + rows[:, None] * stride_ot
-                 + dims[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-        row_stats = (batch_window * num_heads + head) * TOKENS + rows
-        tl.store(row_max_ptr + row_stats, row_max, mask=row_ok)
-        tl.store(row_sum_ptr + row_stats, row_sum, mask=row_ok)
+        q_base = q_ptr + batch_window * stride_qb + head * stride_qh
+        k_base = k_ptr + batch_window * stride_kb + head * stride_kh
+        v_base = v_ptr + batch_window * stride_vb + head * stride_vh
+        out_base = out_ptr + batch_window * stride_ob + head * stride_oh
+        stats_base = (batch_window * num_heads + head) * TOKENS
+
+        k_ptrs, key_ok = _token_block(k_base, stride_kt, stride_kd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+        v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+        k_head = tl.load(k_ptrs, mask=key_ok, other=0.0)
+        v_head = tl.load(v_ptrs, mask=key_ok, other=0.0)
+        k_tail, v_tail = k_head, v_head
+        if BLOCK_TAIL > 0:
+            k_ptrs, key_ok = _token_block(k_base, stride_kt, stride_kd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
+            v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
+            k_tail = tl.load(k_ptrs, mask=key_ok, other=0.0)
+            v_tail = tl.load(v_ptrs, mask=key_ok, other=0.0)
+
+        q_ptrs, query_ok = _token_block(q_base, stride_qt, stride_qd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+        out_ptrs, _ = _token_block(out_base, stride_ot, stride_od, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+        out, row_max, row_sum = _attend_rows(tl.load(q_ptrs, mask=query_ok, other=0.0), k_head, v_head, additive_hh,
+                                             k_tail, v_tail, additive_ht, scale, BLOCK_TAIL, DOT_PRECISION)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=query_ok)
+        rows = tl.arange(0, BLOCK_HEAD)
+        tl.store(row_max_ptr + stats_base + rows, row_max, mask=rows < TOKENS)
+        tl.store(row_sum_ptr + stats_base + rows, row_sum, mask=rows < TOKENS)
+        if BLOCK_TAIL > 0:
+            q_ptrs, query_ok = _token_block(q_base, stride_qt, stride_qd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL,
+                                            BLOCK_D)
+            out_ptrs, _ = _token_block(out_base, stride_ot, stride_od, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL,
+                                       BLOCK_D)
+            out, row_max, row_sum = _attend_rows(tl.load(q_ptrs, mask=query_ok, other=0.0), k_head, v_head,
+                                                 additive_th, k_tail, v_tail, additive_tt, scale, BLOCK_TAIL,
+                                                 DOT_PRECISION)
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=query_ok)
+            rows = BLOCK_HEAD + tl.arange(0, BLOCK_TAIL)
+            tl.store(row_max_ptr + stats_base + rows, row_max, mask=rows < TOKENS)
+            tl.store(row_sum_ptr + stats_base + rows, row_sum, mask=rows < TOKENS)
 
 
 @triton.jit(do_not_specialize=["num_images", "images_per_split"])
@@ -120,79 +220,145 @@ def _window_attention_bwd_kernel(
     stride_mask_w, stride_mask_r, stride_mask_c,
     num_images, images_per_split, num_windows, scale,
     TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HEAD: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     window = tl.program_id(0) % num_windows
     split = tl.program_id(0) // num_windows
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
-    rows = tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < TOKENS
-    col_ok = cols < TOKENS
-    dim_ok = dims < HEAD_DIM
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    query_ok = row_ok[:, None] & dim_ok[None, :]
-    key_ok = col_ok[:, None] & dim_ok[None, :]
+    additive_hh = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                 stride_mask_w, stride_mask_r, stride_mask_c, 0, 0,
+                                 TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_HEAD)
+    grad_bias_hh = tl.zeros((BLOCK_HEAD, BLOCK_HEAD), dtype=tl.float32)
+    additive_ht = additive_hh
+    if BLOCK_TAIL > 0:
+        additive_ht = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                     stride_mask_w, stride_mask_r, stride_mask_c, 0, BLOCK_HEAD,
+                                     TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_TAIL)
+        additive_th = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                     stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, 0,
+                                     TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_HEAD)
+        additive_tt = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                     stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, BLOCK_HEAD,
+                                     TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_TAIL)
+        grad_bias_ht = tl.zeros((BLOCK_HEAD, BLOCK_TAIL), dtype=tl.float32)
+        grad_bias_th = tl.zeros((BLOCK_TAIL, BLOCK_HEAD), dtype=tl.float32)
+        grad_bias_tt = tl.zeros((BLOCK_TAIL, BLOCK_TAIL), dtype=tl.float32)
 
-    additive = tl.load(bias_ptr + head * stride_bias_h + rows[:, None] * stride_bias_r + cols[None, :] * stride_bias_c,
-                       mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_MASK:
-        additive += tl.load(mask_ptr + window * stride_mask_w + rows[:, None] * stride_mask_r
-                            + cols[None, :] * stride_mask_c, mask=tile_ok, other=0.0).to(tl.float32)
-    additive = tl.where(col_ok[None, :], additive, float("-inf"))
-    grad_bias = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-
-    # dq, dk, dv share one stride set: views of one packed (B*nW, T, 3, H, d) buffer.
-    query_offsets = rows[:, None] * stride_gradt + dims[None, :] * stride_gradd
-    key_offsets = cols[:, None] * stride_gradt + dims[None, :] * stride_gradd
     first_image = split * images_per_split
     for image in range(first_image, tl.minimum(first_image + images_per_split, num_images)):
         batch_window = (image * num_windows + window).to(tl.int64)
-        q = tl.load(q_ptr + batch_window * stride_qb + head * stride_qh + rows[:, None] * stride_qt
-                    + dims[None, :] * stride_qd, mask=query_ok, other=0.0)
-        k = tl.load(k_ptr + batch_window * stride_kb + head * stride_kh + cols[:, None] * stride_kt
-                    + dims[None, :] * stride_kd, mask=key_ok, other=0.0)
-        v = tl.load(v_ptr + batch_window * stride_vb + head * stride_vh + cols[:, None] * stride_vt
-                    + dims[None, :] * stride_vd, mask=key_ok, other=0.0)
-        grad_out = tl.load(grad_out_ptr + batch_window * stride_gob + head * stride_goh + rows[:, None] * stride_got
-                           + dims[None, :] * stride_god, mask=query_ok, other=0.0)
-        row_stats = (batch_window * num_heads + head) * TOKENS + rows
-        row_max = tl.load(row_max_ptr + row_stats, mask=row_ok, other=0.0)
-        row_sum = tl.load(row_sum_ptr + row_stats, mask=row_ok, other=1.0)
-
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale + additive
-        probs = tl.exp(logits - row_max[:, None]) * (1.0 / row_sum)[:, None]
-        grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
-        # With whole rows at hand, sum_j P_ij dP_ij comes from P and dP themselves, in fp32, rather than
-        # as dO_i . O_i from the rounded output: a peaked softmax then gets dS ~ 0, as in torch, and O
-        # is not read. Padded query rows have dO = 0, so their dS is exactly 0.
-        grad_logits = probs * (grad_probs - tl.sum(probs * grad_probs, 1)[:, None])
-        grad_bias += grad_logits
-
-        grad_logits_lowp = grad_logits.to(q.dtype)
-        grad_q = tl.dot(grad_logits_lowp, k, input_precision=DOT_PRECISION) * scale
-        grad_k = tl.dot(tl.trans(grad_logits_lowp), q, input_precision=DOT_PRECISION) * scale
-        grad_v = tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
+        q_base = q_ptr + batch_window * stride_qb + head * stride_qh
+        k_base = k_ptr + batch_window * stride_kb + head * stride_kh
+        v_base = v_ptr + batch_window * stride_vb + head * stride_vh
+        grad_out_base = grad_out_ptr + batch_window * stride_gob + head * stride_goh
+        # dq, dk, dv share one stride set: views of one packed (B*nW, T, 3, H, d) buffer.
         grad_base = batch_window * stride_gradb + head * stride_gradh
-        tl.store(grad_q_ptr + grad_base + query_offsets, grad_q.to(grad_q_ptr.dtype.element_ty), mask=query_ok)
-        tl.store(grad_k_ptr + grad_base + key_offsets, grad_k.to(grad_k_ptr.dtype.element_ty), mask=key_ok)
-        tl.store(grad_v_ptr + grad_base + key_offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=key_ok)
+        stats_base = (batch_window * num_heads + head) * TOKENS
 
-    partial = (tl.program_id(0) * num_heads + head).to(tl.int64)
-    tl.store(grad_bias_partials_ptr + (partial * TOKENS + rows[:, None]) * TOKENS + cols[None, :], grad_bias,
-             mask=tile_ok)
+        k_ptrs, key_head_ok = _token_block(k_base, stride_kt, stride_kd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+        v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+        k_head = tl.load(k_ptrs, mask=key_head_ok, other=0.0)
+        v_head = tl.load(v_ptrs, mask=key_head_ok, other=0.0)
+        k_tail, v_tail = k_head, v_head
+        if BLOCK_TAIL > 0:
+            k_ptrs, key_tail_ok = _token_block(k_base, stride_kt, stride_kd, BLOCK_HEAD, TOKENS, HEAD_DIM,
+                                               BLOCK_TAIL, BLOCK_D)
+            v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
+            k_tail = tl.load(k_ptrs, mask=key_tail_ok, other=0.0)
+            v_tail = tl.load(v_ptrs, mask=key_tail_ok, other=0.0)
+
+        # Query rows of the head block: their dq whole, and their share of every key's dk and dv.
+        q_ptrs, query_ok = _token_block(q_base, stride_qt, stride_qd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+        grad_out_ptrs, _ = _token_block(grad_out_base, stride_got, stride_god, 0, TOKENS, HEAD_DIM, BLOCK_HEAD,
+                                        BLOCK_D)
+        q = tl.load(q_ptrs, mask=query_ok, other=0.0)
+        grad_out = tl.load(grad_out_ptrs, mask=query_ok, other=0.0)
+        rows = tl.arange(0, BLOCK_HEAD)
+        row_max = tl.load(row_max_ptr + stats_base + rows, mask=rows < TOKENS, other=0.0)
+        row_sum = tl.load(row_sum_ptr + stats_base + rows, mask=rows < TOKENS, other=1.0)
+        probs, grad_logits, probs_tail, grad_logits_tail = _score_gradients(
+            q, grad_out, row_max, row_sum, k_head, v_head, additive_hh, k_tail, v_tail, additive_ht, scale,
+            BLOCK_TAIL, DOT_PRECISION)
+        grad_bias_hh += grad_logits
+        grad_logits_lowp = grad_logits.to(q.dtype)
+        grad_q = tl.dot(grad_logits_lowp, k_head, input_precision=DOT_PRECISION)
+        grad_k_head = tl.dot(tl.trans(grad_logits_lowp), q, input_precision=DOT_PRECISION)
+        grad_v_head = tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
+        if BLOCK_TAIL > 0:
+            grad_bias_ht += grad_logits_tail
+            grad_logits_lowp = grad_logits_tail.to(q.dtype)
+            grad_q = tl.dot(grad_logits_lowp, k_tail, grad_q, input_precision=DOT_PRECISION)
+            grad_k_tail = tl.dot(tl.trans(grad_logits_lowp), q, input_precision=DOT_PRECISION)
+            grad_v_tail = tl.dot(tl.trans(probs_tail.to(grad_out.dtype)), grad_out, input_precision=DOT_PRECISION)
+        dq_ptrs, _ = _token_block(grad_q_ptr + grad_base, stride_gradt, stride_gradd, 0, TOKENS, HEAD_DIM,
+                                  BLOCK_HEAD, BLOCK_D)
+        tl.store(dq_ptrs, (grad_q * scale).to(grad_q_ptr.dtype.element_ty), mask=query_ok)
+
+        if BLOCK_TAIL > 0:  # query rows of the tail block
+            q_ptrs, query_ok = _token_block(q_base, stride_qt, stride_qd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL,
+                                            BLOCK_D)
+            grad_out_ptrs, _ = _token_block(grad_out_base, stride_got, stride_god, BLOCK_HEAD, TOKENS, HEAD_DIM,
+                                            BLOCK_TAIL, BLOCK_D)
+            q = tl.load(q_ptrs, mask=query_ok, other=0.0)
+            grad_out = tl.load(grad_out_ptrs, mask=query_ok, other=0.0)
+            rows = BLOCK_HEAD + tl.arange(0, BLOCK_TAIL)
+            row_max = tl.load(row_max_ptr + stats_base + rows, mask=rows < TOKENS, other=0.0)
+            row_sum = tl.load(row_sum_ptr + stats_base + rows, mask=rows < TOKENS, other=1.0)
+            probs, grad_logits, probs_tail, grad_logits_tail = _score_gradients(
+                q, grad_out, row_max, row_sum, k_head, v_head, additive_th, k_tail, v_tail, additive_tt, scale,
+                BLOCK_TAIL, DOT_PRECISION)
+            grad_bias_th += grad_logits
+            grad_bias_tt += grad_logits_tail
+            grad_logits_lowp = grad_logits.to(q.dtype)
+            grad_q = tl.dot(grad_logits_lowp, k_head, input_precision=DOT_PRECISION)
+            grad_k_head = tl.dot(tl.trans(grad_logits_lowp), q, grad_k_head, input_precision=DOT_PRECISION)
+            grad_v_head = tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out, grad_v_head,
+                                 input_precision=DOT_PRECISION)
+            grad_logits_lowp = grad_logits_tail.to(q.dtype)
+            grad_q = tl.dot(grad_logits_lowp, k_tail, grad_q, input_precision=DOT_PRECISION)
+            grad_k_tail = tl.dot(tl.trans(grad_logits_lowp), q, grad_k_tail, input_precision=DOT_PRECISION)
+            grad_v_tail = tl.dot(tl.trans(probs_tail.to(grad_out.dtype)), grad_out, grad_v_tail,
+                                 input_precision=DOT_PRECISION)
+            dq_ptrs, _ = _token_block(grad_q_ptr + grad_base, stride_gradt, stride_gradd, BLOCK_HEAD, TOKENS,
+                                      HEAD_DIM, BLOCK_TAIL, BLOCK_D)
+            tl.store(dq_ptrs, (grad_q * scale).to(grad_q_ptr.dtype.element_ty), mask=query_ok)
+            dk_ptrs, _ = _token_block(grad_k_ptr + grad_base, stride_gradt, stride_gradd, BLOCK_HEAD, TOKENS,
+                                      HEAD_DIM, BLOCK_TAIL, BLOCK_D)
+            dv_ptrs, _ = _token_block(grad_v_ptr + grad_base, stride_gradt, stride_gradd, BLOCK_HEAD, TOKENS,
+                                      HEAD_DIM, BLOCK_TAIL, BLOCK_D)
+            tl.store(dk_ptrs, (grad_k_tail * scale).to(grad_k_ptr.dtype.element_ty), mask=key_tail_ok)
+            tl.store(dv_ptrs, grad_v_tail.to(grad_v_ptr.dtype.element_ty), mask=key_tail_ok)
+        dk_ptrs, _ = _token_block(grad_k_ptr + grad_base, stride_gradt, stride_gradd, 0, TOKENS, HEAD_DIM,
+                                  BLOCK_HEAD, BLOCK_D)
+        dv_ptrs, _ = _token_block(grad_v_ptr + grad_base, stride_gradt, stride_gradd, 0, TOKENS, HEAD_DIM,
+                                  BLOCK_HEAD, BLOCK_D)
+        tl.store(dk_ptrs, (grad_k_head * scale).to(grad_k_ptr.dtype.element_ty), mask=key_head_ok)
+        tl.store(dv_ptrs, grad_v_head.to(grad_v_ptr.dtype.element_ty), mask=key_head_ok)
+
+    partials = grad_bias_partials_ptr + (tl.program_id(0) * num_heads + head).to(tl.int64) * TOKENS * TOKENS
+    rows, cols, tile_ok = _square_tile(0, 0, TOKENS, BLOCK_HEAD, BLOCK_HEAD)
+    tl.store(partials + rows[:, None] * TOKENS + cols[None, :], grad_bias_hh, mask=tile_ok)
+    if BLOCK_TAIL > 0:
+        rows, cols, tile_ok = _square_tile(0, BLOCK_HEAD, TOKENS, BLOCK_HEAD, BLOCK_TAIL)
+        tl.store(partials + rows[:, None] * TOKENS + cols[None, :], grad_bias_ht, mask=tile_ok)
+        rows, cols, tile_ok = _square_tile(BLOCK_HEAD, 0, TOKENS, BLOCK_TAIL, BLOCK_HEAD)
+        tl.store(partials + rows[:, None] * TOKENS + cols[None, :], grad_bias_th, mask=tile_ok)
+        rows, cols, tile_ok = _square_tile(BLOCK_HEAD, BLOCK_HEAD, TOKENS, BLOCK_TAIL, BLOCK_TAIL)
+        tl.store(partials + rows[:, None] * TOKENS + cols[None, :], grad_bias_tt, mask=tile_ok)
 
 
-# The whole window is the tile, and the warps are fixed too (the row sums are cross-thread tl.sums whose
+# The blocks follow the window, and the warps are fixed too (the row sums are cross-thread tl.sums whose
 # bits follow the warp layout): only stages are tuned; the dBias partials follow the image slices, not
-# the config. configs[0] is the default: for the forward one warpgroup for the 64-row tile with 3
-# stages of prefetch; the backward, with its (T x T) dBias accumulator, spills 56-64 B/thread on 4
-# warps (sm_90 ptxas, Swin-B w6) and nothing on 8.
+# the config. configs[0] is the default. The forward: one warpgroup, 3 stages of prefetch. The backward
+# (sm_90 ptxas, Swin-B 192 w6 and 224 w7): with one 64-block, its (T x T) dBias accumulator spills
+# 56-64 B/thread on 4 warps and nothing on 8 (1 CTA/SM); split into 32 + 16 blocks (mma.sync, operands
+# in registers) it runs 255 registers on 4 warps with no spill at 3 stages (8 B at 1 or 2): 2 CTAs/SM.
 _KEY = ["TOKENS", "HEAD_DIM", "HAS_MASK", "DOT_PRECISION"]
 _fwd = autotune([triton.Config({}, num_warps=4, num_stages=s) for s in (3, 2)], _KEY)(_window_attention_fwd_kernel)
-_bwd = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)], _KEY)(_window_attention_bwd_kernel)
+_bwd_one_block = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3)],
+                          _KEY)(_window_attention_bwd_kernel)
+_bwd_split = autotune([triton.Config({}, num_warps=4, num_stages=s) for s in (3, 2)], _KEY)(_window_attention_bwd_kernel)
 
 
 def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor], target_programs: int) -> dict:
@@ -209,9 +375,21 @@ def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor], targe
         constexprs=dict(
             TOKENS=tokens, HEAD_DIM=head_dim, HAS_MASK=window_mask is not None,
             DOT_PRECISION=dot_precision(q.dtype),
-            BLOCK_T=max(16, triton.next_power_of_2(tokens)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            **token_blocks(tokens), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         ),
     )
+
+
+def token_blocks(tokens: int) -> dict:
+    """The window's rows (and keys) as a power-of-two head block and, where that pads less, a tail block:
+    36 tokens (6x6 windows) as 32 + 16 (48 x 48 tiles, the 16-row tensor-core floor: 1.78x the useful
+    MMA work, where one 64-block is 3.16x); 49 as one 64-block (32 + 32 pads alike, in smaller tiles)."""
+    whole = max(16, triton.next_power_of_2(tokens))
+    head = whole // 2
+    tail = max(16, triton.next_power_of_2(tokens - head)) if head >= 16 else whole
+    if head + tail < whole:
+        return dict(BLOCK_HEAD=head, BLOCK_TAIL=tail)
+    return dict(BLOCK_HEAD=whole, BLOCK_TAIL=0)
 
 
 def _mask_args(bias: torch.Tensor, window_mask: Optional[torch.Tensor]):
@@ -254,8 +432,9 @@ def _backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale):
     grad_bias_partials = torch.empty((geometry["grid"][0], heads, tokens, tokens), device=q.device,
                                      dtype=torch.float32)
     mask, mask_strides = _mask_args(bias, window_mask)
+    backward_kernel = _bwd_split if geometry["constexprs"]["BLOCK_TAIL"] else _bwd_one_block
     with on_device_of(q):
-        _bwd[geometry["grid"]](
+        backward_kernel[geometry["grid"]](
             q, k, v, grad_out, row_stats[0], row_stats[1], bias, mask, grad_q, grad_k, grad_v, grad_bias_partials,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_q.stride(), *bias.stride(),
             *mask_strides, geometry["num_images"], geometry["images_per_split"], geometry["num_windows"], scale,

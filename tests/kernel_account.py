@@ -123,11 +123,12 @@ def _flash(arguments, backward_kernel: Optional[str]) -> Work:
 
 def _whole_window(arguments, backward: bool) -> Work:
     """_window_attention_fwd_kernel (QK^T, PV) and _window_attention_bwd_kernel (QK^T, dO V^T, dS K,
-    dS^T Q, P^T dO), one (BLOCK_T x BLOCK_T) tile per window and head."""
+    dS^T Q, P^T dO) per window and head over (BLOCK_HEAD + BLOCK_TAIL)^2 logits: one block, or a head and a
+    tail block of rows and keys (kernels/window_attention.py token_blocks)."""
     q = arguments["q_ptr"]
     windows, heads, tokens, head_dim = q.shape
     element = q.element_size()
-    block_t, block_d = arguments["BLOCK_T"], arguments["BLOCK_D"]
+    block_t, block_d = arguments["BLOCK_HEAD"] + arguments["BLOCK_TAIL"], arguments["BLOCK_D"]
     bias_slice, mask_slice, bias_minimum, mask_minimum = _additive_bytes(arguments, tokens)
     programs = math.prod(arguments["grid"])
     row = tokens * head_dim * element

@@ -168,7 +168,8 @@ def _autotuners():
 
 def _tuning_keys(batch):
     """{autotuner: [its key values at each launch]} for every op's forward and backward at the smoke
-    shapes with ``batch`` images; the tuners record their keys and launch nothing."""
+    shapes with ``batch`` images, and 6x6 windows (the split whole-window kernels); the tuners record
+    their keys and launch nothing."""
     keys = defaultdict(list)
 
     def record_key(self, *args, **kwargs):
@@ -177,7 +178,8 @@ def _tuning_keys(batch):
 
     with compile_only.compile_only(90), mock.patch.object(Autotuner, "run", record_key), \
             mock.patch.object(JITFunction, "run", lambda *args, **kwargs: None):
-        for case in all_cases(smoke=True, batch=batch):
+        six_by_six = SwinShape(batch=batch, image=96, patch=4, dim=32, heads=(1, 2, 4, 8), window=6, mask_patch=24)
+        for case in all_cases(smoke=True, batch=batch) + [_window_attention_case(six_by_six, stage=0)]:
             compile_only.run_case(case, torch.bfloat16, optional_grads=True)
     return keys
 
@@ -420,3 +422,17 @@ def test_attention_padding_at_vit_b_is_within_a_quarter():
     assert padding["_attention_fwd_kernel"] == padding["_attention_bwd_dq_kernel"] == pytest.approx(208 ** 2 / 197 ** 2)
     assert padding["_attention_bwd_dkdv_dbias_kernel"] == pytest.approx(208 * 224 / 197 ** 2)
     assert max(padding.values()) <= 1.25
+
+
+def test_swin_b_windows_at_the_tensor_core_floor():
+    """Swin-B 192 w6 b128's 36-token windows (issue 23): a 32-row head and a 16-row tail block of rows and
+    keys, 48 x 48 logits (the 16-row tensor-core floor, (48/36)^2 = 1.78x; one 64-block was 3.16x), with
+    no spill, and at least 2 waves on 132 SMs."""
+    from tests import kernel_account
+
+    rows = [row for row in kernel_account.account("Swin-B 192 w6 b128") if row.kernel.startswith("_window")]
+    assert {row.kernel for row in rows} == {"_window_attention_fwd_kernel", "_window_attention_bwd_kernel"}
+    for row in rows:
+        described = f"{row.kernel} {row.shape} {row.additive}"
+        assert row.work.mma_executed / row.work.mma_useful == pytest.approx((48 / 36) ** 2), described
+        assert row.spill_bytes == 0 and row.waves >= 2, described

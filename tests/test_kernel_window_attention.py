@@ -67,6 +67,31 @@ def test_matches_reference(head_dim, shifted, bias_scale):
     assert_matches_reference(qkv, bias, window_mask, grad_out)
 
 
+@pytest.mark.parametrize("tokens", [33, 36, 48])
+@pytest.mark.parametrize("shifted", [True, False], ids=["shifted", "plain"])
+def test_split_windows_match_reference(tokens, shifted):
+    """33 to 48 tokens (Swin-B's 6x6 windows: 36) run as a 32-row head block and a 16-row tail block,
+    rows and keys alike: every (query block, key block) pair, the softmax across both key blocks and
+    the dk/dv sums across both query blocks. A peaked bias (scale 8) makes a lost tile or a row sum over
+    one key block only show far above the tolerance; 36 takes Swin's real shift mask (12x12, window 6)."""
+    window_mask = None
+    if shifted:
+        window_mask = swin_shift_mask(12, 6, 3) if tokens == 36 else torch.randn(4, tokens, tokens).clamp(max=0) * 50
+    qkv, bias, grad_out = make_inputs(2 * 4, 2, tokens, 16, bias_scale=8.0)
+    assert_matches_reference(qkv, bias, window_mask, grad_out)
+
+
+def test_split_windows_cover_every_tile():
+    """The split's block sizes: 36 tokens in 48 x 48 tiles (1.78x the useful MMA work, not 64's 3.16x);
+    none below 33 or at 49 and above, where one power-of-two block pads as little."""
+    from simmim_fast.kernels.window_attention import token_blocks
+
+    assert token_blocks(36) == dict(BLOCK_HEAD=32, BLOCK_TAIL=16)
+    assert token_blocks(48) == dict(BLOCK_HEAD=32, BLOCK_TAIL=16) == token_blocks(33)
+    assert token_blocks(49) == dict(BLOCK_HEAD=64, BLOCK_TAIL=0) and token_blocks(32) == dict(BLOCK_HEAD=32, BLOCK_TAIL=0)
+    assert token_blocks(9) == dict(BLOCK_HEAD=16, BLOCK_TAIL=0) and token_blocks(25) == dict(BLOCK_HEAD=32, BLOCK_TAIL=0)
+
+
 def test_explicit_scale_and_fully_masked_row():
     """A query row masked against every key (all -100) is a uniform softmax, not NaN."""
     window_mask = swin_shift_mask(6, 3, 1)

@@ -291,8 +291,11 @@ def test_a_second_run_into_a_held_folder_is_refused_and_ctrl_c_is_one_line(input
     """Two real processes: the second is refused naming the first (pid, host); SIGINT ends the first with one
     line, exit 130, no temp files, every log row whole; the lock goes with the process."""
     out = tmp_path / "run"
+    # SIGINT back to its default in the child: a suite started as a background job (`cmd &`) has it ignored,
+    # which the child would inherit, and then Ctrl-C would not reach it.
     holder = subprocess.Popen(COMMAND + pretrain_args(inputs, out) + ["--steps", "100000", "--save-every", "1"],
-                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("ckpt_step_*.pth")) and time.monotonic() < deadline and holder.poll() is None:
