@@ -12,7 +12,7 @@
 #   --part 2: the compiled providers (torch.compile of the reference, ours compiled), then the other GPU and
 #     kernel tests, the input-pipeline suite and a short pretrain --decode gpu, as time allows.
 #   Results are tarred into $OUT (when set: the device tool returns files from there), summary last.
-# Tests run with SIMMIM_FAST_AUTOTUNE=0 (one config per kernel: they check numbers); the benchmarks tune as
+# Tests run with SIMMIM_FAST_AUTOTUNE=0 (nothing timed: the table's config or the default; they check numbers); the benchmarks tune as
 # users do. Every section has a hard cap; a failing section is reported and the next one still runs.
 # Usage: bash benchmarks/gpu_check.sh [--dry-run] [--part 1|2]
 #   --dry-run   both parts on a CPU: kernels under TRITON_INTERPRET=1 (tiny shapes), smoke benchmarks into a

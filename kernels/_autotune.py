@@ -12,8 +12,9 @@
   ``simmim_fast.tuning.use_rank_0_table`` hands from rank 0 to every rank; a process that may not
   time (the table is frozen to rank 0's, ``SIMMIM_FAST_AUTOTUNE=0``, the CPU interpreter, which has
   no timer) takes the table's choice, else the default.
-- ``SIMMIM_FAST_AUTOTUNE=0`` (read when ``simmim_fast.kernels`` modules are first imported) binds the
-  default alone: one compile, no timing.
+- ``SIMMIM_FAST_AUTOTUNE=0`` times nothing: a key compiles once, as the table's choice (rank 0's, or an
+  earlier run's), else the default. Every config stays bound, so that such a process can still run the
+  choice the other ranks share.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class SharedAutotuner(Autotuner):
 def autotune(configs: Sequence[triton.Config], key: Sequence[str], prune: Optional[Callable] = None):
     """A SharedAutotuner under the policy above; ``prune`` is an ``early_config_prune`` (applied when
     timing) that must keep at least one config."""
-    configs = list(configs) if os.environ.get(AUTOTUNE_ENV, "1") != "0" else list(configs[:1])
+    configs = list(configs)
     prune_by = {"early_config_prune": prune} if prune is not None and len(configs) > 1 else None
     return lambda fn: SharedAutotuner(fn, fn.arg_names, configs, list(key), reset_to_zero=None, restore_value=None,
                                       prune_configs_by=prune_by)

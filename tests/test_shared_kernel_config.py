@@ -4,6 +4,10 @@ table, and the table's choice is what both run; with no shared choice, a frozen 
 default rather than timing. The control, in the same run: the two preferred configs, each rank on its
 own, give different bits (else equal bits would prove nothing)."""
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +77,35 @@ def _rank(rank: int, init_file: str, tune_dir: str) -> None:
 
 def test_ranks_with_different_preferences_compute_the_same_bits(tmp_path):
     mp.spawn(_rank, args=(str(tmp_path / "init"), str(tmp_path / "tuning")), nprocs=2)
+
+
+def test_a_process_with_tuning_off_runs_the_shared_choice(tmp_path):
+    """SIMMIM_FAST_AUTOTUNE=0 (read at import, so in a fresh process) times nothing, but a key the table
+    names runs the table's config (rank 0's choice, 64), not the default (32): a rank started with
+    tuning off computes the other ranks' bits. A key the table does not name runs the default."""
+    script = textwrap.dedent("""
+        import torch
+        from conftest import kernel_device
+        from simmim_fast import tuning_table
+        from simmim_fast.kernels import _autotune
+        from test_shared_kernel_config import _CONFIGS, _blocked_sum, _blocked_sum_bits
+
+        device = kernel_device()
+        x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(device)
+        kernel = f"{_blocked_sum.base_fn.__module__}.{_blocked_sum.base_fn.__name__}"
+        rank_0_choice = next(config for config in _CONFIGS if config.kwargs["BLOCK"] == 64)
+        tuning_table.record_kernel_config(device, kernel, (4096, str(x.dtype), "torch.float32"),
+                                          _autotune.config_json(rank_0_choice))
+        shared = _blocked_sum_bits(x)
+        assert _blocked_sum.best_config.kwargs["BLOCK"] == 64, _blocked_sum.best_config
+        out = torch.empty(1, device=device)
+        _blocked_sum.fn[(1,)](x, out, x.numel(), BLOCK=64)
+        assert shared == out.cpu().numpy().tobytes()
+        _blocked_sum_bits(x[:4000])
+        assert _blocked_sum.best_config.kwargs["BLOCK"] == 32
+    """)
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, SIMMIM_FAST_AUTOTUNE="0", **{tuning_table.TUNE_DIR_VAR: str(tmp_path)})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tests), str(tests.parent), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
