@@ -149,3 +149,133 @@ def test_strategy_from_config_and_bad_arguments():
         MaskGenerator(192, 32, 4, strategy="blocks")
     with pytest.raises(ValueError, match="mask_ratio_end"):
         MaskGenerator(192, 32, 4, mask_ratio_end=1.2)
+
+
+# ---- the constructor's contract and the strategies' algorithms, draw for draw (mutation audit) ---------
+
+def test_defaults_are_the_originals():
+    """MaskGenerator() is the original's MaskGenerator(192, 32, 4, 0.6): 6x6 cells of 8x8 patches, 22 masked."""
+    gen = MaskGenerator()
+    assert (gen.input_size, gen.mask_patch_size, gen.model_patch_size, gen.mask_ratio) == (192, 32, 4, 0.6)
+    assert (gen.strategy, gen.mask_ratio_end, gen.total_epochs) == ("random", None, 1)
+    np.random.seed(0)
+    assert gen().shape == (48, 48) and gen().sum() == 22 * 64
+
+
+@pytest.mark.parametrize("name", ["input_size", "mask_patch_size", "model_patch_size", "total_epochs"])
+@pytest.mark.parametrize("value", [0, -32])
+def test_sizes_below_one_are_refused_by_name(name, value):
+    arguments = dict(input_size=64, mask_patch_size=16, model_patch_size=8, total_epochs=2, mask_ratio_end=0.8)
+    with pytest.raises(ValueError, match=name):
+        MaskGenerator(**{**arguments, name: value})
+
+
+def test_one_is_a_valid_size_and_batch():
+    gen = MaskGenerator(4, 2, 1, 0.5, total_epochs=1, mask_ratio_end=0.5)
+    assert gen.generate(1).shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        gen.generate(0)
+
+
+def test_mask_ratio_end_errors_name_its_config_key():
+    with pytest.raises(ValueError, match=r"^mask_ratio_end \(DATA.MASK_RATIO_END\) must be in \(0, 1\]"):
+        MaskGenerator(192, 32, 4, 0.6, mask_ratio_end=0.0)
+
+
+def test_schedule_starts_at_epoch_0_and_ends_at_the_last_epoch():
+    """The defaults (epoch 0) give the start ratio; two epochs reach the end ratio at epoch 1; one epoch
+    stays at the start ratio (no division by zero)."""
+    gen = MaskGenerator(192, 32, 4, 0.4, mask_ratio_end=0.8, total_epochs=2)
+    assert gen.mask_count == math.ceil(36 * 0.4) == gen.generate(1)[0, ::8, ::8].sum()
+    np.random.seed(0)
+    assert gen()[::8, ::8].sum() == math.ceil(36 * 0.4)
+    assert gen.ratio_at(1) == pytest.approx(0.8) and gen.ratio_at(0) == pytest.approx(0.4)
+    assert MaskGenerator(192, 32, 4, 0.4, mask_ratio_end=0.8, total_epochs=1).ratio_at(0) == pytest.approx(0.4)
+
+
+def test_original_call_of_other_strategies_is_one_generated_sample():
+    """gen() of a torch strategy is generate(1)[0] from torch's global RNG, one sample's draws per call."""
+    gen = MaskGenerator(64, 16, 8, 0.5, strategy="patch")
+    torch.manual_seed(0)
+    called = [gen() for _ in range(2)]
+    torch.manual_seed(0)
+    generated = [gen.generate(1)[0].numpy() for _ in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(called, generated))
+
+
+class TorchDraws:
+    """BEiT's random.uniform and random.randint (inclusive), drawn from a torch.Generator."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def uniform(self, low, high):
+        return low + (high - low) * torch.rand((), generator=self.generator).item()
+
+    def randint(self, low, high):
+        return int(torch.randint(low, high + 1, (), generator=self.generator))
+
+
+def beit_block_mask(side, count, draws):
+    """BEiT's MaskingGenerator (min_num_patches=4, min_aspect=0.3, 10 attempts per block), transcribed
+    with its own names and constants, then our top-up of a sample whose attempts stall."""
+    mask = torch.zeros(side, side, dtype=torch.long)
+    log_aspect_ratio = (math.log(0.3), math.log(1 / 0.3))
+    mask_count = 0
+    while mask_count < count:
+        max_mask_patches = count - mask_count
+        delta = 0
+        for _attempt in range(10):
+            target_area = draws.uniform(4, max_mask_patches)
+            aspect_ratio = math.exp(draws.uniform(*log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < side and h < side:
+                top = draws.randint(0, side - h)
+                left = draws.randint(0, side - w)
+                num_masked = int(mask[top: top + h, left: left + w].sum())
+                if 0 < h * w - num_masked <= max_mask_patches:
+                    for i in range(top, top + h):
+                        for j in range(left, left + w):
+                            if mask[i, j] == 0:
+                                mask[i, j] = 1
+                                delta += 1
+            if delta > 0:
+                break
+        if delta == 0:
+            free = (mask.flatten() == 0).nonzero().flatten()
+            mask.view(-1)[free[torch.randperm(len(free), generator=draws.generator)[:max_mask_patches]]] = 1
+            break
+        mask_count += delta
+    return mask
+
+
+@pytest.mark.parametrize("size,mask_patch,ratio", [(224, 16, 0.4), (192, 32, 0.9)])
+def test_block_strategy_is_beits_algorithm_draw_for_draw(size, mask_patch, ratio):
+    """14x14 cells at 0.4 (BEiT's setting) and 6x6 at 0.9, where attempts stall and the top-up runs."""
+    gen = MaskGenerator(size, mask_patch, mask_patch, ratio, strategy="block")
+    masks = gen.generate(24, generator=torch.Generator().manual_seed(3))
+    draws = TorchDraws(torch.Generator().manual_seed(3))
+    expected = torch.stack([beit_block_mask(gen.rand_size, gen.mask_count, draws) for _ in range(24)])
+    assert torch.equal(masks, expected)
+
+
+@pytest.mark.parametrize("size,mask_patch,ratio", [(192, 32, 0.6), (64, 8, 0.3), (224, 16, 0.75)])
+def test_grid_strategy_is_the_bayer_matrix_at_a_random_offset(size, mask_patch, ratio):
+    """6x6, 8x8 (a power of two: the matrix's own side) and 14x14 cells: each sample masks the cells of
+    lowest value in the Bayer matrix of the least power-of-two side holding the grid, shifted (with wrap)
+    by an offset per sample and axis drawn as randint(0, side, (B, 2, 1))."""
+    gen = MaskGenerator(size, mask_patch, mask_patch, ratio, strategy="grid")
+    masks = gen.generate(8, generator=torch.Generator().manual_seed(5)).flatten(1)
+    cells = gen.rand_size
+    side = 1
+    while side < cells:
+        side *= 2
+    bayer = bayer_matrix(side)
+    offsets = torch.randint(0, side, (8, 2, 1), generator=torch.Generator().manual_seed(5))
+    for mask, (row_offset, col_offset) in zip(masks, offsets[:, :, 0].tolist()):
+        values = torch.tensor([[bayer[(row + row_offset) % side, (col + col_offset) % side].item()
+                                for col in range(cells)] for row in range(cells)]).flatten()
+        expected = torch.zeros(cells * cells, dtype=torch.long)
+        expected[values.argsort()[:gen.mask_count]] = 1
+        assert torch.equal(mask, expected)
