@@ -141,3 +141,39 @@ def test_a_damaged_feature_cache_is_rebuilt_with_a_warning(tmp_path):
         again = run_probes(str(source), str(data), linear=False, knn=True, k=3, cache_dir=str(cache))
     assert len(caught) == 2 and not again["features_cached"] and again["knn"] == first["knn"]
     assert run_probes(str(source), str(data), linear=False, knn=True, k=3, cache_dir=str(cache))["features_cached"]
+
+
+def test_folder_writes_are_fsynced_in_order(tmp_path, monkeypatch):
+    """A power cut must not leave the new name holding a folder whose entries never reached the disk:
+    each file's bytes are fsynced, then the staging folder (its entries), then the rename, then the
+    parent (the rename itself)."""
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(source, target):
+        events.append(("rename", str(source)))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    target = checkpoint.write_folder_atomic(tmp_path / "export", {"a.bin": b"1" * 10, "b.json": b"{}"})
+    monkeypatch.undo()
+    staging = events[-2][1]
+    assert [kind for kind, _ in events] == ["fsync", "fsync", "fsync", "rename", "fsync"], events
+    assert {path for _, path in events[:2]} == {f"{staging}/a.bin", f"{staging}/b.json"}
+    assert events[2] == ("fsync", staging) and events[4] == ("fsync", str(tmp_path))
+    assert folder_contents(target) == {"a.bin": b"1" * 10, "b.json": b"{}"}
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_an_export(tmp_path):
+    """Leftovers of an earlier killed export are removed best-effort: a stray *file* under a leftover's
+    name (rmtree cannot remove it) is left, and the export is written."""
+    strays = [tmp_path / ".export.0000.partial", tmp_path / ".export.0000.replaced"]
+    for stray in strays:
+        stray.write_bytes(b"not a folder")
+    target = checkpoint.write_folder_atomic(tmp_path / "export", {"a.bin": b"1"})
+    assert folder_contents(target) == {"a.bin": b"1"} and all(stray.exists() for stray in strays)
