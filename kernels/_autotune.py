@@ -43,6 +43,10 @@ def untimed_choice(tuner: "SharedAutotuner") -> triton.Config:
     return tuner.configs[0]
 
 
+def _json_value(value):
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 class SharedAutotuner(Autotuner):
     """triton's Autotuner, but the config of a key comes from the tuning table when it holds one;
     otherwise it is timed (when this process may) and recorded there, or it is the default."""
@@ -50,8 +54,9 @@ class SharedAutotuner(Autotuner):
     def run(self, *args, **kwargs):
         named: Mapping[str, object] = {**dict(zip(self.arg_names, args)), **kwargs}
         tensors = [named[name] for name in self.arg_names if isinstance(named.get(name), torch.Tensor)]
-        # triton's own key: the key arguments' values and every tensor argument's dtype
-        key = tuple(named[name] for name in self.keys) + tuple(str(tensor.dtype) for tensor in tensors)
+        # triton's own key: the key arguments' values and every tensor argument's dtype, as JSON values
+        # (the table is a JSON file: a dtype among the key arguments is written as its name)
+        key = tuple(_json_value(named[name]) for name in self.keys) + tuple(str(tensor.dtype) for tensor in tensors)
         kernel = f"{self.base_fn.__module__}.{self.base_fn.__name__}"
         device = tensors[0].device
         config = self._candidate(tuning_table.kernel_config(device, kernel, key))
@@ -68,6 +73,8 @@ class SharedAutotuner(Autotuner):
 
     def _candidate(self, shared: Optional[dict]) -> Optional[triton.Config]:
         """The config the table names, if it is still one of this kernel's (a table outlives code changes)."""
+        if shared is None:
+            return None
         return next((config for config in self.configs if config_json(config) == shared), None)
 
 

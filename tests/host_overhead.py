@@ -89,7 +89,7 @@ def _calls(case):
     return forward, forward_backward
 
 
-def measure():
+def measure(rounds: int = ROUNDS, calls_per_round: int = CALLS_PER_ROUND):
     """[(case label, forward us per call, forward + backward us per call, launches per fwd + bwd)]."""
     jit_run, autotuner_run = JITFunction.run, Autotuner.run
     launches = [0]
@@ -120,13 +120,13 @@ def measure():
                 forward_backward()
                 per_fb_launches[case.name] = launches[0]
             samples = {case.name: ([], []) for case in cases}
-            for _ in range(ROUNDS):
+            for _ in range(rounds):
                 for case, forward, forward_backward in calls:
                     for index, fn in enumerate((forward, forward_backward)):
                         start = time.thread_time()
-                        for _ in range(CALLS_PER_ROUND):
+                        for _ in range(calls_per_round):
                             fn()
-                        samples[case.name][index].append((time.thread_time() - start) / CALLS_PER_ROUND * 1e6)
+                        samples[case.name][index].append((time.thread_time() - start) / calls_per_round * 1e6)
             gc.enable()
     for case in cases:
         fwd, fwd_bwd = samples[case.name]

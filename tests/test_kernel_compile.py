@@ -418,3 +418,26 @@ def test_swin_b_windows_at_the_tensor_core_floor():
         described = f"{row.kernel} {row.shape} {row.additive}"
         assert row.work.mma_executed / row.work.mma_useful == pytest.approx((48 / 36) ** 2), described
         assert row.spill_bytes == 0 and row.waves >= 2, described
+
+
+def test_tuned_choices_of_every_kernel_round_trip_through_the_table(tmp_path, monkeypatch):
+    """What an autotuner records after timing, under its key (sizes, flags, dtypes), is written to the
+    tuning table's file and read back by a later process: on a GPU the first training step records one
+    choice per kernel and key. tests.host_overhead drives every op through Triton's own autotuner (its
+    cache holding the default, as after timing); a Triton dtype among the key arguments (the patch
+    embedding's DOT_DTYPE) made json.dumps raise, which would have ended the first tuned step."""
+    from simmim_fast import tuning_table
+    from tests import host_overhead
+
+    monkeypatch.setenv(tuning_table.TUNE_DIR_VAR, str(tmp_path))
+    tuning_table.forget()
+    try:
+        host_overhead.measure(rounds=1, calls_per_round=1)
+        recorded = tuning_table.export(torch.device("cpu"))
+        tuning_table.forget()
+        assert tuning_table.export(torch.device("cpu")) == recorded  # read back from the file
+    finally:
+        tuning_table.forget()
+    kernels = {signature[1].rsplit(".", 1)[-1] for signature in recorded if signature[0] == tuning_table.KERNEL_CONFIG}
+    tuned = {tuner.base_fn.__name__ for tuner in _autotuners().values() if len(tuner.configs) > 1}
+    assert "_masked_patch_embed_fwd_kernel" in kernels and kernels <= tuned, (kernels, tuned)
