@@ -260,9 +260,9 @@ def test_block_strategy_is_beits_algorithm_draw_for_draw(size, mask_patch, ratio
     assert torch.equal(masks, expected)
 
 
-@pytest.mark.parametrize("size,mask_patch,ratio", [(192, 32, 0.6), (64, 8, 0.3), (224, 16, 0.75)])
+@pytest.mark.parametrize("size,mask_patch,ratio", [(192, 32, 0.6), (64, 8, 0.3), (224, 16, 0.75), (64, 32, 0.5)])
 def test_grid_strategy_is_the_bayer_matrix_at_a_random_offset(size, mask_patch, ratio):
-    """6x6, 8x8 (a power of two: the matrix's own side) and 14x14 cells: each sample masks the cells of
+    """6x6, 8x8 (a power of two: the matrix's own side), 14x14 and 2x2 cells: each sample masks the cells of
     lowest value in the Bayer matrix of the least power-of-two side holding the grid, shifted (with wrap)
     by an offset per sample and axis drawn as randint(0, side, (B, 2, 1))."""
     gen = MaskGenerator(size, mask_patch, mask_patch, ratio, strategy="grid")

@@ -675,3 +675,16 @@ def test_resume_with_an_incompatible_config_is_refused():
     with pytest.raises(ValueError, match=r"incompatible.*DATA.IMG_SIZE: checkpoint 64, now 128.*MODEL.VIT.DEPTH"):
         checkpoints.check_resumable(checkpoint, other_model, Path("c.pth"))
 
+
+
+def test_partial_checkpoint_writes_are_removed_even_when_one_vanishes_meanwhile(tmp_path, monkeypatch):
+    """The temp files of killed checkpoint writes go; one already gone between the listing and its removal
+    (another process cleaning the same folder) is no error, and the rest still go."""
+    partials = [tmp_path / ".ckpt_step_0000003.pth.abc.tmp", tmp_path / ".ckpt_step_0000004.pth.def.tmp"]
+    for partial in partials:
+        partial.write_bytes(b"half")
+    vanished = tmp_path / ".ckpt_step_0000002.pth.xyz.tmp"
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [vanished, *real_glob(self, pattern)])
+    assert checkpoints.remove_partial_writes(tmp_path) == [vanished, *partials]
+    assert not any(partial.exists() for partial in partials)
