@@ -87,6 +87,59 @@ def _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_
 
 
 @triton.jit
+def _additive_tiles(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                    stride_mask_w, stride_mask_r, stride_mask_c,
+                    TOKENS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_HEAD: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+    """The additive tiles of (head rows, head keys), (head, tail), (tail, head) and (tail, tail); without a
+    tail block (BLOCK_TAIL == 0) the last three are the first again, and are not read."""
+    head_head = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                               stride_mask_w, stride_mask_r, stride_mask_c, 0, 0, TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_HEAD)
+    head_tail, tail_head, tail_tail = head_head, head_head, head_head
+    if BLOCK_TAIL > 0:
+        head_tail = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                   stride_mask_w, stride_mask_r, stride_mask_c, 0, BLOCK_HEAD,
+                                   TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_TAIL)
+        tail_head = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                   stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, 0,
+                                   TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_HEAD)
+        tail_tail = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+                                   stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, BLOCK_HEAD,
+                                   TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_TAIL)
+    return head_head, head_tail, tail_head, tail_tail
+
+
+@triton.jit
+def _load_keys(k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, TOKENS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_HEAD: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(k, v, which are real) of the head key block, then of the tail block (the head's again when
+    BLOCK_TAIL == 0, and not read)."""
+    k_ptrs, head_ok = _token_block(k_base, stride_kt, stride_kd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+    v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
+    k_head = tl.load(k_ptrs, mask=head_ok, other=0.0)
+    v_head = tl.load(v_ptrs, mask=head_ok, other=0.0)
+    k_tail, v_tail, tail_ok = k_head, v_head, head_ok
+    if BLOCK_TAIL > 0:
+        k_ptrs, tail_ok = _token_block(k_base, stride_kt, stride_kd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
+        v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
+        k_tail = tl.load(k_ptrs, mask=tail_ok, other=0.0)
+        v_tail = tl.load(v_ptrs, mask=tail_ok, other=0.0)
+    return k_head, v_head, head_ok, k_tail, v_tail, tail_ok
+
+
+@triton.jit
+def _load_query_rows(q_base, grad_out_base, row_max_ptr, row_sum_ptr, stats_base, stride_qt, stride_qd,
+                     stride_got, stride_god, first, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(q, dO, row max, row sum, which are real) of query rows [first, first + ROWS), for the backward."""
+    q_ptrs, query_ok = _token_block(q_base, stride_qt, stride_qd, first, TOKENS, HEAD_DIM, ROWS, BLOCK_D)
+    grad_out_ptrs, _ = _token_block(grad_out_base, stride_got, stride_god, first, TOKENS, HEAD_DIM, ROWS, BLOCK_D)
+    rows = first + tl.arange(0, ROWS)
+    return (tl.load(q_ptrs, mask=query_ok, other=0.0), tl.load(grad_out_ptrs, mask=query_ok, other=0.0),
+            tl.load(row_max_ptr + stats_base + rows, mask=rows < TOKENS, other=0.0),
+            tl.load(row_sum_ptr + stats_base + rows, mask=rows < TOKENS, other=1.0), query_ok)
+
+
+@triton.jit
 def _attend_rows(q, k_head, v_head, additive_head, k_tail, v_tail, additive_tail, scale,
                  BLOCK_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(output, row max, row sum) of one block of query rows against the window's keys: the head key
@@ -150,20 +203,9 @@ def _window_attention_fwd_kernel(
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
     # The additive terms of every (query block, key block) tile, once per program.
-    additive_hh = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
-                                 stride_mask_w, stride_mask_r, stride_mask_c, 0, 0,
-                                 TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_HEAD)
-    additive_ht, additive_th, additive_tt = additive_hh, additive_hh, additive_hh
-    if BLOCK_TAIL > 0:
-        additive_ht = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
-                                     stride_mask_w, stride_mask_r, stride_mask_c, 0, BLOCK_HEAD,
-                                     TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_TAIL)
-        additive_th = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
-                                     stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, 0,
-                                     TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_HEAD)
-        additive_tt = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
-                                     stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, BLOCK_HEAD,
-                                     TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_TAIL)
+    additive_hh, additive_ht, additive_th, additive_tt = _additive_tiles(
+        bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+        stride_mask_w, stride_mask_r, stride_mask_c, TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_TAIL)
 
     first_image = split * images_per_split
     for image in range(first_image, tl.minimum(first_image + images_per_split, num_images)):
@@ -174,16 +216,8 @@ def _window_attention_fwd_kernel(
         out_base = out_ptr + batch_window * stride_ob + head * stride_oh
         stats_base = (batch_window * num_heads + head) * TOKENS
 
-        k_ptrs, key_ok = _token_block(k_base, stride_kt, stride_kd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
-        v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
-        k_head = tl.load(k_ptrs, mask=key_ok, other=0.0)
-        v_head = tl.load(v_ptrs, mask=key_ok, other=0.0)
-        k_tail, v_tail = k_head, v_head
-        if BLOCK_TAIL > 0:
-            k_ptrs, key_ok = _token_block(k_base, stride_kt, stride_kd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
-            v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
-            k_tail = tl.load(k_ptrs, mask=key_ok, other=0.0)
-            v_tail = tl.load(v_ptrs, mask=key_ok, other=0.0)
+        k_head, v_head, _, k_tail, v_tail, _ = _load_keys(k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                                          TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_TAIL, BLOCK_D)
 
         q_ptrs, query_ok = _token_block(q_base, stride_qt, stride_qd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
         out_ptrs, _ = _token_block(out_base, stride_ot, stride_od, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
@@ -226,21 +260,11 @@ def _window_attention_bwd_kernel(
     split = tl.program_id(0) // num_windows
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
-    additive_hh = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
-                                 stride_mask_w, stride_mask_r, stride_mask_c, 0, 0,
-                                 TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_HEAD)
+    additive_hh, additive_ht, additive_th, additive_tt = _additive_tiles(
+        bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
+        stride_mask_w, stride_mask_r, stride_mask_c, TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_TAIL)
     grad_bias_hh = tl.zeros((BLOCK_HEAD, BLOCK_HEAD), dtype=tl.float32)
-    additive_ht = additive_hh
     if BLOCK_TAIL > 0:
-        additive_ht = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
-                                     stride_mask_w, stride_mask_r, stride_mask_c, 0, BLOCK_HEAD,
-                                     TOKENS, HAS_MASK, BLOCK_HEAD, BLOCK_TAIL)
-        additive_th = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
-                                     stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, 0,
-                                     TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_HEAD)
-        additive_tt = _additive_tile(bias_ptr, mask_ptr, head, window, stride_bias_h, stride_bias_r, stride_bias_c,
-                                     stride_mask_w, stride_mask_r, stride_mask_c, BLOCK_HEAD, BLOCK_HEAD,
-                                     TOKENS, HAS_MASK, BLOCK_TAIL, BLOCK_TAIL)
         grad_bias_ht = tl.zeros((BLOCK_HEAD, BLOCK_TAIL), dtype=tl.float32)
         grad_bias_th = tl.zeros((BLOCK_TAIL, BLOCK_HEAD), dtype=tl.float32)
         grad_bias_tt = tl.zeros((BLOCK_TAIL, BLOCK_TAIL), dtype=tl.float32)
@@ -256,27 +280,14 @@ def _window_attention_bwd_kernel(
         grad_base = batch_window * stride_gradb + head * stride_gradh
         stats_base = (batch_window * num_heads + head) * TOKENS
 
-        k_ptrs, key_head_ok = _token_block(k_base, stride_kt, stride_kd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
-        v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
-        k_head = tl.load(k_ptrs, mask=key_head_ok, other=0.0)
-        v_head = tl.load(v_ptrs, mask=key_head_ok, other=0.0)
-        k_tail, v_tail = k_head, v_head
-        if BLOCK_TAIL > 0:
-            k_ptrs, key_tail_ok = _token_block(k_base, stride_kt, stride_kd, BLOCK_HEAD, TOKENS, HEAD_DIM,
-                                               BLOCK_TAIL, BLOCK_D)
-            v_ptrs, _ = _token_block(v_base, stride_vt, stride_vd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
-            k_tail = tl.load(k_ptrs, mask=key_tail_ok, other=0.0)
-            v_tail = tl.load(v_ptrs, mask=key_tail_ok, other=0.0)
+        k_head, v_head, key_head_ok, k_tail, v_tail, key_tail_ok = _load_keys(
+            k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_TAIL,
+            BLOCK_D)
 
         # Query rows of the head block: their dq whole, and their share of every key's dk and dv.
-        q_ptrs, query_ok = _token_block(q_base, stride_qt, stride_qd, 0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
-        grad_out_ptrs, _ = _token_block(grad_out_base, stride_got, stride_god, 0, TOKENS, HEAD_DIM, BLOCK_HEAD,
-                                        BLOCK_D)
-        q = tl.load(q_ptrs, mask=query_ok, other=0.0)
-        grad_out = tl.load(grad_out_ptrs, mask=query_ok, other=0.0)
-        rows = tl.arange(0, BLOCK_HEAD)
-        row_max = tl.load(row_max_ptr + stats_base + rows, mask=rows < TOKENS, other=0.0)
-        row_sum = tl.load(row_sum_ptr + stats_base + rows, mask=rows < TOKENS, other=1.0)
+        q, grad_out, row_max, row_sum, query_ok = _load_query_rows(
+            q_base, grad_out_base, row_max_ptr, row_sum_ptr, stats_base, stride_qt, stride_qd, stride_got, stride_god,
+            0, TOKENS, HEAD_DIM, BLOCK_HEAD, BLOCK_D)
         probs, grad_logits, probs_tail, grad_logits_tail = _score_gradients(
             q, grad_out, row_max, row_sum, k_head, v_head, additive_hh, k_tail, v_tail, additive_ht, scale,
             BLOCK_TAIL, DOT_PRECISION)
@@ -296,15 +307,9 @@ def _window_attention_bwd_kernel(
         tl.store(dq_ptrs, (grad_q * scale).to(grad_q_ptr.dtype.element_ty), mask=query_ok)
 
         if BLOCK_TAIL > 0:  # query rows of the tail block
-            q_ptrs, query_ok = _token_block(q_base, stride_qt, stride_qd, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL,
-                                            BLOCK_D)
-            grad_out_ptrs, _ = _token_block(grad_out_base, stride_got, stride_god, BLOCK_HEAD, TOKENS, HEAD_DIM,
-                                            BLOCK_TAIL, BLOCK_D)
-            q = tl.load(q_ptrs, mask=query_ok, other=0.0)
-            grad_out = tl.load(grad_out_ptrs, mask=query_ok, other=0.0)
-            rows = BLOCK_HEAD + tl.arange(0, BLOCK_TAIL)
-            row_max = tl.load(row_max_ptr + stats_base + rows, mask=rows < TOKENS, other=0.0)
-            row_sum = tl.load(row_sum_ptr + stats_base + rows, mask=rows < TOKENS, other=1.0)
+            q, grad_out, row_max, row_sum, query_ok = _load_query_rows(
+                q_base, grad_out_base, row_max_ptr, row_sum_ptr, stats_base, stride_qt, stride_qd, stride_got,
+                stride_god, BLOCK_HEAD, TOKENS, HEAD_DIM, BLOCK_TAIL, BLOCK_D)
             probs, grad_logits, probs_tail, grad_logits_tail = _score_gradients(
                 q, grad_out, row_max, row_sum, k_head, v_head, additive_th, k_tail, v_tail, additive_tt, scale,
                 BLOCK_TAIL, DOT_PRECISION)
