@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -52,12 +52,16 @@ class SharedAutotuner(Autotuner):
     otherwise it is timed (when this process may) and recorded there, or it is the default."""
 
     def run(self, *args, **kwargs):
-        named: Mapping[str, object] = {**dict(zip(self.arg_names, args)), **kwargs}
-        tensors = [named[name] for name in self.arg_names if isinstance(named.get(name), torch.Tensor)]
+        # Once per launch, so kept lean (host overhead, docs/kernels.md): positions looked up once per tuner.
+        if not hasattr(self, "_key_positions"):
+            self._key_positions = [(name, self.arg_names.index(name)) for name in self.keys]
+            self._kernel_name = f"{self.base_fn.__module__}.{self.base_fn.__name__}"
+        tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
         # triton's own key: the key arguments' values and every tensor argument's dtype, as JSON values
         # (the table is a JSON file: a dtype among the key arguments is written as its name)
-        key = tuple(_json_value(named[name]) for name in self.keys) + tuple(str(tensor.dtype) for tensor in tensors)
-        kernel = f"{self.base_fn.__module__}.{self.base_fn.__name__}"
+        key = tuple(_json_value(args[index] if index < len(args) else kwargs[name]) for name, index in self._key_positions)
+        key += tuple(str(tensor.dtype) for tensor in tensors)
+        kernel = self._kernel_name
         device = tensors[0].device
         config = self._candidate(tuning_table.kernel_config(device, kernel, key))
         if config is None and len(self.configs) > 1 and (tuning_table.frozen() or not autotune_enabled()):
