@@ -279,3 +279,10 @@ def test_grid_strategy_is_the_bayer_matrix_at_a_random_offset(size, mask_patch, 
         expected = torch.zeros(cells * cells, dtype=torch.long)
         expected[values.argsort()[:gen.mask_count]] = 1
         assert torch.equal(mask, expected)
+
+
+def test_errors_name_the_first_bad_argument_in_signature_order():
+    with pytest.raises(ValueError, match="^input_size"):
+        MaskGenerator(0, 0, 4)
+    with pytest.raises(ValueError, match=r"^mask_ratio \(DATA.MASK_RATIO\)"):
+        MaskGenerator(192, 32, 4, 0.0, mask_ratio_end=0.0)
