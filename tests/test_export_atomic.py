@@ -177,3 +177,11 @@ def test_a_leftover_that_cannot_be_removed_does_not_stop_an_export(tmp_path):
         stray.write_bytes(b"not a folder")
     target = checkpoint.write_folder_atomic(tmp_path / "export", {"a.bin": b"1"})
     assert folder_contents(target) == {"a.bin": b"1"} and all(stray.exists() for stray in strays)
+
+
+def test_folder_writes_leave_no_descriptor_open(tmp_path):
+    open_descriptors = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = open_descriptors()
+    for _ in range(3):  # a new export, then two replacing it
+        checkpoint.write_folder_atomic(tmp_path / "export", {"a.bin": b"1", "b.bin": b"2"}, replaceable={"a.bin", "b.bin"})
+    assert open_descriptors() == before

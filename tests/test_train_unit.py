@@ -688,3 +688,16 @@ def test_partial_checkpoint_writes_are_removed_even_when_one_vanishes_meanwhile(
     monkeypatch.setattr(Path, "glob", lambda self, pattern: [vanished, *real_glob(self, pattern)])
     assert checkpoints.remove_partial_writes(tmp_path) == [vanished, *partials]
     assert not any(partial.exists() for partial in partials)
+
+
+def test_checkpoint_retention_tolerates_a_checkpoint_removed_meanwhile(tmp_path, monkeypatch):
+    """keep_last deletes all but the newest good checkpoints; one that another process removed between the
+    listing and the deletion is no error, and the others still go."""
+    for step in (2, 3, 4):
+        checkpoints.checkpoint_path(tmp_path, step).write_bytes(b"c")
+    vanished = checkpoints.checkpoint_path(tmp_path, 1)
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [vanished, *real_glob(self, pattern)])
+    checkpoints.keep_last(tmp_path, 1)
+    monkeypatch.undo()
+    assert [path.name for path in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_step_0000004.pth"]
