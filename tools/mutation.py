@@ -36,6 +36,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "mutation"
 EQUIVALENT_FILE = ROOT / "tools" / "mutation_equivalent.txt"
 
 
+PLAIN_LANE = "not interpreter and not compile and not downstream and not xla and not csrc"
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A module to mutate, optionally only inside some top-level functions/classes, and its tests."""
@@ -44,20 +47,35 @@ class Target:
     tests: Tuple[str, ...]
     only: Tuple[str, ...] = ()  # top-level def/class names; empty = the whole module
     pytest_args: Tuple[str, ...] = ()
+    # Run after the plain tests pass, in the downstream lane's venv (timm, transformers: export's comparisons).
+    downstream_tests: Tuple[str, ...] = ()
+    downstream_args: Tuple[str, ...] = ()
+
+    def runs(self) -> List[Tuple[str, str, Tuple[str, ...]]]:
+        """(python, marker expression, pytest arguments) of each test run, in order."""
+        runs = [(str(ROOT / ".venv" / "bin" / "python"), PLAIN_LANE, self.pytest_args + self.tests)]
+        if self.downstream_tests:
+            runs.append((str(ROOT / ".venv-cuda" / "bin" / "python"), "downstream",
+                         self.downstream_args + self.downstream_tests))
+        return runs
 
 
 # The modules whose bugs cost users most, each with the test subset that covers it (small enough for a
 # run of the whole table to fit in hours on 2 cores).
 TARGETS: Dict[str, Target] = {
     "reference_ops": Target("simmim_fast/reference/__init__.py",
-                            ("tests/test_reference_ops.py", "tests/test_models.py")),
+                            ("tests/test_reference_ops.py", "tests/test_norm_target.py", "tests/test_models.py",
+                             "tests/test_swinv2.py")),
     "masking": Target("simmim_fast/masking.py", ("tests/test_masking.py",)),
     "checkpoint": Target("simmim_fast/checkpoint.py",
-                         ("tests/test_train_unit.py", "tests/test_cli_errors.py", "tests/test_models.py"),
-                         pytest_args=("-k", "checkpoint or save or load or pretrained or torn or umask or rng")),
+                         ("tests/test_train_unit.py", "tests/test_models.py", "tests/test_export_atomic.py",
+                          "tests/test_cli_errors.py", "tests/test_long_runs.py"),
+                         pytest_args=("-k", "checkpoint or save or load or pretrained or torn or umask or rng "
+                                            "or export_atomic or long_runs")),
     "resume": Target("simmim_fast/train/checkpoints.py",
-                     ("tests/test_train_unit.py", "tests/test_train_run.py", "tests/test_cli_errors.py"),
-                     pytest_args=("-k", "checkpoint or resume or rng or keep_last or save or crash")),
+                     ("tests/test_train_unit.py", "tests/test_train_run.py", "tests/test_cli_errors.py",
+                      "tests/test_long_runs.py"),
+                     pytest_args=("-k", "checkpoint or resume or rng or keep_last or save or crash or long_runs")),
     "lr_schedule": Target("simmim_fast/train/optim.py", ("tests/test_train_unit.py",),
                           pytest_args=("-k", "lr or schedule or decay or adamw or optimizer or apex")),
     "layer_decay": Target("simmim_fast/downstream/finetune.py", ("tests/test_downstream.py",),
@@ -70,8 +88,12 @@ TARGETS: Dict[str, Target] = {
     "config_typing": Target("simmim_fast/config.py", ("tests/test_cli_errors.py", "tests/test_train_unit.py"),
                             only=("checked_value", "merge", "set_key", "_type_name"),
                             pytest_args=("-k", "set or config or yaml or type")),
-    "export": Target("simmim_fast/downstream/export.py", ("tests/test_downstream.py",),
-                     pytest_args=("-k", "export")),
+    # the plain tests first (fast), then the downstream lane's strict loads into timm and transformers
+    "export": Target("simmim_fast/downstream/export.py",
+                     ("tests/test_downstream.py", "tests/test_export_atomic.py", "tests/test_transfer.py",
+                      "tests/test_cli_errors.py"), pytest_args=("-k", "export"),
+                     downstream_tests=("tests/test_downstream_libraries.py",),
+                     downstream_args=("-k", "export or backbones or image_processor")),
     "finetune_remap": Target("simmim_fast/downstream/models.py", ("tests/test_downstream.py",),
                              only=("load_into", "resize_relative_position_table"),
                              pytest_args=("-k", "bias or load or checkpoint or architecture or resize")),
@@ -203,7 +225,17 @@ def mutants(source: str, only: Sequence[str] = ()) -> List[Mutant]:
                 for kind, new in _variants(node):
                     found.append(Mutant(node.lineno, node.col_offset, node.end_lineno, node.end_col_offset,
                                         kind, original, f"({ast.unparse(new)})", _code_of(lines[node.lineno - 1])))
-    return sorted(set(found), key=lambda m: (m.line, m.col, m.kind, m.replacement))
+    return sorted((mutant for mutant in set(found) if _compiles(source, mutant)),
+                  key=lambda m: (m.line, m.col, m.kind, m.replacement))
+
+
+def _compiles(source: str, mutant: Mutant) -> bool:
+    """False for a mutant that is not Python (two slices exchanged in a subscript: ``x[(0, :)]``)."""
+    try:
+        apply(source, mutant)
+    except SyntaxError:
+        return False
+    return True
 
 
 def apply(source: str, mutant: Mutant) -> str:
@@ -241,11 +273,15 @@ def scratch_copy() -> Path:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, folder / name)
     (folder / "simmim_fast" / "kernels").symlink_to(folder / "kernels")
-    imported = subprocess.run([sys.executable, "-c", "import simmim_fast; print(simmim_fast.__file__)"], cwd=folder,
-                              env=_test_environment(folder), capture_output=True, text=True).stdout.strip()
-    if not imported.startswith(str(folder)):  # else every mutant would "survive", untested
-        raise SystemExit(f"the tests would import simmim_fast from {imported!r}, not the mutated copy in {folder}")
     return folder
+
+
+def check_imports_the_copy(folder: Path, target: Target) -> None:
+    for python, _, _ in target.runs():
+        imported = subprocess.run([python, "-c", "import simmim_fast; print(simmim_fast.__file__)"], cwd=folder,
+                                  env=_test_environment(folder), capture_output=True, text=True).stdout.strip()
+        if not imported.startswith(str(folder)):  # else every mutant would "survive", untested
+            raise SystemExit(f"{python} would import simmim_fast from {imported!r}, not the mutated copy in {folder}")
 
 
 def _test_environment(folder: Path) -> Dict[str, str]:
@@ -254,43 +290,45 @@ def _test_environment(folder: Path) -> Dict[str, str]:
     return env
 
 
-def run_tests(folder: Path, target: Target, timeout: float) -> Tuple[str, float]:
-    """('passed' | 'failed' | 'timeout', seconds) of the target's tests in ``folder``."""
+def run_tests(folder: Path, target: Target, timeout: float) -> Tuple[str, float, str]:
+    """('passed' | 'failed' | 'timeout', seconds, the output's tail) of the target's tests in ``folder``."""
     env = _test_environment(folder)
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-               "-m", "not interpreter and not compile and not downstream and not xla and not csrc",
-               *target.pytest_args, *target.tests]
     start = time.monotonic()
-    try:
-        result = subprocess.run(command, cwd=folder, env=env, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", time.monotonic() - start
-    seconds = time.monotonic() - start
-    if result.returncode == 5:
-        raise SystemExit(f"no tests selected for {target.tests} {target.pytest_args}")
-    return ("passed" if result.returncode == 0 else "failed"), seconds
+    for python, markers, arguments in target.runs():
+        command = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", markers, *arguments]
+        try:
+            result = subprocess.run(command, cwd=folder, env=env, capture_output=True,
+                                    timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            return "timeout", time.monotonic() - start, ""
+        if result.returncode == 5:
+            raise SystemExit(f"no tests selected by {' '.join(command)}")
+        if result.returncode != 0:
+            return "failed", time.monotonic() - start, (result.stdout + result.stderr).decode(errors="replace")[-3000:]
+    return "passed", time.monotonic() - start, ""
 
 
 def run_target(name: str, target: Target, folder: Path, max_mutants: Optional[int], equivalents: Dict[str, str],
                log) -> dict:
+    check_imports_the_copy(folder, target)
     module = folder / target.path
     source = module.read_text()
     found = mutants(source, target.only)
     if max_mutants is not None and len(found) > max_mutants:  # an even spread over the module
         step = len(found) / max_mutants
         found = [found[int(index * step)] for index in range(max_mutants)]
-    baseline, seconds = run_tests(folder, target, timeout=1800)
+    baseline, seconds, output = run_tests(folder, target, timeout=1800)
     if baseline != "passed":
-        raise SystemExit(f"{name}: the tests fail on the unmutated code ({target.tests}); fix that first")
+        raise SystemExit(f"{output}\n{name}: the tests fail on the unmutated code ({target.tests}); fix that first")
     timeout = max(4 * seconds, seconds + 120)  # generous: the machine is shared, a slow run is not a kill
     log(f"{name}: {len(found)} mutants, tests take {seconds:.0f} s unmutated")
     outcomes = []
     try:
         for index, mutant in enumerate(found, 1):
             module.write_text(apply(source, mutant))
-            outcome, _ = run_tests(folder, target, timeout)
+            outcome, _, _ = run_tests(folder, target, timeout)
             if outcome == "timeout":  # once more with twice the time before calling it a hang
-                outcome, _ = run_tests(folder, target, 2 * timeout)
+                outcome, _, _ = run_tests(folder, target, 2 * timeout)
             outcomes.append((mutant, outcome))
             log(f"  [{index}/{len(found)}] {outcome:7s} {mutant.describe(target.path)}")
     finally:
@@ -300,7 +338,8 @@ def run_target(name: str, target: Target, folder: Path, max_mutants: Optional[in
     equivalent = [m for m in survivors if m.key(target.path) in equivalents]
     missed = [m for m in survivors if m.key(target.path) not in equivalents]
     scored = len(outcomes) - len(equivalent)
-    return {"module": target.path, "tests": list(target.tests) + list(target.pytest_args),
+    return {"module": target.path, "tests": [" ".join(arguments) + f" ({Path(python).parent.parent.name}, -m '{markers}')"
+                                             for python, markers, arguments in target.runs()],
             "only": list(target.only), "mutants": len(outcomes), "killed": len(killed),
             "timeouts": sum(outcome == "timeout" for _, outcome in outcomes),
             "equivalent": len(equivalent), "score": round(len(killed) / scored, 4) if scored else None,
@@ -309,12 +348,12 @@ def run_target(name: str, target: Target, folder: Path, max_mutants: Optional[in
             "equivalent_survivors": [f"{m.describe(target.path)}  # {equivalents[m.key(target.path)]}" for m in equivalent],
             "baseline_seconds": round(seconds, 1), "sampled_from": max_mutants,
             # what a later run compares against: when, on which torch, by which command
-            "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": _torch_version(folder),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": _torch_version(folder, target),
             "command": " ".join(["tools/mutation.py", *sys.argv[1:]])}
 
 
-def _torch_version(folder: Path) -> str:
-    return subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], cwd=folder,
+def _torch_version(folder: Path, target: Target) -> str:
+    return subprocess.run([target.runs()[0][0], "-c", "import torch; print(torch.__version__)"], cwd=folder,
                           env=_test_environment(folder), capture_output=True, text=True).stdout.strip()
 
 
@@ -322,7 +361,7 @@ def write_report(name: str, result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     score = "n/a" if result["score"] is None else f"{100 * result['score']:.1f}%"
     lines = [f"# Mutation score: {name} ({result['module']})", "",
-             f"- tests: `{' '.join(result['tests'])}`" + (f"; mutated only in {', '.join(result['only'])}" if result["only"] else ""),
+             f"- tests: `{'`, then `'.join(result['tests'])}`" + (f"; mutated only in {', '.join(result['only'])}" if result["only"] else ""),
              f"- {result['mutants']} mutants" + (f" (an even sample, --max-mutants {result['sampled_from']})"
                                                   if result["sampled_from"] else "")
              + f", {result['killed']} killed ({result['timeouts']} by timeout), {result['equivalent']} judged "
@@ -351,8 +390,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.list or not args.modules:
         for name, target in TARGETS.items():
-            print(f"{name:15s} {target.path}{' (' + ', '.join(target.only) + ')' if target.only else ''}\n"
-                  f"{'':15s} tests: {' '.join(target.tests + target.pytest_args)}")
+            print(f"{name:15s} {target.path}{' (' + ', '.join(target.only) + ')' if target.only else ''}")
+            for python, markers, arguments in target.runs():
+                print(f"{'':15s} tests ({Path(python).parent.parent.name}): {' '.join(arguments)}")
         return 0
     names = list(TARGETS) if args.modules == ["all"] else args.modules
     unknown = [name for name in names if name not in TARGETS]
@@ -367,6 +407,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print("  " + mutant.describe(target.path))
         return 0
     os.nice(19)  # a shared machine: the mutants run at the lowest priority, one at a time
+    # A background job (`cmd &`) starts with SIGINT ignored, and its children would inherit that: the tests
+    # that stop a CLI run with SIGINT would then fail on every mutant, the unmutated code included.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the scratch copy
     equivalents = read_equivalents()
     folder = scratch_copy()
