@@ -117,15 +117,16 @@ def test_existing_folder_is_replaced_only_when_it_is_an_export(tmp_path, capsys)
     assert sorted(path.name for path in out.iterdir()) == ["config.json", "layer_decay.json", "model.safetensors"]
 
 
-def test_export_modes_follow_the_umask(tmp_path):
+@pytest.mark.parametrize("umask", [0o027, 0o022])
+def test_export_modes_follow_the_umask(tmp_path, umask):
     source = write_pretraining_checkpoint(tmp_path / "swin.pth", "swin-tiny")
-    previous = os.umask(0o027)
+    previous = os.umask(umask)
     try:
         out = export_checkpoint(str(source), "transformers", str(tmp_path / "export"))
     finally:
         os.umask(previous)
-    assert out.stat().st_mode & 0o777 == 0o750
-    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o640}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o666 & ~umask}
 
 
 def test_a_damaged_feature_cache_is_rebuilt_with_a_warning(tmp_path):

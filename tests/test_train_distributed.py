@@ -37,6 +37,8 @@ def test_two_processes_match_one(tmp_path, sharding):
     pair_losses, pair = run(torchrun + (["--fsdp"] if sharding == "fsdp" else []), tmp_path / "two")
     assert single_losses[0] > single_losses[-1]  # it trains
     assert pair_losses == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
+    # every rank's RNG states, gathered to rank 0's checkpoint: what a resumed rank restores
+    assert len(pair["rng"]) == 2 and all(set(state) >= {"torch", "numpy", "python"} for state in pair["rng"])
     assert single["model"].keys() == pair["model"].keys()
     for name, tensor in single["model"].items():
         torch.testing.assert_close(pair["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
