@@ -549,12 +549,16 @@ _KEY_TAIL = triton.heuristics({"TAIL_N": lambda args: _tail(args["N"], args["BLO
 _fwd = autotune(_CONFIGS, _KEY)(_ROW_TAIL(_KEY_TAIL(_EVEN(_attention_fwd_kernel))))
 _bwd_dq = autotune(_CONFIGS, _KEY)(_ROW_TAIL(_KEY_TAIL(_EVEN(_attention_bwd_dq_kernel))))
 
-# dk/dv/dBias holds the most fp32 tiles: by default 8 warps without software pipelining, which sm_90
-# ptxas compiles with no spill at ViT-B and Swin-L w12 (bf16, and fp32 under bf16 autocast); 2 stages
-# spilled 16 B/thread at ViT-B until the key tail was peeled (now 248 registers, no spill, in bf16: to
-# be timed as the default); 4 warps spill 32 B with 1 stage and 400+ B with 2 (not kept).
-_DKDV_CONFIGS = [triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)]
-_bwd_dkdv_dbias = autotune(_DKDV_CONFIGS, _KEY + ["COMPUTE_DBIAS"])(_KEY_TAIL(_EVEN(_attention_bwd_dkdv_dbias_kernel)))
+# dk/dv/dBias holds the most fp32 tiles: 8 warps (4 spill 32 B with 1 stage and 400+ B with 2). sm_90
+# ptxas, bf16 autocast (docs/kernels.md's account): without a shift mask 1 stage by default (Swin-L and
+# Swin V2-B w12: 128 registers, 2 CTAs/SM; ViT-B: 236, 1 CTA/SM, where 2 stages spill 16 B/thread);
+# with one, 2 stages by default (pipelined, 228 registers, no spill, where 1 stage holds 148 registers
+# and is at 1 CTA/SM all the same). Stages change no summation order; a GPU's tuner times both.
+_DKDV_KEY = _KEY + ["COMPUTE_DBIAS"]
+_dkdv_kernel = _KEY_TAIL(_EVEN(_attention_bwd_dkdv_dbias_kernel))
+_bwd_dkdv_dbias = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)], _DKDV_KEY)(_dkdv_kernel)
+_bwd_dkdv_dbias_masked = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (2, 1)],
+                                  _DKDV_KEY)(_dkdv_kernel)
 
 
 def _head_dim_pad(head_dim: int) -> int:
@@ -629,7 +633,8 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
             *additive_strides, heads, tokens, head_dim, num_windows, scale, **common,
         )
-        _bwd_dkdv_dbias[(groups * heads * blocks,)](
+        dkdv_kernel = _bwd_dkdv_dbias_masked if flags["HAS_MASK"] else _bwd_dkdv_dbias
+        dkdv_kernel[(groups * heads * blocks,)](
             q, k, v, bias_arg, mask_arg, dout, lse, delta, dk, dv, dbias_partial if compute_dbias else delta,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *additive_strides, batch, heads, tokens, head_dim, num_windows, batches_per_group, scale,

@@ -166,8 +166,8 @@ def _autotuners():
 
 def _tuning_keys(batch):
     """{autotuner: [its key values at each launch]} for every op's forward and backward at the smoke
-    shapes with ``batch`` images, and 6x6 windows (the split whole-window kernels); the tuners record
-    their keys and launch nothing."""
+    shapes with ``batch`` images, 6x6 windows (the split whole-window kernels) and shifted 12x12 ones
+    (the flash kernels with a mask); the tuners record their keys and launch nothing."""
     keys = defaultdict(list)
 
     def record_key(self, *args, **kwargs):
@@ -176,8 +176,9 @@ def _tuning_keys(batch):
 
     with compile_only.compile_only(90), mock.patch.object(Autotuner, "run", record_key), \
             mock.patch.object(JITFunction, "run", lambda *args, **kwargs: None):
-        six_by_six = SwinShape(batch=batch, image=96, patch=4, dim=32, heads=(1, 2, 4, 8), window=6, mask_patch=24)
-        for case in all_cases(smoke=True, batch=batch) + [_window_attention_case(six_by_six, stage=0)]:
+        windows = [SwinShape(batch=batch, image=16 * window, patch=4, dim=32, heads=(1, 2, 4, 8), window=window,
+                             mask_patch=4 * window) for window in (6, 12)]
+        for case in all_cases(smoke=True, batch=batch) + [_window_attention_case(swin, stage=0) for swin in windows]:
             compile_only.run_case(case, torch.bfloat16, optional_grads=True)
     return keys
 
