@@ -186,3 +186,36 @@ def test_folder_writes_leave_no_descriptor_open(tmp_path):
     for _ in range(3):  # a new export, then two replacing it
         checkpoint.write_folder_atomic(tmp_path / "export", {"a.bin": b"1", "b.bin": b"2"}, replaceable={"a.bin", "b.bin"})
     assert open_descriptors() == before
+
+
+def test_a_failure_between_the_renames_puts_the_earlier_export_back(tmp_path, monkeypatch):
+    """Replacing an export renames the old folder aside, then the new one in: a failure at the second
+    rename leaves the old export under its name again (not nothing), and raises the failure."""
+    target = checkpoint.write_folder_atomic(tmp_path / "export", {"a.bin": b"old"})
+    real_rename = os.rename
+
+    def rename(source, destination):
+        if str(source).endswith(".partial"):
+            raise OSError(errno.EIO, "I/O error")
+        real_rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        checkpoint.write_folder_atomic(target, {"a.bin": b"new"}, replaceable={"a.bin"})
+    monkeypatch.undo()
+    assert folder_contents(target) == {"a.bin": b"old"} and hidden_leftovers(tmp_path) == []
+
+
+def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path, monkeypatch):
+    """When removing the half-written staging folder fails too, the error raised is still the write's."""
+    failing_writer(monkeypatch, "b.bin", OSError(errno.ENOSPC, "No space left on device"))
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, **kwargs):
+        if not ignore_errors:
+            raise OSError(errno.EBUSY, "busy")
+        real_rmtree(path, ignore_errors=True, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.write_folder_atomic(tmp_path / "export", {"a.bin": b"1", "b.bin": b"2" * 1000})

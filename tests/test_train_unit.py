@@ -701,3 +701,14 @@ def test_checkpoint_retention_tolerates_a_checkpoint_removed_meanwhile(tmp_path,
     checkpoints.keep_last(tmp_path, 1)
     monkeypatch.undo()
     assert [path.name for path in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_step_0000004.pth"]
+
+
+def test_an_empty_checkpoint_file_is_named_as_such(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(checkpoint_module.CheckpointReadError, match=r"empty\.pth is not a readable checkpoint \(an empty file\)"):
+        load_checkpoint(tmp_path / "empty.pth")
+
+
+def test_checkpoint_key_differences_show_the_first_four_of_each_kind():
+    text = checkpoint_module.key_differences([f"m{index}" for index in range(5)], ["u0"], [])
+    assert text == "missing: m0, m1, m2, m3 ... (5); unexpected: u0 (1)"
