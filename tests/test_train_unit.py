@@ -712,3 +712,13 @@ def test_an_empty_checkpoint_file_is_named_as_such(tmp_path):
 def test_checkpoint_key_differences_show_the_first_four_of_each_kind():
     text = checkpoint_module.key_differences([f"m{index}" for index in range(5)], ["u0"], [])
     assert text == "missing: m0, m1, m2, m3 ... (5); unexpected: u0 (1)"
+
+
+def test_all_finite_looks_inside_nested_state():
+    """Optimizer states nest tensors in dicts in lists (param_groups, state per parameter): a NaN at any
+    depth is found; integer tensors (steps) and non-tensors are not checked."""
+    nan, ok = torch.tensor([1.0, float("nan")]), torch.ones(2)
+    assert checkpoints.all_finite({"state": {0: {"exp_avg": ok, "step": torch.tensor(3)}}}, [ok, (ok, 1.5)])
+    assert not checkpoints.all_finite({"state": {0: {"exp_avg": nan}}})
+    assert not checkpoints.all_finite({"groups": [{"params": [0]}, (ok, nan)]})
+    assert not checkpoints.all_finite(ok, {"inf": torch.tensor(float("inf"))})

@@ -76,7 +76,7 @@ TARGETS: Dict[str, Target] = {
                      ("tests/test_train_unit.py", "tests/test_train_run.py", "tests/test_cli_errors.py",
                       "tests/test_long_runs.py", "tests/test_train_distributed.py"),
                      pytest_args=("-k", "checkpoint or resume or rng or keep_last or save or crash or long_runs "
-                                        "or two_processes")),
+                                        "or two_processes or all_finite")),
     "lr_schedule": Target("simmim_fast/train/optim.py", ("tests/test_train_unit.py",),
                           pytest_args=("-k", "lr or schedule or decay or adamw or optimizer or apex")),
     "layer_decay": Target("simmim_fast/downstream/finetune.py", ("tests/test_downstream.py",),
