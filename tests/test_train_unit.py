@@ -722,3 +722,14 @@ def test_all_finite_looks_inside_nested_state():
     assert not checkpoints.all_finite({"state": {0: {"exp_avg": nan}}})
     assert not checkpoints.all_finite({"groups": [{"params": [0]}, (ok, nan)]})
     assert not checkpoints.all_finite(ok, {"inf": torch.tensor(float("inf"))})
+
+
+@pytest.mark.parametrize("kind,present,named", [
+    (checkpoints.CHECKPOINT_FORMAT, (), "model, optimizer, lr_scheduler, scaler ..."),
+    (checkpoints.CHECKPOINT_FORMAT, checkpoints._COMMON_KEYS, "unreadable, history:"),
+    (checkpoints.FINETUNE_FORMAT, checkpoints._COMMON_KEYS, "classes, evaluations:"),
+])
+def test_an_incomplete_training_checkpoint_names_what_it_lacks_in_order(tmp_path, kind, present, named):
+    save_atomic({"format": kind, **{key: 0 for key in present}}, tmp_path / "ckpt.pth")
+    with pytest.raises(checkpoint_module.CheckpointReadError, match=f"ckpt.pth lacks {named}"):
+        checkpoints.read_training_checkpoint(tmp_path / "ckpt.pth", kind)
