@@ -298,3 +298,19 @@ def test_finetune_cli_resumes_and_probes_cache(tmp_path, capsys):
     assert main(["finetune", "--pretrained", str(checkpoint), "--preset", "swin-tiny", "--data", str(data),
                  "--output", str(tmp_path / "bad")]) == 2
     assert "holds a vit encoder, but the model is a swin" in capsys.readouterr().err
+
+
+def test_export_configs_carry_the_evaluation_view_and_layer_scale():
+    """timm's pretrained_cfg crops as our evaluation does (resize to 256/224 of the size, centre crop:
+    crop_pct 0.875); transformers' layer_scale_init_value is the model's INIT_VALUES, and 0.0 (no
+    layer scale) where the model has none, so that BEiT builds no lambda parameters."""
+    from simmim_fast.downstream.export import timm_layout
+
+    config = get_config("vit-tiny")
+    weights = build_classifier(config, 0).state_dict()
+    _, timm_config = timm_layout(weights, config, num_classes=0)
+    assert timm_config["pretrained_cfg"]["crop_pct"] == pytest.approx(224 / 256)
+    assert transformers_layout(weights, config, num_classes=0)[1]["layer_scale_init_value"] == 0.1
+    no_layer_scale = merge(config, {"MODEL": {"VIT": {"INIT_VALUES": None}}})
+    plain_weights = build_classifier(no_layer_scale, 0).state_dict()
+    assert transformers_layout(plain_weights, no_layer_scale, num_classes=0)[1]["layer_scale_init_value"] == 0.0
