@@ -314,3 +314,14 @@ def test_export_configs_carry_the_evaluation_view_and_layer_scale():
     no_layer_scale = merge(config, {"MODEL": {"VIT": {"INIT_VALUES": None}}})
     plain_weights = build_classifier(no_layer_scale, 0).state_dict()
     assert transformers_layout(plain_weights, no_layer_scale, num_classes=0)[1]["layer_scale_init_value"] == 0.0
+
+
+@pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny", "swinv2-tiny", "convnext-tiny"])
+def test_export_layer_norm_eps_is_the_models(preset):
+    """transformers builds its LayerNorms with the config's layer_norm_eps: it must be the eps of every
+    normalisation layer of the exported model (a small eps difference hides below any output tolerance)."""
+    config = get_config(preset)
+    model = build_classifier(config, 0)
+    eps = {module.eps for module in model.modules() if "Norm" in type(module).__name__ and hasattr(module, "eps")}
+    weights = {key: value for key, value in model.state_dict().items() if not key.endswith(DERIVED_BUFFERS)}
+    assert eps == {transformers_layout(weights, config, num_classes=0)[1]["layer_norm_eps"]}, eps
