@@ -661,3 +661,31 @@ def test_a_new_process_tunes_lazily_until_frozen():
     env = {key: value for key, value in os.environ.items() if key != tuning_table.TUNE_VAR}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.split() == ["True", "False"]
+
+
+def test_cache_writes_merge_other_processes_entries_and_leave_no_temporary(fakes, monkeypatch):
+    """Each record re-reads the file and merges: another process's entry written meanwhile is kept on disk
+    and enters this process's table; a second write into the existing folder is no error (no warning);
+    a failed write leaves no temporary file; the file says format 2 (a new layout bumps FILE_FORMAT,
+    and an older file is then refused: test_cache_round_trip_and_invalidation)."""
+    config = {"kwargs": {}, "num_warps": 4, "num_stages": 2}
+    tuning_table.record_kernel_config(CPU, "module.first", (1,), config)
+    path, env = tuning_table.table_path(CPU), tuning_table.environment(CPU)
+    on_disk = tuning_table.read_file(path, env)  # another process adds an entry behind this one's back
+    on_disk[(tuning_table.KERNEL_CONFIG, "module.other", (2,))] = {"config": config}
+    tuning_table.write_file(path, env, on_disk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuning_table.record_kernel_config(CPU, "module.second", (3,), config)
+    assert tuning_table.kernel_config(CPU, "module.other", (2,)) == config  # merged into this process's table
+    assert json.loads(path.read_text())["format"] == 2
+    assert {row["signature"][1] for row in json.loads(path.read_text())["entries"]} == {
+        "module.first", "module.other", "module.second"}
+
+    def failing_replace(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tuning_table.os, "replace", failing_replace)
+    with pytest.warns(UserWarning, match="could not write the tuning cache"):
+        tuning_table.record_kernel_config(CPU, "module.third", (4,), config)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
