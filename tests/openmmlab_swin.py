@@ -144,9 +144,9 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, stride):
         super().__init__()
-        self.sampler = nn.Unfold(kernel_size=2, stride=2)
+        self.sampler = nn.Unfold(kernel_size=2, stride=stride)
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
@@ -155,31 +155,34 @@ class PatchMerging(nn.Module):
         x = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
         x = F.pad(x, (0, width % 2, 0, height % 2))
         x = self.sampler(x).transpose(1, 2)
-        return self.reduction(self.norm(x)), ((height + 1) // 2, (width + 1) // 2)
+        stride = self.sampler.stride
+        return self.reduction(self.norm(x)), ((height + height % 2 - 2) // stride + 1, (width + width % 2 - 2) // stride + 1)
 
 
 class Stage(nn.Module):
-    def __init__(self, dim, depth, heads, window, mlp_ratio, downsample):
+    def __init__(self, dim, depth, heads, window, mlp_ratio, downsample_stride):
         super().__init__()
         self.blocks = nn.ModuleList(SwinBlock(dim, heads, window, index % 2 == 1, mlp_ratio) for index in range(depth))
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = PatchMerging(dim, downsample_stride) if downsample_stride else None
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, dim, patch):
+    def __init__(self, dim, patch, stride, norm):
         super().__init__()
-        self.projection = nn.Conv2d(3, dim, patch, patch)
-        self.norm = nn.LayerNorm(dim)
+        self.projection = nn.Conv2d(3, dim, patch, stride)
+        self.norm = nn.LayerNorm(dim) if norm else None
 
 
 class OpenMMLabSwin(nn.Module):
     """forward(images) -> [(B, C_i, H_i, W_i)], each stage's output through its norm{i}."""
 
-    def __init__(self, embed_dims, patch_size, depths, num_heads, window_size, mlp_ratio, **unused):
+    def __init__(self, embed_dims, patch_size, depths, num_heads, window_size, mlp_ratio, strides, patch_norm,
+                 **unused):
         super().__init__()
-        self.patch_embed = PatchEmbed(embed_dims, patch_size)
-        self.stages = nn.ModuleList(
-            Stage(embed_dims * 2 ** i, depth, heads, window_size, mlp_ratio, i < len(depths) - 1)
+        self.patch_embed = PatchEmbed(embed_dims, patch_size, strides[0], patch_norm)
+        self.stages = nn.ModuleList(  # as mmdet: stage i downsamples with PatchMerging(stride=strides[i + 1])
+            Stage(embed_dims * 2 ** i, depth, heads, window_size, mlp_ratio,
+                  strides[i + 1] if i < len(depths) - 1 else None)
             for i, (depth, heads) in enumerate(zip(depths, num_heads)))
         for i in range(len(depths)):
             self.add_module(f"norm{i}", nn.LayerNorm(embed_dims * 2 ** i))
@@ -187,7 +190,9 @@ class OpenMMLabSwin(nn.Module):
     def forward(self, images):
         x = self.patch_embed.projection(images)
         size = x.shape[2:]
-        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        x = x.flatten(2).transpose(1, 2)
+        if self.patch_embed.norm is not None:
+            x = self.patch_embed.norm(x)
         outputs = []
         for index, stage in enumerate(self.stages):
             for block in stage.blocks:
