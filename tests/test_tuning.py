@@ -689,3 +689,15 @@ def test_cache_writes_merge_other_processes_entries_and_leave_no_temporary(fakes
     with pytest.warns(UserWarning, match="could not write the tuning cache"):
         tuning_table.record_kernel_config(CPU, "module.third", (4,), config)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_kernel_config_answers_follow_an_installed_or_forgotten_table(fakes):
+    """kernel_config memoises its answers (once per launch): installing rank 0's table, or forgetting the
+    tables, must drop them, or a rank would keep launching its own remembered config (or none)."""
+    config = {"kwargs": {}, "num_warps": 8, "num_stages": 2}
+    key = (64, "torch.float16")
+    assert tuning_table.kernel_config(CPU, "module.kernel", key) is None  # remembered: no choice
+    tuning_table.install(CPU, {(tuning_table.KERNEL_CONFIG, "module.kernel", key): {"config": config}})
+    assert tuning_table.kernel_config(CPU, "module.kernel", key) == config
+    tuning_table.forget()  # nothing on disk: the installed table and its answers go
+    assert tuning_table.kernel_config(CPU, "module.kernel", key) is None

@@ -141,12 +141,15 @@ def _docstring_nodes(tree: ast.AST) -> set:
 
 # Calls whose tuple argument is a set of alternatives: exchanging two of them changes nothing.
 UNORDERED_TUPLE_CALLS = {"isinstance", "issubclass", "startswith", "endswith"}
+# Keyword arguments that only lay out text for a reader: a JSON file's indentation, the frame a warning
+# is attributed to. Not behaviour, as a raise statement's message is not.
+PRESENTATION_KEYWORDS = {"indent", "stacklevel"}
 
 
 def _unmutable(tree: ast.AST) -> set:
     """ids of nodes not to mutate: docstrings, f-strings (positions inside are unreliable), type hints,
-    the messages of raise statements (text, not behaviour); and the exchange of two alternatives in
-    isinstance/startswith/except/``in`` tuples (the same set either way)."""
+    the messages of raise statements and the PRESENTATION_KEYWORDS (text, not behaviour); and the
+    exchange of two alternatives in isinstance/startswith/except/``in`` tuples (the same set either way)."""
     docstrings, skip = _docstring_nodes(tree), set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.JoinedStr, ast.Raise)) or id(node) in docstrings:
@@ -154,6 +157,8 @@ def _unmutable(tree: ast.AST) -> set:
         for hint in (getattr(node, "annotation", None), getattr(node, "returns", None)):
             if hint is not None:
                 skip.update(id(child) for child in ast.walk(hint))
+        if isinstance(node, ast.keyword) and node.arg in PRESENTATION_KEYWORDS:
+            skip.update(id(child) for child in ast.walk(node.value))
         if isinstance(node, ast.Call):
             called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             if called in UNORDERED_TUPLE_CALLS:
