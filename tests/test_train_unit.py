@@ -733,3 +733,13 @@ def test_an_incomplete_training_checkpoint_names_what_it_lacks_in_order(tmp_path
     save_atomic({"format": kind, **{key: 0 for key in present}}, tmp_path / "ckpt.pth")
     with pytest.raises(checkpoint_module.CheckpointReadError, match=f"ckpt.pth lacks {named}"):
         checkpoints.read_training_checkpoint(tmp_path / "ckpt.pth", kind)
+
+
+def test_a_checkpoint_from_a_gpu_or_tpu_resumes_its_rng_on_the_cpu(monkeypatch):
+    """A checkpoint written on CUDA or XLA carries that device's generator state too: resumed on the CPU,
+    those entries are left alone (no CUDA or torch_xla call) and the host generators are restored."""
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *args: pytest.fail("CUDA's generator set on a CPU run"))
+    saved = checkpoints.to_cpu(checkpoints.capture_rng(torch.device("cpu")))
+    expected = torch.rand(4)
+    checkpoints.restore_rng({**saved, "cuda": torch.zeros(16, dtype=torch.uint8), "xla": 5}, torch.device("cpu"))
+    assert torch.equal(torch.rand(4), expected)

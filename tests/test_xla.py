@@ -331,3 +331,18 @@ def test_no_checkpoint_holds_a_non_finite_value_on_xla(drop_path_runs):
         assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point()), path.name
     # Log lines only at step 10: a stop before it is a refused save.
     assert len(results[2]["steps"]) < 10, "the run did not stop"
+
+
+def test_a_checkpoints_xla_rng_state_restores_the_generator():
+    """simmim_fast/train/checkpoints.py's restore_rng on XLA: a resumed run draws on the device what the
+    uninterrupted run would have (the mask generator and dropout draw there)."""
+    from simmim_fast.train import checkpoints
+
+    device = torch_xla.device()
+    xla_spmd.seed(5)
+    saved = checkpoints.to_cpu(checkpoints.capture_rng(device))
+    assert "xla" in saved
+    expected = torch.rand(8, device=device).cpu()
+    torch.rand(100, device=device).cpu()  # the generator moves on
+    checkpoints.restore_rng(saved, device)
+    assert torch.equal(torch.rand(8, device=device).cpu(), expected)
