@@ -102,3 +102,27 @@ def test_mask_token_blend_and_patch_embed():
     wrong = torch.where(mask.bool()[..., None], token.expand(2, 6, 5), channels_last_patches @ weight.reshape(5, 48).T + bias)
     assert_discriminates(wrong, expected, rtol=1.3e-6, atol=1e-5, name="patches flattened channels-last")
     assert reference.OPS.keys() == set(__import__("simmim_fast").backends.ALL_OPS)
+
+
+def test_the_originals_epsilons_in_float64():
+    """The original's constants, where they change the result: the loss divides by the masked pixel count
+    + 1e-5 (SimMIM), and Swin's patch LayerNorm has nn.LayerNorm's eps 1e-5. float64 and a one-patch mask
+    (a count of 4) or a near-constant patch (variance ~ eps) make a factor of 2 in either eps visible."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(1, 3, 4, 4, generator=generator, dtype=torch.float64)
+    reconstruction = torch.randn(1, 3, 4, 4, generator=generator, dtype=torch.float64)
+    mask = torch.zeros(1, 2, 2, dtype=torch.float64)
+    mask[0, 1, 0] = 1
+    expected = (target - reconstruction).abs()[:, :, 2:, :2].sum() / (4 + 1e-5) / 3
+    torch.testing.assert_close(reference.masked_l1_loss(reconstruction, target, mask, 2, 3), expected,
+                               rtol=1e-12, atol=0)
+
+    image = torch.randn(1, 3, 4, 4, generator=generator, dtype=torch.float64)
+    weight = 0.1 + 1e-3 * torch.randn(8, 3, 2, 2, generator=generator, dtype=torch.float64)  # near-equal channels
+    norm_weight, norm_bias = torch.ones(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    tokens = reference.masked_patch_embed(image, torch.zeros(1, 2, 2), weight, None,
+                                          torch.zeros(1, 1, 8, dtype=torch.float64), None, norm_weight, norm_bias)
+    projected = torch.nn.functional.conv2d(image, weight, stride=2).flatten(2).transpose(1, 2)
+    assert projected.var(-1, unbiased=False).max() < 1e-3  # eps is not negligible against it
+    expected = torch.nn.functional.layer_norm(projected, (8,), norm_weight, norm_bias, eps=1e-5)
+    torch.testing.assert_close(tokens, expected, rtol=1e-10, atol=1e-12)
