@@ -701,3 +701,12 @@ def test_kernel_config_answers_follow_an_installed_or_forgotten_table(fakes):
     assert tuning_table.kernel_config(CPU, "module.kernel", key) == config
     tuning_table.forget()  # nothing on disk: the installed table and its answers go
     assert tuning_table.kernel_config(CPU, "module.kernel", key) is None
+
+
+def test_cache_folder_is_created_with_its_parents(fakes, monkeypatch):
+    monkeypatch.setenv(tuning_table.TUNE_DIR_VAR, str(fakes / "not" / "there" / "yet"))
+    tuning_table.forget()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "could not write the tuning cache" would fail here
+        tuning_table.record_kernel_config(CPU, "module.kernel", (1,), {"kwargs": {}, "num_warps": 4, "num_stages": 2})
+    assert tuning_table.table_path(CPU).exists()
