@@ -126,3 +126,28 @@ def test_the_originals_epsilons_in_float64():
     assert projected.var(-1, unbiased=False).max() < 1e-3  # eps is not negligible against it
     expected = torch.nn.functional.layer_norm(projected, (8,), norm_weight, norm_bias, eps=1e-5)
     torch.testing.assert_close(tokens, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout_p", [0.25, 1.0])
+def test_attention_dropout_drops_probabilities_as_the_original(dropout_p):
+    """attn_drop of the original blocks: dropout on the softmax probabilities (kept ones scaled by
+    1/(1-p)), for every p in (0, 1]; p = 1 drops them all."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(3))
+    torch.manual_seed(0)
+    out = reference.attention(q, k, v, dropout_p=dropout_p)
+    torch.manual_seed(0)
+    expected = F.dropout(((q * 8 ** -0.5) @ k.transpose(-2, -1)).softmax(-1), p=dropout_p) @ v
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert not torch.allclose(out, reference.attention(q, k, v))
+
+
+def test_loss_of_a_stride_2_decoder_before_its_pixel_shuffle():
+    """shuffle_stride 2 (a decoder at half resolution): the pre-shuffle form equals the image form."""
+    g = torch.Generator().manual_seed(3)
+    decoded = torch.randn(2, 12, 4, 4, generator=g)
+    target = torch.randn(2, 3, 8, 8, generator=g)
+    mask = torch.randint(0, 2, (2, 4, 4), generator=g)
+    image_form = reference.masked_l1_loss(F.pixel_shuffle(decoded, 2), target, mask, 2, 3)
+    torch.testing.assert_close(reference.masked_l1_loss(decoded, target, mask, 2, 3, shuffle_stride=2), image_form,
+                               rtol=0, atol=0)
