@@ -2,8 +2,8 @@
 
 Each module holds its private ``_<op>_fwd_kernel``/``_<op>_bwd_kernel``, a launcher, and its
 registration (torch.library custom ops ``simmim_fast_triton::<op>`` and ``..._backward`` with fake
-implementations and autograd, or an autograd Function); its public function has the signature of
-``simmim_fast.reference.<op>``.
+implementations and autograd); its public function has the signature of ``simmim_fast.reference.<op>``
+and calls the op through ``_eager`` (the custom op when traced, its implementation in eager mode).
 Importing a module here imports triton: only the dispatch does that, lazily.
 
 This folder is never a top-level module. ``python -c``/``python -m`` started in the repository root put

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import triton
-from triton.runtime.autotuner import Autotuner
+from triton.runtime.autotuner import Autotuner, Heuristics
 
 from .. import tuning_table
 
@@ -51,11 +51,13 @@ class SharedAutotuner(Autotuner):
     """triton's Autotuner, but the config of a key comes from the tuning table when it holds one;
     otherwise it is timed (when this process may) and recorded there, or it is the default."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # run() is once per launch, so kept lean (host overhead, docs/kernels.md): what it can, it looks up here.
+        self._key_positions = [(name, self.arg_names.index(name)) for name in self.keys]
+        self._kernel_name = f"{self.base_fn.__module__}.{self.base_fn.__name__}"
+
     def run(self, *args, **kwargs):
-        # Once per launch, so kept lean (host overhead, docs/kernels.md): positions looked up once per tuner.
-        if not hasattr(self, "_key_positions"):
-            self._key_positions = [(name, self.arg_names.index(name)) for name in self.keys]
-            self._kernel_name = f"{self.base_fn.__module__}.{self.base_fn.__name__}"
         tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
         # triton's own key: the key arguments' values and every tensor argument's dtype, as JSON values
         # (the table is a JSON file: a dtype among the key arguments is written as its name)
@@ -89,3 +91,19 @@ def autotune(configs: Sequence[triton.Config], key: Sequence[str], prune: Option
     prune_by = {"early_config_prune": prune} if prune is not None and len(configs) > 1 else None
     return lambda fn: SharedAutotuner(fn, fn.arg_names, configs, list(key), reset_to_zero=None, restore_value=None,
                                       prune_configs_by=prune_by)
+
+
+class _Heuristics(Heuristics):
+    """triton's Heuristics with the arguments' dict built once per launch, not once per value (each a
+    dict of 40-odd arguments: host time, docs/kernels.md); a rule may read the values before it."""
+
+    def run(self, *args, **kwargs):
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        for name, rule in self.values.items():
+            named[name] = kwargs[name] = rule(named)
+        return self.fn.run(*args, **kwargs)
+
+
+def heuristics(values: dict):
+    """``triton.heuristics(values)``, one wrapper for all of them."""
+    return lambda fn: _Heuristics(fn, fn.arg_names, values)

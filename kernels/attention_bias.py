@@ -9,8 +9,8 @@ Forward: online softmax over 64-key blocks; the (B, H, N, N) logits are never st
 log-sum-exp (B, H, N) in fp32. The forward and dq kernels run a ragged N's last N % 64 rows and
 keys as one peeled tail block of 16, 32 or 64 (the least power of two from 16 that holds them):
 N = 197 is padded to 208 rows and keys, not 256, and 144 is not padded; full blocks need no masks.
-The dk/dv kernel peels its key tail alike and keeps whole 32-query blocks (197: 208 keys x 224
-queries). Tail dots below 64 rows run on mma.sync instead of wgmma.
+The dk/dv kernel peels its key tail alike and loops over whole query blocks of 16 (its tuner's default;
+197: 208 keys x 208 queries) or 32. Tail dots below 64 rows run on mma.sync instead of wgmma.
 
 The output is written as (B, N, H, d) and returned as a (B, H, N, d) view, so the caller's
 transpose(1, 2).reshape(B, N, H * d) is free. With a bias or mask the logits
@@ -48,20 +48,20 @@ import triton
 import triton.language as tl
 
 from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
-from ._autotune import autotune
+from ._autotune import autotune, heuristics
+from ._eager import eager_or_op, eager_or_op_with_autograd
 from ._launch import on_device_of
 
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels see globals only as constexpr
 LN2 = tl.constexpr(0.6931471805599453)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Tiles are fixed for now: BLOCK_N sets the order of the forward's and dq's sums over keys, BLOCK_M
-# that of dk/dv's over queries (the tails, _tail, follow from N alone). Tuning them would keep ranks
-# bitwise equal (kernels/_autotune.py shares one choice), but other candidates wait for GPU timings. 64 rows is one warpgroup's wgmma tile on sm_90. The
-# dk/dv/dBias kernel's tiles are 64 keys x 32 queries: its dots still have 64 rows (wgmma) but in
-# the key tail, and its (keys x queries) fp32 tiles (P^T, dP^T, dS^T, the additive terms, the dBias
-# strip) take half the registers (64 x 64 spills on sm_90).
+# The forward's and dq's tiles are fixed: BLOCK_N sets the order of their sums over keys (the tails, _tail,
+# follow from N alone); 64 rows is one warpgroup's wgmma tile on sm_90. The dk/dv/dBias kernel's key
+# block is 64 too, and its query block BLOCK_M (the order of dk's and dv's sums over queries) is a config
+# of its tuner: 16 by default, whose (keys x queries) fp32 tiles (P^T, dP^T, dS^T, the additive terms,
+# the dBias strip) are small enough for 4 warps and 2 stages without a spill (_DKDV_CONFIGS). Ranks
+# stay bitwise equal because the choice is shared (kernels/_autotune.py).
 BLOCK = 64
-DKDV_QUERY_BLOCK = 32
 # Programs the dk/dv/dBias launch aims at: a constant, not the SM count, so that the batch groups,
 # and with them dBias's summation order, are the same on every GPU.
 TARGET_PROGRAMS = 1024
@@ -501,8 +501,8 @@ def _attention_bwd_dkdv_dbias_kernel(
     start_n = (tl.program_id(0) % n_blocks) * BLOCK_N
     first_batch = group * batches_per_group
     last_batch = tl.minimum(first_batch + batches_per_group, B)
-    # Key tails as the forward's query tails. The queries keep whole 32-blocks: a second, 16-query
-    # body in the batch loop spills (255 registers, 136 B/thread at ViT-B, sm_90).
+    # Key tails as the forward's query tails. The queries keep whole BLOCK_M-blocks: a second, tail-query
+    # body in the batch loop spilled (255 registers, 136 B/thread at ViT-B with 32-query blocks, sm_90).
     if EVEN_N:
         tail = False
     else:
@@ -527,11 +527,6 @@ def _attention_bwd_dkdv_dbias_kernel(
                        BLOCK_N, EVEN_M, True, EVEN_HEADDIM)
 
 
-_EVEN = triton.heuristics({
-    "EVEN_M": lambda args: args["N"] % args["BLOCK_M"] == 0,
-    "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
-    "EVEN_HEADDIM": lambda args: args["HEAD_DIM"] == args["HEAD_DIM_PAD"],
-})
 # configs[0] is the default; tiles are fixed (see BLOCK), and so are the forward's and dq's warps: their
 # row sums (l_i, delta) are cross-thread tl.sums whose bits follow the warp layout. No batch in the keys.
 _CONFIGS = [triton.Config({}, num_warps=4, num_stages=s) for s in (2, 3, 1)]
@@ -544,21 +539,27 @@ def _tail(tokens: int, block: int) -> int:
     return min(block, max(16, triton.next_power_of_2(tokens % block)))
 
 
-_ROW_TAIL = triton.heuristics({"TAIL_M": lambda args: _tail(args["N"], args["BLOCK_M"])})
-_KEY_TAIL = triton.heuristics({"TAIL_N": lambda args: _tail(args["N"], args["BLOCK_N"])})
-_fwd = autotune(_CONFIGS, _KEY)(_ROW_TAIL(_KEY_TAIL(_EVEN(_attention_fwd_kernel))))
-_bwd_dq = autotune(_CONFIGS, _KEY)(_ROW_TAIL(_KEY_TAIL(_EVEN(_attention_bwd_dq_kernel))))
+_TILE_FLAGS = {
+    "EVEN_M": lambda args: args["N"] % args["BLOCK_M"] == 0,
+    "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
+    "EVEN_HEADDIM": lambda args: args["HEAD_DIM"] == args["HEAD_DIM_PAD"],
+    "TAIL_N": lambda args: _tail(args["N"], args["BLOCK_N"]),
+}
+_ROW_TAIL = {"TAIL_M": lambda args: _tail(args["N"], args["BLOCK_M"])}
+_fwd = autotune(_CONFIGS, _KEY)(heuristics({**_TILE_FLAGS, **_ROW_TAIL})(_attention_fwd_kernel))
+_bwd_dq = autotune(_CONFIGS, _KEY)(heuristics({**_TILE_FLAGS, **_ROW_TAIL})(_attention_bwd_dq_kernel))
 
-# dk/dv/dBias holds the most fp32 tiles: 8 warps (4 spill 32 B with 1 stage and 400+ B with 2). sm_90
-# ptxas, bf16 autocast (docs/kernels.md's account): without a shift mask 1 stage by default (Swin-L and
-# Swin V2-B w12: 128 registers, 2 CTAs/SM; ViT-B: 236, 1 CTA/SM, where 2 stages spill 16 B/thread);
-# with one, 2 stages by default (pipelined, 228 registers, no spill, where 1 stage holds 148 registers
-# and is at 1 CTA/SM all the same). Stages change no summation order; a GPU's tuner times both.
+# dk/dv/dBias holds the most fp32 tiles. sm_90 ptxas, bf16 autocast (docs/kernels.md's account): 16
+# queries, 4 warps, 2 stages is pipelined at 2 CTAs/SM without a spill at every headline shape (ViT-B:
+# 255 registers; 144-token windows: 194, 222 with a shift mask), where 32 queries x 8 warps held 1 CTA/SM
+# with 1 stage at ViT-B (236 registers; 2 stages spilled 16 B/thread, and are not a candidate) and with a
+# shift mask (228). The others wait for a GPU's tuner: 1 stage (3 CTAs/SM at 144 tokens) and the 32-query
+# tiles (fewer, larger dots per key block).
 _DKDV_KEY = _KEY + ["COMPUTE_DBIAS"]
-_dkdv_kernel = _KEY_TAIL(_EVEN(_attention_bwd_dkdv_dbias_kernel))
-_bwd_dkdv_dbias = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (1, 2)], _DKDV_KEY)(_dkdv_kernel)
-_bwd_dkdv_dbias_masked = autotune([triton.Config({}, num_warps=8, num_stages=s) for s in (2, 1)],
-                                  _DKDV_KEY)(_dkdv_kernel)
+_DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2),
+                 triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1),
+                 triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=1)]
+_bwd_dkdv_dbias = autotune(_DKDV_CONFIGS, _DKDV_KEY)(heuristics(_TILE_FLAGS)(_attention_bwd_dkdv_dbias_kernel))
 
 
 def _head_dim_pad(head_dim: int) -> int:
@@ -625,20 +626,19 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
     groups = triton.cdiv(batch, batches_per_group)
     dbias_partial = torch.empty((groups, heads, tokens, tokens) if compute_dbias else (0, heads, 0, 0),
                                 device=q.device, dtype=torch.float32)
-    common = dict(**flags, HEAD_DIM_PAD=_head_dim_pad(head_dim), DOT_PRECISION=dot_precision(q.dtype),
-                  BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+    # dk/dv/dBias's query block BLOCK_M is its tuner's config
+    common = dict(**flags, HEAD_DIM_PAD=_head_dim_pad(head_dim), DOT_PRECISION=dot_precision(q.dtype), BLOCK_N=BLOCK)
     with on_device_of(q):
         _bwd_dq[(batch * heads * blocks,)](
             q, k, v, bias_arg, mask_arg, out, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-            *additive_strides, heads, tokens, head_dim, num_windows, scale, **common,
+            *additive_strides, heads, tokens, head_dim, num_windows, scale, **common, BLOCK_M=BLOCK,
         )
-        dkdv_kernel = _bwd_dkdv_dbias_masked if flags["HAS_MASK"] else _bwd_dkdv_dbias
-        dkdv_kernel[(groups * heads * blocks,)](
+        _bwd_dkdv_dbias[(groups * heads * blocks,)](
             q, k, v, bias_arg, mask_arg, dout, lse, delta, dk, dv, dbias_partial if compute_dbias else delta,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             *additive_strides, batch, heads, tokens, head_dim, num_windows, batches_per_group, scale,
-            COMPUTE_DBIAS=compute_dbias, **{**common, "BLOCK_M": DKDV_QUERY_BLOCK},
+            COMPUTE_DBIAS=compute_dbias, **common,
         )
     # torch's sum is a fixed-order reduction: the same bits every run. The partials hold dBias^T.
     return dqkv, dbias_partial.sum(0).transpose(1, 2)
@@ -646,10 +646,12 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
 
 # ---- the op: torch.library registration, so Dynamo sees one opaque node ---------------------------
 
-@torch.library.custom_op("simmim_fast_triton::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return flash_forward(q, k, v, bias, None, scale)
+
+
+_attention_op = torch.library.custom_op("simmim_fast_triton::attention", _attention_forward, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -659,11 +661,14 @@ def _(q, k, v, bias, scale):
             q.new_empty((batch, heads, tokens), dtype=torch.float32))
 
 
-@torch.library.custom_op("simmim_fast_triton::attention_backward", mutates_args=())
-def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
-                           compute_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
+                        compute_dbias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     return flash_backward(dout, q, k, v, bias, None, out, lse, scale, compute_dbias)
+
+
+_attention_backward_op = torch.library.custom_op("simmim_fast_triton::attention_backward", _attention_backward,
+                                                 mutates_args=())
 
 
 @_attention_backward_op.register_fake
@@ -684,12 +689,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, bias, out, lse = ctx.saved_tensors
     compute_dbias = bias is not None and ctx.needs_input_grad[3]
-    dqkv, dbias = _attention_backward_op(dout, q, k, v, bias, out, lse, ctx.scale, compute_dbias)
+    dqkv, dbias = _call_backward(dout, q, k, v, bias, out, lse, ctx.scale, compute_dbias)
     dq, dk, dv = packed_qkv_gradient(dqkv, ctx.needs_input_grad[:3])
     return dq, dk, dv, dbias.to(bias.dtype) if compute_dbias else None, None
 
 
-torch.library.register_autograd("simmim_fast_triton::attention", _backward, setup_context=_setup_context)
+_call_backward = eager_or_op(_attention_backward_op, _attention_backward)
+_call = eager_or_op_with_autograd(_attention_op, _attention_forward, _backward, _setup_context)
 
 
 def attention(
@@ -703,4 +709,4 @@ def attention(
     """``simmim_fast.reference.attention`` (see there): softmax(q k^T * scale + bias) v, no dropout."""
     assert dropout_p == 0.0, "dropout is not fused; the dispatch sends dropout_p > 0 to the reference"
     q, k, v, scale = attention_operands(q, k, v, scale)
-    return _attention_op(q, k, v, bias, scale)[0]
+    return _call(q, k, v, bias, scale)[0]

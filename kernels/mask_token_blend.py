@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import autotune
+from ._eager import eager_or_op, eager_or_op_with_autograd
 from ._launch import on_device_of, sm_count
 
 _TILE_ELEMENTS = 4096
@@ -146,14 +147,15 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, grad_out):
     (mask,) = ctx.saved_tensors
     grad_tokens_needed, _, grad_mask_token_needed = ctx.needs_input_grad
-    grad_tokens, grad_mask_token = _backward_op(grad_out, mask, *ctx.dtypes, grad_tokens_needed,
-                                                grad_mask_token_needed)
+    grad_tokens, grad_mask_token = _call_backward(grad_out, mask, *ctx.dtypes, grad_tokens_needed,
+                                                  grad_mask_token_needed)
     return (grad_tokens if grad_tokens_needed else None, None,
             grad_mask_token if grad_mask_token_needed else None)
 
 
-_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
+_call_backward = eager_or_op(_backward_op, _launch_backward)
+_call = eager_or_op_with_autograd(_forward_op, _launch_forward, _backward, _save_for_backward)
 
 
 def mask_token_blend(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-    return _forward_op(tokens, mask, mask_token)
+    return _call(tokens, mask, mask_token)

@@ -58,6 +58,7 @@ from simmim_fast.reference import NORM_TARGET_EPS
 
 from ._autotune import autotune
 from ._compaction import selected_first_order
+from ._eager import eager_or_op, eager_or_op_with_autograd
 from ._launch import on_device_of, sm_count
 from .masked_l1_loss import finish_loss, loss_dtype
 
@@ -479,14 +480,15 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_grad_saved_outputs):
     features, weight, bias, target, order, num_active, sign, denominator = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grads = _backward_op(grad_loss, denominator, features, weight, bias, target, order, num_active, sign,
-                         *ctx.geometry, needs[0], needs[2] or needs[3], needs[4])
+    grads = _call_backward(grad_loss, denominator, features, weight, bias, target, order, num_active, sign,
+                           *ctx.geometry, needs[0], needs[2] or needs[3], needs[4])
     grad_features, grad_weight, grad_bias, grad_target = (grad if need else None for grad, need in
                                                           zip(grads, (needs[0], needs[2], needs[3], needs[4])))
     return grad_features, None, grad_weight, grad_bias, grad_target, None, None, None, None, None, None, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
+_call_backward = eager_or_op(_backward_op, _launch_backward)
+_call = eager_or_op_with_autograd(_forward_op, _launch_forward, _backward, _save_for_backward)
 
 
 def _dtypes(features, weight, bias, target, mask):
@@ -520,5 +522,5 @@ def masked_decoder_loss(
     if norm_target_patch_size is not None and target.requires_grad:
         raise RuntimeError("the fused normalised target gives the target no gradient; use the reference backend")
     dot_dtype, out_dtype, input_precision = _dtypes(features, weight, bias, target, mask)
-    return _forward_op(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
-                       norm_target_patch_size, dot_dtype, out_dtype, input_precision)[0]
+    return _call(features, mask, weight, bias, target, encoder_stride, patch_size, in_chans,
+                 norm_target_patch_size, dot_dtype, out_dtype, input_precision)[0]

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from simmim_fast.reference import LOSS_EPS
 
+from ._eager import eager_or_op, eager_or_op_with_autograd
 from ._launch import on_device_of, sm_count
 
 # Pixels per tile: 16 per thread at 4 warps; several programs fit on an SM to keep loads in flight.
@@ -235,13 +236,14 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_denominator):
     reconstruction, target, mask, denominator = ctx.saved_tensors
     grad_rec_needed, grad_target_needed = ctx.needs_input_grad[:2]
-    grad_rec, grad_target = _backward_op(grad_loss, denominator, reconstruction, target, mask, *ctx.geometry,
-                                         grad_rec_needed, grad_target_needed)
+    grad_rec, grad_target = _call_backward(grad_loss, denominator, reconstruction, target, mask, *ctx.geometry,
+                                           grad_rec_needed, grad_target_needed)
     return (grad_rec if grad_rec_needed else None, grad_target if grad_target_needed else None,
             None, None, None, None, None)
 
 
-_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
+_call_backward = eager_or_op(_backward_op, _launch_backward)
+_call = eager_or_op_with_autograd(_forward_op, _launch_forward, _backward, _save_for_backward)
 
 
 def masked_l1_loss(
@@ -253,5 +255,5 @@ def masked_l1_loss(
     shuffle_stride: int = 1,
 ) -> torch.Tensor:
     out_dtype = loss_dtype(reconstruction.dtype, target.dtype, mask.dtype, target.device.type)
-    loss, _ = _forward_op(reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype)
+    loss, _ = _call(reconstruction, target, mask, patch_size, in_chans, shuffle_stride, out_dtype)
     return loss

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ._autotune import autotune
 from ._compaction import selected_first_order
+from ._eager import eager_or_op, eager_or_op_with_autograd
 from ._launch import on_device_of, sm_count
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -494,15 +495,16 @@ def _save_for_backward(ctx, inputs, output):
 def _backward(ctx, grad_out, *_grad_saved_outputs):
     image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order, num_visible, masked = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5, 6, 7)]
-    grads = _backward_op(grad_out, image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order,
-                         num_visible, masked, *ctx.settings, needs)
+    grads = _call_backward(grad_out, image, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, order,
+                           num_visible, masked, *ctx.settings, needs)
     grad_image, grad_weight, grad_bias, grad_mask_token, grad_pos, grad_norm_weight, grad_norm_bias = (
         grad if need else None for grad, need in zip(grads, needs))
     return (grad_image, None, grad_weight, grad_bias, grad_mask_token, grad_pos, grad_norm_weight, grad_norm_bias,
             None, None, None, None)
 
 
-_forward_op.register_autograd(_backward, setup_context=_save_for_backward)
+_call_backward = eager_or_op(_backward_op, _launch_backward)
+_call = eager_or_op_with_autograd(_forward_op, _launch_forward, _backward, _save_for_backward)
 
 
 def _dtypes(image, weight, bias, mask_token, pos_embed, norm_weight):
@@ -526,5 +528,5 @@ def masked_patch_embed(image, mask, weight, bias, mask_token, pos_embed=None, no
                        norm_eps=1e-5):
     """See ``simmim_fast.reference.masked_patch_embed``."""
     dot_dtype, norm_dtype, out_dtype = _dtypes(image, weight, bias, mask_token, pos_embed, norm_weight)
-    return _forward_op(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, norm_eps, dot_dtype,
-                       norm_dtype, out_dtype)[0]
+    return _call(image, mask, weight, bias, mask_token, pos_embed, norm_weight, norm_bias, norm_eps, dot_dtype,
+                 norm_dtype, out_dtype)[0]

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
 from ._autotune import autotune
+from ._eager import eager_or_op, eager_or_op_with_autograd
 from ._launch import on_device_of
 from .attention_bias import flash_backward, flash_forward
 
@@ -450,10 +451,13 @@ def _backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale):
 
 # ---- the op: torch.library registration, so Dynamo sees one opaque node ---------------------------
 
-@torch.library.custom_op("simmim_fast_triton::window_attention", mutates_args=())
-def _window_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                         window_mask: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _window_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                              window_mask: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, bias, window_mask, scale)
+
+
+_window_attention_op = torch.library.custom_op("simmim_fast_triton::window_attention", _window_attention_forward,
+                                               mutates_args=())
 
 
 @_window_attention_op.register_fake
@@ -465,12 +469,15 @@ def _(q, k, v, bias, window_mask, scale):
             q.new_empty(stats_shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("simmim_fast_triton::window_attention_backward", mutates_args=())
-def _window_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  bias: torch.Tensor, window_mask: Optional[torch.Tensor], out: torch.Tensor,
-                                  row_stats: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _window_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               bias: torch.Tensor, window_mask: Optional[torch.Tensor], out: torch.Tensor,
+                               row_stats: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     dqkv, dbias = _backward(grad_out, q, k, v, bias, window_mask, out, row_stats, scale)
     return dqkv, dbias.contiguous()  # the flash path's is a transposed view
+
+
+_window_attention_backward_op = torch.library.custom_op("simmim_fast_triton::window_attention_backward",
+                                                        _window_attention_backward, mutates_args=())
 
 
 @_window_attention_backward_op.register_fake
@@ -489,13 +496,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, grad_out, _grad_row_stats):
     q, k, v, bias, window_mask, out, row_stats = ctx.saved_tensors
-    dqkv, dbias = _window_attention_backward_op(grad_out, q, k, v, bias, window_mask, out, row_stats, ctx.scale)
+    dqkv, dbias = _call_backward(grad_out, q, k, v, bias, window_mask, out, row_stats, ctx.scale)
     dq, dk, dv = packed_qkv_gradient(dqkv, ctx.needs_input_grad[:3])
     return dq, dk, dv, dbias.to(bias.dtype) if ctx.needs_input_grad[3] else None, None, None
 
 
-torch.library.register_autograd("simmim_fast_triton::window_attention", _backward_formula,
-                                setup_context=_setup_context)
+_call_backward = eager_or_op(_window_attention_backward_op, _window_attention_backward)
+_call = eager_or_op_with_autograd(_window_attention_op, _window_attention_forward, _backward_formula, _setup_context)
 
 
 def window_attention(
@@ -514,4 +521,4 @@ def window_attention(
     """
     assert dropout_p == 0.0, "attention dropout is not fused; the dispatch sends dropout_p > 0 to the reference"
     q, k, v, scale = attention_operands(q, k, v, scale)
-    return _window_attention_op(q, k, v, bias, window_mask, scale)[0]
+    return _call(q, k, v, bias, window_mask, scale)[0]

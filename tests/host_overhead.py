@@ -7,8 +7,8 @@ at these sizes; meta tensors would not do: many of their shape functions are Pyt
 through Triton's autotuner (its key built and found in a cache that holds the default config, as after
 tuning) and Triton's argument binding, specialisation key and kernel-cache lookup, then stops where
 Triton's C launcher would run (which needs a CUDA driver: timed on a GPU, with the CUDA launches of
-torch's own ops, by benchmarks/gpu_check.sh). Measured: the call through the custom op (dispatch,
-autograd, input checks, autocast casts, output allocation, the launcher's Python), per forward call
+torch's own ops, by benchmarks/gpu_check.sh). Measured: the op's call as training makes it (kernels/_eager.py's
+eager entry, input checks, autocast casts, output allocation, the launcher's Python), per forward call
 (autograd recording, as in training) and per forward + backward.
 
 Rounds interleave the ops; the figure is the median over rounds of the mean per call in a round, in

@@ -9,6 +9,7 @@ import torch
 
 import simmim_fast
 from simmim_fast import ops, reference
+from simmim_fast.kernels import attention_bias
 from tests.tolerances import assert_close_cpu, assert_within_torch_error
 
 pytestmark = pytest.mark.interpreter
@@ -71,6 +72,17 @@ def test_matches_reference(tokens, head_dim, bias_kind):
     bias = make_bias(bias_kind, tokens)
     names = ["dq", "dk", "dv"] + ([] if bias is None else ["dbias"])
     assert_matches(run_both(q, k, v, bias), names)
+
+
+@pytest.mark.parametrize("query_block", sorted({config.kwargs["BLOCK_M"] for config in attention_bias._DKDV_CONFIGS}))
+def test_every_dkdv_query_block_matches_reference(query_block, monkeypatch):
+    """dk/dv/dBias's query block is a tuner config (a GPU may choose any); the interpreter runs the
+    default, so each block is made the default here, at N = 70 (ragged in 16- and 32-query blocks)."""
+    tuner = attention_bias._bwd_dkdv_dbias
+    chosen = [config for config in tuner.configs if config.kwargs["BLOCK_M"] == query_block]
+    monkeypatch.setattr(tuner, "configs", chosen + [config for config in tuner.configs if config not in chosen])
+    q, k, v = packed_qkv(3, 70, 24)
+    assert_matches(run_both(q, k, v, make_bias("random", 70)), ["dq", "dk", "dv", "dbias"])
 
 
 def test_large_bias_and_fully_masked_row():
