@@ -55,11 +55,13 @@ def convert_original(state):
 
 
 def load_like_init_weights(model, checkpoint):
-    """mmdet's ``init_weights`` with init_cfg Pretrained and convert_weights=True; returns load_state_dict's
-    (missing, unexpected)."""
+    """mmdet's ``init_weights`` with init_cfg Pretrained: the checkpoint's state dict, converted from the
+    original layout when the backbone's convert_weights is set, then only its 'backbone.' keys, unprefixed;
+    returns load_state_dict's (missing, unexpected)."""
     state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
-    state = {key[len("backbone."):]: value for key, value in convert_original(state).items()
-             if key.startswith("backbone.")}
+    if model.convert_weights:
+        state = convert_original(state)
+    state = {key[len("backbone."):]: value for key, value in state.items() if key.startswith("backbone.")}
     return model.load_state_dict(state, strict=False)
 
 
@@ -177,8 +179,9 @@ class OpenMMLabSwin(nn.Module):
     """forward(images) -> [(B, C_i, H_i, W_i)], each stage's output through its norm{i}."""
 
     def __init__(self, embed_dims, patch_size, depths, num_heads, window_size, mlp_ratio, strides, patch_norm,
-                 **unused):
+                 convert_weights=False, **unused):
         super().__init__()
+        self.convert_weights = convert_weights  # mmdet's default: load the checkpoint's names as they are
         self.patch_embed = PatchEmbed(embed_dims, patch_size, strides[0], patch_norm)
         self.stages = nn.ModuleList(  # as mmdet: stage i downsamples with PatchMerging(stride=strides[i + 1])
             Stage(embed_dims * 2 ** i, depth, heads, window_size, mlp_ratio,

@@ -325,3 +325,54 @@ def test_export_layer_norm_eps_is_the_models(preset):
     eps = {module.eps for module in model.modules() if "Norm" in type(module).__name__ and hasattr(module, "eps")}
     weights = {key: value for key, value in model.state_dict().items() if not key.endswith(DERIVED_BUFFERS)}
     assert eps == {transformers_layout(weights, config, num_classes=0)[1]["layer_norm_eps"]}, eps
+
+
+@pytest.mark.parametrize("fmt", ["timm", "transformers", "original"])
+@pytest.mark.parametrize("change", [{"APE": True}, {"PATCH_NORM": False}], ids=["ape", "no-patch-norm"])
+def test_swin_export_refuses_what_the_library_cannot_build(fmt, change):
+    """timm's, transformers' and OpenMMLab's Swin have no absolute position embedding and always a patch
+    norm: each layout refuses a Swin with either one (alone, not only both) by name, and takes the default."""
+    from simmim_fast.downstream.export import layout
+
+    def exported(config):
+        model = build_classifier(config, 0)
+        weights = {key: value for key, value in model.state_dict().items() if not key.endswith(DERIVED_BUFFERS)}
+        return layout(weights, model, config, fmt)
+
+    config = get_config("swin-tiny")
+    exported(config)
+    with pytest.raises(ValueError, match="MODEL.SWIN.APE / PATCH_NORM"):
+        exported(merge(config, {"MODEL": {"SWIN": change}}))
+
+
+def test_transformers_export_labels_and_classifier_of_any_class_count():
+    """id2label/label2id name the classes in the head's order when there is one name per class (else the
+    indices), and a head of any size, one class included, exports as the ForImageClassification model
+    with its base model's prefix."""
+    config = get_config("vit-tiny")
+    for classes, names in ((["cat", "dog", "eel"], ["cat", "dog", "eel"]), (["cat", "dog"], ["0", "1", "2"]),
+                           (None, ["0", "1", "2"])):
+        model = build_classifier(config, 3)
+        weights = {key: value for key, value in model.state_dict().items() if not key.endswith(DERIVED_BUFFERS)}
+        _, hf_config = transformers_layout(weights, config, num_classes=3, classes=classes)
+        assert hf_config["id2label"] == {str(index): name for index, name in enumerate(names)}
+        assert hf_config["label2id"] == {name: index for index, name in enumerate(names)}
+    model = build_classifier(config, 1)
+    weights = {key: value for key, value in model.state_dict().items() if not key.endswith(DERIVED_BUFFERS)}
+    exported, hf_config = transformers_layout(weights, config, num_classes=1)
+    assert hf_config["architectures"] == ["BeitForImageClassification"]
+    assert "classifier.weight" in exported and all(key.startswith(("beit.", "classifier.")) for key in exported)
+
+
+def test_export_preprocessor_config_is_the_evaluation_view():
+    """AutoImageProcessor's settings, literally: pixels / 255 (a 1/254 hides inside the downstream lane's
+    one-uint8-level tolerance), the shorter side to int(256/224 x size) with PIL's bicubic (3), the centre
+    size x size crop, ImageNet's mean and std, RGB."""
+    from simmim_fast.downstream.export import preprocessor_config
+
+    processor = preprocessor_config(merge(get_config("swin-tiny"), {"DATA": {"IMG_SIZE": 192}}))
+    assert processor["rescale_factor"] == 1 / 255 and processor["do_rescale"] and processor["do_normalize"]
+    assert processor["size"] == {"shortest_edge": 219} and processor["resample"] == 3 and processor["do_resize"]
+    assert processor["crop_size"] == {"height": 192, "width": 192} and processor["do_center_crop"]
+    assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["image_std"] == [0.229, 0.224, 0.225]
+    assert processor["do_convert_rgb"] and processor["image_processor_type"] == "BitImageProcessor"

@@ -219,3 +219,18 @@ def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
     with pytest.raises(OSError, match="No space left"):
         checkpoint.write_folder_atomic(tmp_path / "export", {"a.bin": b"1", "b.bin": b"2" * 1000})
+
+
+def test_export_reads_weights_only_unless_trusted(tmp_path):
+    """export_checkpoint unpickles nothing but tensors and containers by default (a checkpoint that pickles
+    another object, as the original's yacs config, is refused by name and nothing is written); trust=True
+    reads it."""
+    import argparse
+
+    path = tmp_path / "with_object.pth"
+    save_atomic({"model": build_simmim("vit-tiny").state_dict(), "config": get_config("vit-tiny").to_dict(),
+                 "args": argparse.Namespace(seed=0)}, path)
+    with pytest.raises(ValueError, match="trust_checkpoint=True"):
+        export_checkpoint(str(path), "timm", str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    assert (export_checkpoint(str(path), "timm", str(tmp_path / "trusted"), trust=True) / "model.safetensors").is_file()

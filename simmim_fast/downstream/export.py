@@ -226,7 +226,7 @@ def with_per_block_bias(model, config):
         raise ValueError("--vit-bias per-block applies to a ViT with a shared relative position bias "
                          f"(MODEL.VIT.USE_SHARED_RPB); this checkpoint's model is a {config.MODEL.TYPE} without one")
     config = merge(config, {"MODEL": {"VIT": {"USE_RPB": True, "USE_SHARED_RPB": False}}})
-    per_block = build_classifier(config, getattr(model, "num_classes", 0))
+    per_block = build_classifier(config, model.num_classes)
     load_into(per_block, model.state_dict())
     return per_block.eval(), config
 
@@ -266,7 +266,7 @@ def original_swin_layout(state: Dict[str, torch.Tensor], config) -> Tuple[Dict[s
 
 
 def layout(state, model, config, fmt, classes=None):
-    num_classes = getattr(model, "num_classes", 0)
+    num_classes = model.num_classes
     if fmt == "timm":
         return timm_layout(state, config, num_classes)
     if fmt == "original":
