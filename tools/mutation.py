@@ -40,6 +40,17 @@ PLAIN_LANE = "not interpreter and not compile and not downstream and not xla and
 
 
 @dataclasses.dataclass(frozen=True)
+class Lane:
+    """Tests of another lane (tests/run.sh), run in its venv after the plain tests pass: the libraries
+    or the device the module's code needs (timm and transformers for export, torch_xla for resume)."""
+
+    venv: str
+    markers: str
+    pytest_args: Tuple[str, ...]
+    env: Tuple[Tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     """A module to mutate, optionally only inside some top-level functions/classes, and its tests."""
 
@@ -47,17 +58,13 @@ class Target:
     tests: Tuple[str, ...]
     only: Tuple[str, ...] = ()  # top-level def/class names; empty = the whole module
     pytest_args: Tuple[str, ...] = ()
-    # Run after the plain tests pass, in the downstream lane's venv (timm, transformers: export's comparisons).
-    downstream_tests: Tuple[str, ...] = ()
-    downstream_args: Tuple[str, ...] = ()
+    later_lanes: Tuple[Lane, ...] = ()
 
-    def runs(self) -> List[Tuple[str, str, Tuple[str, ...]]]:
-        """(python, marker expression, pytest arguments) of each test run, in order."""
-        runs = [(str(ROOT / ".venv" / "bin" / "python"), PLAIN_LANE, self.pytest_args + self.tests)]
-        if self.downstream_tests:
-            runs.append((str(ROOT / ".venv-cuda" / "bin" / "python"), "downstream",
-                         self.downstream_args + self.downstream_tests))
-        return runs
+    def runs(self) -> List[Tuple[str, str, Tuple[str, ...], Dict[str, str]]]:
+        """(python, marker expression, pytest arguments, extra environment) of each test run, in order."""
+        plain = (str(ROOT / ".venv" / "bin" / "python"), PLAIN_LANE, self.pytest_args + self.tests, {})
+        return [plain] + [(str(ROOT / lane.venv / "bin" / "python"), lane.markers, lane.pytest_args, dict(lane.env))
+                          for lane in self.later_lanes]
 
 
 # The modules whose bugs cost users most, each with the test subset that covers it (small enough for a
@@ -76,7 +83,9 @@ TARGETS: Dict[str, Target] = {
                      ("tests/test_train_unit.py", "tests/test_train_run.py", "tests/test_cli_errors.py",
                       "tests/test_long_runs.py", "tests/test_train_distributed.py"),
                      pytest_args=("-k", "checkpoint or resume or rng or keep_last or save or crash or long_runs "
-                                        "or two_processes or all_finite")),
+                                        "or two_processes or all_finite"),
+                     # restore_rng's XLA branch
+                     later_lanes=(Lane(".venv-xla", "xla", ("-k", "rng", "tests/test_xla.py"), (("PJRT_DEVICE", "CPU"),)),)),
     "lr_schedule": Target("simmim_fast/train/optim.py", ("tests/test_train_unit.py",),
                           pytest_args=("-k", "lr or schedule or decay or adamw or optimizer or apex")),
     "layer_decay": Target("simmim_fast/downstream/finetune.py", ("tests/test_downstream.py",),
@@ -93,8 +102,8 @@ TARGETS: Dict[str, Target] = {
     "export": Target("simmim_fast/downstream/export.py",
                      ("tests/test_downstream.py", "tests/test_export_atomic.py", "tests/test_transfer.py",
                       "tests/test_cli_errors.py"), pytest_args=("-k", "export"),
-                     downstream_tests=("tests/test_downstream_libraries.py",),
-                     downstream_args=("-k", "export or backbones or image_processor")),
+                     later_lanes=(Lane(".venv-cuda", "downstream", ("-k", "export or backbones or image_processor",
+                                                                   "tests/test_downstream_libraries.py")),)),
     "finetune_remap": Target("simmim_fast/downstream/models.py", ("tests/test_downstream.py",),
                              only=("load_into", "resize_relative_position_table"),
                              pytest_args=("-k", "bias or load or checkpoint or architecture or resize")),
@@ -283,7 +292,7 @@ def scratch_copy() -> Path:
 
 
 def check_imports_the_copy(folder: Path, target: Target) -> None:
-    for python, _, _ in target.runs():
+    for python, _, _, _ in target.runs():
         imported = subprocess.run([python, "-c", "import simmim_fast; print(simmim_fast.__file__)"], cwd=folder,
                                   env=_test_environment(folder), capture_output=True, text=True).stdout.strip()
         if not imported.startswith(str(folder)):  # else every mutant would "survive", untested
@@ -300,10 +309,10 @@ def run_tests(folder: Path, target: Target, timeout: float) -> Tuple[str, float,
     """('passed' | 'failed' | 'timeout', seconds, the output's tail) of the target's tests in ``folder``."""
     env = _test_environment(folder)
     start = time.monotonic()
-    for python, markers, arguments in target.runs():
+    for python, markers, arguments, lane_env in target.runs():
         command = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", markers, *arguments]
         try:
-            result = subprocess.run(command, cwd=folder, env=env, capture_output=True,
+            result = subprocess.run(command, cwd=folder, env={**env, **lane_env}, capture_output=True,
                                     timeout=max(1.0, timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:
             return "timeout", time.monotonic() - start, ""
@@ -345,7 +354,7 @@ def run_target(name: str, target: Target, folder: Path, max_mutants: Optional[in
     missed = [m for m in survivors if m.key(target.path) not in equivalents]
     scored = len(outcomes) - len(equivalent)
     return {"module": target.path, "tests": [" ".join(arguments) + f" ({Path(python).parent.parent.name}, -m '{markers}')"
-                                             for python, markers, arguments in target.runs()],
+                                             for python, markers, arguments, _ in target.runs()],
             "only": list(target.only), "mutants": len(outcomes), "killed": len(killed),
             "timeouts": sum(outcome == "timeout" for _, outcome in outcomes),
             "equivalent": len(equivalent), "score": round(len(killed) / scored, 4) if scored else None,
@@ -397,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list or not args.modules:
         for name, target in TARGETS.items():
             print(f"{name:15s} {target.path}{' (' + ', '.join(target.only) + ')' if target.only else ''}")
-            for python, markers, arguments in target.runs():
+            for python, markers, arguments, _ in target.runs():
                 print(f"{'':15s} tests ({Path(python).parent.parent.name}): {' '.join(arguments)}")
         return 0
     names = list(TARGETS) if args.modules == ["all"] else args.modules
