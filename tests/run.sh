@@ -37,8 +37,24 @@ cuda_home() {  # the toolkit root; nvcc on the PATH may be a wrapper script, so 
   bin=$(nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p')
   dirname "${bin:-$(dirname "$(command -v nvcc)")}"
 }
-for lane in $lanes; do
-  echo "=== lane: $lane"
+venv_of_lane() {  # the lane venv a lane installs into, if any (.venv serves the rest and is kept)
+  case "$1" in csrc|downstream) echo .venv-cuda ;; xla) echo .venv-xla ;; esac
+}
+# SIMMIM_FAST_PRUNE_VENVS=1 (.ci/run sets it): a lane venv is removed once the last lane of this run that
+# uses it has finished. The three venvs take about 15 GB (.venv 2.1, .venv-cuda 5.9, .venv-xla 7.3, plus
+# ~4 GB of torch 2.9's downloaded wheels while it installs): more than some CI machines have free.
+prune_finished_venv() {  # prune_finished_venv LANE LANES_STILL_TO_RUN...
+  local venv later
+  venv=$(venv_of_lane "$1")
+  [ "${SIMMIM_FAST_PRUNE_VENVS:-0}" = 1 ] && [ -n "$venv" ] || return 0
+  for later in "${@:2}"; do [ "$(venv_of_lane "$later")" = "$venv" ] && return 0; done
+  echo "=== pruning $venv: no later lane of this run uses it"
+  rm -rf "$venv"
+}
+set -- $lanes
+while [ $# -gt 0 ]; do
+  lane=$1; shift
+  echo "=== lane: $lane ($(df -h --output=avail . | tail -1 | tr -d ' ') free on this disk)"
   case "$lane" in
     plain) $PY -m pytest -q -m "not interpreter and not compile" tests ;;
     interpreter) TRITON_INTERPRET=1 SIMMIM_FAST_BACKEND=triton $PY -m pytest -q -m interpreter tests ;;
@@ -60,4 +76,5 @@ for lane in $lanes; do
         tests/test_gpu_decode_pretrain.py ;;
     *) echo "unknown lane $lane" >&2; exit 2 ;;
   esac
+  prune_finished_venv "$lane" "$@"
 done
