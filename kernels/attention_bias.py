@@ -50,7 +50,7 @@ import triton.language as tl
 from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
 from ._autotune import autotune, heuristics
 from ._eager import eager_or_op, eager_or_op_with_autograd
-from ._launch import on_device_of
+from ._launch import cdiv, next_power_of_2, on_device_of
 
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels see globals only as constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -536,7 +536,7 @@ _KEY = ["N", "HEAD_DIM_PAD", "HAS_BIAS", "HAS_MASK", "DOT_PRECISION"]
 def _tail(tokens: int, block: int) -> int:
     """The block of the last tokens % block rows or keys: the power of two (at least 16, a tensor-core
     tile's k) that holds them, so 197 tokens in 64-blocks are padded to 208, not 256."""
-    return min(block, max(16, triton.next_power_of_2(tokens % block)))
+    return min(block, max(16, next_power_of_2(tokens % block)))
 
 
 _TILE_FLAGS = {
@@ -563,7 +563,7 @@ _bwd_dkdv_dbias = autotune(_DKDV_CONFIGS, _DKDV_KEY)(heuristics(_TILE_FLAGS)(_at
 
 
 def _head_dim_pad(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.arange needs a power of two, tl.dot at least 16
+    return max(16, next_power_of_2(head_dim))  # tl.arange needs a power of two, tl.dot at least 16
 
 
 def _additive_args(q, bias, window_mask):
@@ -590,8 +590,8 @@ def _batches_per_group(batch: int, heads: int, tokens: int, head_dim: int, eleme
         return 2  # several groups, the last one ragged, in tiny tests
     partial_bytes = heads * tokens * tokens * 4
     q_bytes = batch * heads * tokens * head_dim * element_size
-    groups = min(batch, TARGET_PROGRAMS // (heads * triton.cdiv(tokens, BLOCK)), 2 * q_bytes // partial_bytes)
-    return triton.cdiv(batch, max(1, groups))
+    groups = min(batch, TARGET_PROGRAMS // (heads * cdiv(tokens, BLOCK)), 2 * q_bytes // partial_bytes)
+    return cdiv(batch, max(1, groups))
 
 
 def flash_forward(q, k, v, bias: Optional[torch.Tensor], window_mask: Optional[torch.Tensor], scale: float):
@@ -600,7 +600,7 @@ def flash_forward(q, k, v, bias: Optional[torch.Tensor], window_mask: Optional[t
     out = torch.empty((batch, tokens, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     bias_arg, mask_arg, additive_strides, num_windows, flags = _additive_args(q, bias, window_mask)
-    grid = (batch * heads * triton.cdiv(tokens, BLOCK),)
+    grid = (batch * heads * cdiv(tokens, BLOCK),)
     with on_device_of(q):
         _fwd[grid](
             q, k, v, bias_arg, mask_arg, out, lse,
@@ -621,9 +621,9 @@ def flash_backward(dout, q, k, v, bias, window_mask, out, lse, scale: float,
     dq, dk, dv = packed_qkv_gradient(dqkv, (True, True, True))
     delta = torch.empty((batch, heads, tokens), device=q.device, dtype=torch.float32)
     bias_arg, mask_arg, additive_strides, num_windows, flags = _additive_args(q, bias, window_mask)
-    blocks = triton.cdiv(tokens, BLOCK)
+    blocks = cdiv(tokens, BLOCK)
     batches_per_group = _batches_per_group(batch, heads, tokens, head_dim, q.element_size(), compute_dbias)
-    groups = triton.cdiv(batch, batches_per_group)
+    groups = cdiv(batch, batches_per_group)
     dbias_partial = torch.empty((groups, heads, tokens, tokens) if compute_dbias else (0, heads, 0, 0),
                                 device=q.device, dtype=torch.float32)
     # dk/dv/dBias's query block BLOCK_M is its tuner's config

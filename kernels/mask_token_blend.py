@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._autotune import autotune
 from ._eager import eager_or_op, eager_or_op_with_autograd
-from ._launch import on_device_of, sm_count
+from ._launch import cdiv, next_power_of_2, on_device_of, sm_count
 
 _TILE_ELEMENTS = 4096
 
@@ -76,7 +76,7 @@ def _mask_token_blend_bwd_kernel(
 
 
 def _blocks(dim: int):
-    block_d = min(triton.next_power_of_2(dim), 256)
+    block_d = min(next_power_of_2(dim), 256)
     return _TILE_ELEMENTS // block_d, block_d
 
 
@@ -87,7 +87,7 @@ def _launch_forward(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.
                       dtype=torch.promote_types(tokens.dtype, mask_token.dtype))
     block_rows, block_d = _blocks(dim)
     with on_device_of(tokens):
-        _mask_token_blend_fwd_kernel[(triton.cdiv(num_rows, block_rows), triton.cdiv(dim, block_d))](
+        _mask_token_blend_fwd_kernel[(cdiv(num_rows, block_rows), cdiv(dim, block_d))](
             out, tokens, mask.reshape(num_rows).contiguous(), mask_token.reshape(dim).contiguous(), num_rows, length,
             dim, *tokens.stride(), BLOCK_ROWS=block_rows, BLOCK_D=block_d,
         )
@@ -110,8 +110,8 @@ def _launch_backward(grad_out: torch.Tensor, mask: torch.Tensor, tokens_dtype: t
     batch, length, dim = grad_out.shape
     num_rows = batch * length
     block_rows, block_d = _blocks(dim)
-    col_blocks = triton.cdiv(dim, block_d)
-    row_programs = max(1, min(triton.cdiv(num_rows, block_rows), 4 * sm_count(grad_out.device) // col_blocks))
+    col_blocks = cdiv(dim, block_d)
+    row_programs = max(1, min(cdiv(num_rows, block_rows), 4 * sm_count(grad_out.device) // col_blocks))
     grad_tokens = (grad_out.new_empty((batch, length, dim), dtype=tokens_dtype) if grad_tokens_needed
                    else grad_out.new_empty(0, dtype=tokens_dtype))
     part_mask_token = (grad_out.new_empty((row_programs, dim), dtype=torch.float32) if grad_mask_token_needed

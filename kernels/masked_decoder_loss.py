@@ -59,7 +59,7 @@ from simmim_fast.reference import NORM_TARGET_EPS
 from ._autotune import autotune
 from ._compaction import selected_first_order
 from ._eager import eager_or_op, eager_or_op_with_autograd
-from ._launch import on_device_of, sm_count
+from ._launch import cdiv, next_power_of_2, on_device_of, sm_count
 from .masked_l1_loss import finish_loss, loss_dtype
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -326,15 +326,15 @@ def _active_first_order(mask: torch.Tensor, encoder_stride: int, patch_size: int
 
 def _launch_shapes(out_channels: int, in_channels: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K): tokens x output channels x encoder channels."""
-    block_n = max(16, min(128, triton.next_power_of_2(out_channels)))
-    block_k = max(16, min(64, triton.next_power_of_2(in_channels)))
+    block_n = max(16, min(128, next_power_of_2(out_channels)))
+    block_k = max(16, min(64, next_power_of_2(in_channels)))
     return 64, block_n, block_k
 
 
 def _weight_grad_splits(num_tokens: int, tiles: int, block_m: int, device: torch.device) -> int:
     """Token splits of the weight grad: about 8 waves of programs over the device's SMs with the (o, k) tiles,
     at most one per token block. From the shapes and the SM count only, so the summation order is fixed."""
-    return max(1, min(triton.cdiv(num_tokens, block_m), triton.cdiv(8 * sm_count(device), tiles)))
+    return max(1, min(cdiv(num_tokens, block_m), cdiv(8 * sm_count(device), tiles)))
 
 
 def _normalized_targets(target: torch.Tensor, order: torch.Tensor, num_active: torch.Tensor, encoder_stride: int,
@@ -350,7 +350,7 @@ def _normalized_targets(target: torch.Tensor, order: torch.Tensor, num_active: t
         _normalized_target_kernel[(num_tokens, channels)](
             normalized, target, order, num_active, num_tokens // batch, grid_w, height, width, normalized.shape[1],
             *target.stride(), STRIDE=encoder_stride, RADIUS=window // 2,
-            BLOCK_S=max(16, triton.next_power_of_2(encoder_stride)),
+            BLOCK_S=max(16, next_power_of_2(encoder_stride)),
             CHUNK=16, num_warps=4,
         )
     return normalized
@@ -374,7 +374,7 @@ def _launch_forward(
                                       num_tokens))
     block_m, block_n, block_k = _launch_shapes(out_channels, in_channels)
 
-    num_programs = triton.cdiv(out_channels, block_n) * triton.cdiv(num_tokens, block_m)
+    num_programs = cdiv(out_channels, block_n) * cdiv(num_tokens, block_m)
     sign = torch.empty((num_tokens, out_channels), device=features.device, dtype=torch.int8)
     abs_partials = torch.empty(num_programs, device=features.device, dtype=torch.float32)
     count_partials = torch.empty(num_programs, device=features.device, dtype=torch.int32)
@@ -422,7 +422,7 @@ def _launch_backward(
 
     if grad_features_needed:
         grad_features = torch.empty_like(features)
-        num_programs = triton.cdiv(in_channels, block_k) * triton.cdiv(num_tokens, block_m)
+        num_programs = cdiv(in_channels, block_k) * cdiv(num_tokens, block_m)
         with on_device_of(features):
             _masked_decoder_loss_bwd_features_kernel[(num_programs,)](
                 grad_features, sign, weight_2d, order, num_active, grad_loss, denominator, in_chans,
@@ -432,7 +432,7 @@ def _launch_backward(
     if grad_parameters_needed or grad_target_needed:
         # Each (o, k) tile sums over the active tokens of its split: 64-wide o tiles, 144 tiles for ViT-B.
         weight_block_n = min(block_n, 64)
-        tiles = (triton.cdiv(out_channels, weight_block_n), triton.cdiv(in_channels, block_k))
+        tiles = (cdiv(out_channels, weight_block_n), cdiv(in_channels, block_k))
         num_splits = _weight_grad_splits(num_tokens, tiles[0] * tiles[1], block_m, features.device)
         part_weight = torch.empty((num_splits, out_channels, in_channels), device=features.device,
                                   dtype=torch.float32)

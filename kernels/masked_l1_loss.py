@@ -33,7 +33,7 @@ import triton.language as tl
 from simmim_fast.reference import LOSS_EPS
 
 from ._eager import eager_or_op, eager_or_op_with_autograd
-from ._launch import on_device_of, sm_count
+from ._launch import cdiv, next_power_of_2, on_device_of, sm_count
 
 # Pixels per tile: 16 per thread at 4 warps; several programs fit on an SM to keep loads in flight.
 _TILE_ELEMENTS = 2048
@@ -166,11 +166,11 @@ def loss_dtype(rec_dtype: torch.dtype, target_dtype: torch.dtype, mask_dtype: to
 def _launch_geometry(target: torch.Tensor, patch_size: int, shuffle_stride: int) -> dict:
     batch, channels, height, width = target.shape
     rec_width = width // shuffle_stride
-    block_s = triton.next_power_of_2(shuffle_stride)
-    block_ws = max(1, min(triton.next_power_of_2(rec_width), _TILE_ELEMENTS // block_s))
+    block_s = next_power_of_2(shuffle_stride)
+    block_ws = max(1, min(next_power_of_2(rec_width), _TILE_ELEMENTS // block_s))
     block_rows = max(1, _TILE_ELEMENTS // (block_ws * block_s))
     num_rows = batch * channels * height
-    num_tiles = triton.cdiv(num_rows, block_rows) * triton.cdiv(rec_width, block_ws)
+    num_tiles = cdiv(num_rows, block_rows) * cdiv(rec_width, block_ws)
     return dict(
         num_programs=min(num_tiles, 8 * sm_count(target.device)),
         args=(num_rows, height, channels, width, width // patch_size, num_tiles),

@@ -39,7 +39,7 @@ import triton.language as tl
 from ._autotune import autotune
 from ._compaction import selected_first_order
 from ._eager import eager_or_op, eager_or_op_with_autograd
-from ._launch import on_device_of, sm_count
+from ._launch import cdiv, next_power_of_2, on_device_of, sm_count
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 # Rows x columns held per program when a full LayerNorm row must fit (64 tokens x 256 channels).
@@ -314,9 +314,9 @@ def _masked_patch_embed_bwd_image_kernel(
 def _launch_shapes(dim: int, features: int, has_norm: bool):
     """(BLOCK_M, BLOCK_D, BLOCK_K) of the projection kernels. patch_norm needs a whole channel row per program,
     so BLOCK_M and BLOCK_K shrink as D grows."""
-    block_d = max(16, triton.next_power_of_2(dim)) if has_norm else max(16, min(128, triton.next_power_of_2(dim)))
+    block_d = max(16, next_power_of_2(dim)) if has_norm else max(16, min(128, next_power_of_2(dim)))
     block_m = max(16, min(64, _TILE_ELEMENTS // block_d))
-    block_k = max(16, min(64, triton.next_power_of_2(features), _TILE_ELEMENTS // 2 // block_d))
+    block_k = max(16, min(64, next_power_of_2(features), _TILE_ELEMENTS // 2 // block_d))
     return block_m, block_d, block_k
 
 
@@ -360,7 +360,7 @@ def _launch_forward(
 
     out = torch.empty((batch, tokens_per_image, dim), device=image.device, dtype=out_dtype)
     with on_device_of(image):
-        _masked_patch_embed_fwd_kernel[(triton.cdiv(dim, block_d) * triton.cdiv(num_tokens, block_m),)](
+        _masked_patch_embed_fwd_kernel[(cdiv(dim, block_d) * cdiv(num_tokens, block_m),)](
             out, image, weight_2d, bias, mask_token.reshape(dim).contiguous(), pos, norm_weight, norm_bias,
             order, num_visible,
             num_tokens, tokens_per_image, grid_w, dim, features, norm_eps,
@@ -417,14 +417,14 @@ def _launch_backward(
         # Weight tiles are (BLOCK_D, 128 or less) accumulators; splits over token blocks fill the GPU
         # (at most one split per token block).
         weight_block_m = _weight_grad_block_m(block_d, has_norm)
-        weight_block_k = max(16, min(128, _TILE_ELEMENTS // block_d, triton.next_power_of_2(features)))
-        tiles = triton.cdiv(dim, block_d) * triton.cdiv(features, weight_block_k)
-        token_blocks = triton.cdiv(batch * tokens_per_image, weight_block_m)
-        num_splits = max(1, min(triton.cdiv(target_programs, tiles), token_blocks))
+        weight_block_k = max(16, min(128, _TILE_ELEMENTS // block_d, next_power_of_2(features)))
+        tiles = cdiv(dim, block_d) * cdiv(features, weight_block_k)
+        token_blocks = cdiv(batch * tokens_per_image, weight_block_m)
+        num_splits = max(1, min(cdiv(target_programs, tiles), token_blocks))
         part_weight = torch.empty((num_splits, dim, features), device=image.device, dtype=torch.float32)
         part_vectors = torch.empty((3, num_splits, dim), device=image.device, dtype=torch.float32)
         with on_device_of(image):
-            _masked_patch_embed_bwd_kernel[(triton.cdiv(dim, block_d), triton.cdiv(features, weight_block_k),
+            _masked_patch_embed_bwd_kernel[(cdiv(dim, block_d), cdiv(features, weight_block_k),
                                             num_splits)](
                 part_weight, part_vectors[0], part_vectors[1], part_vectors[2],
                 grad_out, image, weight_2d, bias, norm_weight, order, num_visible, num_splits, *geometry,
@@ -442,15 +442,15 @@ def _launch_backward(
     if needs_mask_token or needs_pos:
         # A streaming reduction of grad_out: split the batch too, for enough loads in flight.
         block_l = 16
-        token_block_d = max(16, min(64, triton.next_power_of_2(dim)))
-        num_cell_blocks = triton.cdiv(tokens_per_image, block_l)
-        tiles = num_cell_blocks * triton.cdiv(dim, token_block_d)
-        num_splits = max(1, min(batch, triton.cdiv(4 * target_programs, tiles)))
+        token_block_d = max(16, min(64, next_power_of_2(dim)))
+        num_cell_blocks = cdiv(tokens_per_image, block_l)
+        tiles = num_cell_blocks * cdiv(dim, token_block_d)
+        num_splits = max(1, min(batch, cdiv(4 * target_programs, tiles)))
         part_pos = (torch.empty((num_splits, tokens_per_image, dim), device=image.device, dtype=torch.float32)
                     if needs_pos else None)
         part_mask_token = torch.empty((num_splits, num_cell_blocks, dim), device=image.device, dtype=torch.float32)
         with on_device_of(image):
-            _masked_patch_embed_bwd_tokens_kernel[(num_cell_blocks, triton.cdiv(dim, token_block_d), num_splits)](
+            _masked_patch_embed_bwd_tokens_kernel[(num_cell_blocks, cdiv(dim, token_block_d), num_splits)](
                 part_pos, part_mask_token, grad_out, masked, batch, num_splits, tokens_per_image, dim,
                 POS_GRAD=needs_pos, BLOCK_L=block_l, BLOCK_D=token_block_d,
             )
@@ -463,8 +463,8 @@ def _launch_backward(
         # In the image's memory format; masked patches keep these zeros.
         grads[0] = grad_image = torch.zeros_like(image, memory_format=torch.preserve_format)
         with on_device_of(image):
-            _masked_patch_embed_bwd_image_kernel[(triton.cdiv(batch * tokens_per_image, block_m),
-                                                  triton.cdiv(features, block_k))](
+            _masked_patch_embed_bwd_image_kernel[(cdiv(batch * tokens_per_image, block_m),
+                                                  cdiv(features, block_k))](
                 grad_image, grad_out, image, weight_2d, bias, norm_weight, order, num_visible, *geometry,
                 *grad_image.stride(), BLOCK_M=block_m, BLOCK_K=block_k, **projection,
             )

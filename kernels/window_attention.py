@@ -39,7 +39,7 @@ import triton.language as tl
 from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
 from ._autotune import autotune
 from ._eager import eager_or_op, eager_or_op_with_autograd
-from ._launch import on_device_of
+from ._launch import cdiv, next_power_of_2, on_device_of
 from .attention_bias import flash_backward, flash_forward
 
 # Programs per backward launch that the image slices aim at: enough to fill an H100 a few times over
@@ -373,15 +373,15 @@ def _launch_geometry(q: torch.Tensor, window_mask: Optional[torch.Tensor], targe
     num_windows = 1 if window_mask is None else window_mask.shape[0]
     num_images = batch_windows // num_windows
     splits = max(1, min(num_images, target_programs // (heads * num_windows)))
-    images_per_split = triton.cdiv(num_images, splits)
-    splits = triton.cdiv(num_images, images_per_split)
+    images_per_split = cdiv(num_images, splits)
+    splits = cdiv(num_images, images_per_split)
     return dict(
         grid=(splits * num_windows, heads),
         num_images=num_images, images_per_split=images_per_split, num_windows=num_windows,
         constexprs=dict(
             TOKENS=tokens, HEAD_DIM=head_dim, HAS_MASK=window_mask is not None,
             DOT_PRECISION=dot_precision(q.dtype),
-            **token_blocks(tokens), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            **token_blocks(tokens), BLOCK_D=max(16, next_power_of_2(head_dim)),
         ),
     )
 
@@ -390,9 +390,9 @@ def token_blocks(tokens: int) -> dict:
     """The window's rows (and keys) as a power-of-two head block and, where that pads less, a tail block:
     36 tokens (6x6 windows) as 32 + 16 (48 x 48 tiles, the 16-row tensor-core floor: 1.78x the useful
     MMA work, where one 64-block is 3.16x); 49 as one 64-block (32 + 32 pads alike, in smaller tiles)."""
-    whole = max(16, triton.next_power_of_2(tokens))
+    whole = max(16, next_power_of_2(tokens))
     head = whole // 2
-    tail = max(16, triton.next_power_of_2(tokens - head)) if head >= 16 else whole
+    tail = max(16, next_power_of_2(tokens - head)) if head >= 16 else whole
     if head + tail < whole:
         return dict(BLOCK_HEAD=head, BLOCK_TAIL=tail)
     return dict(BLOCK_HEAD=whole, BLOCK_TAIL=0)

@@ -9,7 +9,9 @@ tuning) and Triton's argument binding, specialisation key and kernel-cache looku
 Triton's C launcher would run (which needs a CUDA driver: timed on a GPU, with the CUDA launches of
 torch's own ops, by benchmarks/gpu_check.sh). Measured: the op's call as training makes it (kernels/_eager.py's
 eager entry, input checks, autocast casts, output allocation, the launcher's Python), per forward call
-(autograd recording, as in training) and per forward + backward.
+(autograd recording, as in training) and per forward + backward; each also with Triton's JITFunction.run
+left out (ours alone: the entry, launchers, the shared autotuner and heuristics), which splits the time
+between this package's Python and Triton's per-launch binding.
 
 Rounds interleave the ops; the figure is the median over rounds of the mean per call in a round, in
 CPU time of the measuring thread (time.thread_time): the 2-core host is shared and often far over
@@ -90,13 +92,17 @@ def _calls(case):
 
 
 def measure(rounds: int = ROUNDS, calls_per_round: int = CALLS_PER_ROUND):
-    """[(case label, forward us per call, forward + backward us per call, launches per fwd + bwd)]."""
+    """[(case label, forward us per call, forward + backward us per call, launches per fwd + bwd,
+    forward us without Triton's JITFunction.run, forward + backward us without it)]."""
     jit_run, autotuner_run = JITFunction.run, Autotuner.run
     launches = [0]
+    with_triton_run = [True]
 
     def up_to_the_launcher(self, *args, grid, warmup, **kwargs):
         launches[0] += 1
-        return jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if with_triton_run[0]:
+            return jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        return None  # ours alone: everything up to Triton's binder, specialisation key and kernel cache
 
     results = {}
     cases = all_cases(smoke=True)
@@ -119,19 +125,23 @@ def measure(rounds: int = ROUNDS, calls_per_round: int = CALLS_PER_ROUND):
                 launches[0] = 0
                 forward_backward()
                 per_fb_launches[case.name] = launches[0]
-            samples = {case.name: ([], []) for case in cases}
+            samples = {case.name: {(fn, triton_run): [] for fn in (0, 1) for triton_run in (True, False)}
+                       for case in cases}
             for _ in range(rounds):
                 for case, forward, forward_backward in calls:
-                    for index, fn in enumerate((forward, forward_backward)):
+                    for (index, triton_run), timed in samples[case.name].items():
+                        fn = (forward, forward_backward)[index]
+                        with_triton_run[0] = triton_run
                         start = time.thread_time()
                         for _ in range(calls_per_round):
                             fn()
-                        samples[case.name][index].append((time.thread_time() - start) / calls_per_round * 1e6)
+                        timed.append((time.thread_time() - start) / calls_per_round * 1e6)
+            with_triton_run[0] = True
             gc.enable()
     for case in cases:
-        fwd, fwd_bwd = samples[case.name]
-        results[case.name] = (f"{case.op} {case.name}", statistics.median(fwd), statistics.median(fwd_bwd),
-                              per_fb_launches[case.name])
+        median = {mode: statistics.median(timed) for mode, timed in samples[case.name].items()}
+        results[case.name] = (f"{case.op} {case.name}", median[0, True], median[1, True], per_fb_launches[case.name],
+                              median[0, False], median[1, False])
     return list(results.values())
 
 
@@ -141,10 +151,12 @@ def main() -> None:
           f"tuned cache): "
           f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {sys.version.split()[0]}; "
           f"median of {ROUNDS} interleaved rounds of {CALLS_PER_ROUND} calls")
-    print("| op / case | forward us | forward+backward us | Triton launches (fwd+bwd) |")
-    print("|---|--:|--:|--:|")
-    for label, forward, forward_backward, launches in rows:
-        print(f"| {label} | {forward:.0f} | {forward_backward:.0f} | {launches} |")
+    print("| op / case | forward us | of which ours | forward+backward us | of which ours | Triton launches "
+          "(fwd+bwd) | Triton's run per launch us |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for label, forward, forward_backward, launches, own_forward, own_forward_backward in rows:
+        print(f"| {label} | {forward:.0f} | {own_forward:.0f} | {forward_backward:.0f} | {own_forward_backward:.0f} "
+              f"| {launches} | {(forward_backward - own_forward_backward) / launches:.0f} |")
 
 
 if __name__ == "__main__":
