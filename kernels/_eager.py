@@ -9,9 +9,10 @@ host time on every call and computes nothing: docs/kernels.md measures it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
+from torch._library.custom_ops import CustomOpDef
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
@@ -20,19 +21,34 @@ def _traced(first_input: torch.Tensor) -> bool:
             or first_input.device.type == "meta")
 
 
-def eager_or_op(op: Callable, implementation: Callable) -> Callable:
-    """``op`` (a custom op without an autograd formula, such as a backward) when traced, else
-    ``implementation``, its body. Positional arguments only, the first a tensor."""
+# custom op -> the function it was built from (torch keeps it only privately)
+_IMPLEMENTATIONS: Dict[CustomOpDef, Callable] = {}
+
+
+def custom_op(name: str, implementation: Callable) -> CustomOpDef:
+    """``torch.library.custom_op(name, implementation, mutates_args=())``, remembered with its
+    implementation: the callers below take the op alone, so an op and its eager body cannot be mismatched."""
+    op = torch.library.custom_op(name, implementation, mutates_args=())
+    _IMPLEMENTATIONS[op] = implementation
+    return op
+
+
+def eager_or_op(op: CustomOpDef) -> Callable:
+    """``op`` (a custom op without an autograd formula, such as a backward) when traced, else its
+    implementation. Positional arguments only, the first a tensor."""
+    implementation = _IMPLEMENTATIONS[op]
+
     def call(*inputs):
         return op(*inputs) if _traced(inputs[0]) else implementation(*inputs)
     return call
 
 
-def eager_or_op_with_autograd(op, implementation: Callable, backward: Callable, setup_context: Callable) -> Callable:
+def eager_or_op_with_autograd(op: CustomOpDef, backward: Callable, setup_context: Callable) -> Callable:
     """Registers ``backward`` and ``setup_context`` as ``op``'s autograd formula and returns the op's
-    caller: the op when traced; else ``implementation`` under an autograd.Function with that same
-    formula when some input requires grad (as the op's generated Function would), else
-    ``implementation`` itself."""
+    caller: the op when traced; else its implementation under an autograd.Function with that same
+    formula when some input requires grad (as the op's generated Function would), else the
+    implementation itself."""
+    implementation = _IMPLEMENTATIONS[op]
     op.register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *inputs):

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
 from ._autotune import autotune, heuristics
-from ._eager import eager_or_op, eager_or_op_with_autograd
+from ._eager import custom_op, eager_or_op, eager_or_op_with_autograd
 from ._launch import cdiv, next_power_of_2, on_device_of
 
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels see globals only as constexpr
@@ -651,7 +651,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
     return flash_forward(q, k, v, bias, None, scale)
 
 
-_attention_op = torch.library.custom_op("simmim_fast_triton::attention", _attention_forward, mutates_args=())
+_attention_op = custom_op("simmim_fast_triton::attention", _attention_forward)
 
 
 @_attention_op.register_fake
@@ -667,8 +667,7 @@ def _attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return flash_backward(dout, q, k, v, bias, None, out, lse, scale, compute_dbias)
 
 
-_attention_backward_op = torch.library.custom_op("simmim_fast_triton::attention_backward", _attention_backward,
-                                                 mutates_args=())
+_attention_backward_op = custom_op("simmim_fast_triton::attention_backward", _attention_backward)
 
 
 @_attention_backward_op.register_fake
@@ -694,8 +693,8 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, dbias.to(bias.dtype) if compute_dbias else None, None
 
 
-_call_backward = eager_or_op(_attention_backward_op, _attention_backward)
-_call = eager_or_op_with_autograd(_attention_op, _attention_forward, _backward, _setup_context)
+_call_backward = eager_or_op(_attention_backward_op)
+_call = eager_or_op_with_autograd(_attention_op, _backward, _setup_context)
 
 
 def attention(

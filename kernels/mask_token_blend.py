@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import autotune
-from ._eager import eager_or_op, eager_or_op_with_autograd
+from ._eager import custom_op, eager_or_op, eager_or_op_with_autograd
 from ._launch import cdiv, next_power_of_2, on_device_of, sm_count
 
 _TILE_ELEMENTS = 4096
@@ -94,7 +94,7 @@ def _launch_forward(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.
     return out
 
 
-_forward_op = torch.library.custom_op("simmim_fast_triton::mask_token_blend", _launch_forward, mutates_args=())
+_forward_op = custom_op("simmim_fast_triton::mask_token_blend", _launch_forward)
 
 
 @_forward_op.register_fake
@@ -127,8 +127,7 @@ def _launch_backward(grad_out: torch.Tensor, mask: torch.Tensor, tokens_dtype: t
     return grad_tokens, grad_mask_token
 
 
-_backward_op = torch.library.custom_op("simmim_fast_triton::mask_token_blend_backward", _launch_backward,
-                                       mutates_args=())
+_backward_op = custom_op("simmim_fast_triton::mask_token_blend_backward", _launch_backward)
 
 
 @_backward_op.register_fake
@@ -153,8 +152,8 @@ def _backward(ctx, grad_out):
             grad_mask_token if grad_mask_token_needed else None)
 
 
-_call_backward = eager_or_op(_backward_op, _launch_backward)
-_call = eager_or_op_with_autograd(_forward_op, _launch_forward, _backward, _save_for_backward)
+_call_backward = eager_or_op(_backward_op)
+_call = eager_or_op_with_autograd(_forward_op, _backward, _save_for_backward)
 
 
 def mask_token_blend(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:

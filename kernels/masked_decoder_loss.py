@@ -58,7 +58,7 @@ from simmim_fast.reference import NORM_TARGET_EPS
 
 from ._autotune import autotune
 from ._compaction import selected_first_order
-from ._eager import eager_or_op, eager_or_op_with_autograd
+from ._eager import custom_op, eager_or_op, eager_or_op_with_autograd
 from ._launch import cdiv, next_power_of_2, on_device_of, sm_count
 from .masked_l1_loss import finish_loss, loss_dtype
 
@@ -391,7 +391,7 @@ def _launch_forward(
     return loss, denominator, order, num_active, sign
 
 
-_forward_op = torch.library.custom_op("simmim_fast_triton::masked_decoder_loss", _launch_forward, mutates_args=())
+_forward_op = custom_op("simmim_fast_triton::masked_decoder_loss", _launch_forward)
 
 
 @_forward_op.register_fake
@@ -457,8 +457,7 @@ def _launch_backward(
     return grad_features, grad_weight, grad_bias, grad_target
 
 
-_backward_op = torch.library.custom_op("simmim_fast_triton::masked_decoder_loss_backward", _launch_backward,
-                                       mutates_args=())
+_backward_op = custom_op("simmim_fast_triton::masked_decoder_loss_backward", _launch_backward)
 
 
 @_backward_op.register_fake
@@ -487,8 +486,8 @@ def _backward(ctx, grad_loss, *_grad_saved_outputs):
     return grad_features, None, grad_weight, grad_bias, grad_target, None, None, None, None, None, None, None
 
 
-_call_backward = eager_or_op(_backward_op, _launch_backward)
-_call = eager_or_op_with_autograd(_forward_op, _launch_forward, _backward, _save_for_backward)
+_call_backward = eager_or_op(_backward_op)
+_call = eager_or_op_with_autograd(_forward_op, _backward, _save_for_backward)
 
 
 def _dtypes(features, weight, bias, target, mask):

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from simmim_fast.reference import LOSS_EPS
 
-from ._eager import eager_or_op, eager_or_op_with_autograd
+from ._eager import custom_op, eager_or_op, eager_or_op_with_autograd
 from ._launch import cdiv, next_power_of_2, on_device_of, sm_count
 
 # Pixels per tile: 16 per thread at 4 warps; several programs fit on an SM to keep loads in flight.
@@ -192,7 +192,7 @@ def _launch_forward(reconstruction: torch.Tensor, target: torch.Tensor, mask: to
     return finish_loss(abs_partials, count_partials, in_chans, out_dtype)
 
 
-_forward_op = torch.library.custom_op("simmim_fast_triton::masked_l1_loss", _launch_forward, mutates_args=())
+_forward_op = custom_op("simmim_fast_triton::masked_l1_loss", _launch_forward)
 
 
 @_forward_op.register_fake
@@ -217,7 +217,7 @@ def _launch_backward(grad_loss: torch.Tensor, denominator: torch.Tensor, reconst
     return grad_rec, grad_target
 
 
-_backward_op = torch.library.custom_op("simmim_fast_triton::masked_l1_loss_backward", _launch_backward, mutates_args=())
+_backward_op = custom_op("simmim_fast_triton::masked_l1_loss_backward", _launch_backward)
 
 
 @_backward_op.register_fake
@@ -242,8 +242,8 @@ def _backward(ctx, grad_loss, _grad_denominator):
             None, None, None, None, None)
 
 
-_call_backward = eager_or_op(_backward_op, _launch_backward)
-_call = eager_or_op_with_autograd(_forward_op, _launch_forward, _backward, _save_for_backward)
+_call_backward = eager_or_op(_backward_op)
+_call = eager_or_op_with_autograd(_forward_op, _backward, _save_for_backward)
 
 
 def masked_l1_loss(

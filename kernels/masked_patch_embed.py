@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._autotune import autotune
 from ._compaction import selected_first_order
-from ._eager import eager_or_op, eager_or_op_with_autograd
+from ._eager import custom_op, eager_or_op, eager_or_op_with_autograd
 from ._launch import cdiv, next_power_of_2, on_device_of, sm_count
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -372,7 +372,7 @@ def _launch_forward(
     return out, order, num_visible, masked
 
 
-_forward_op = torch.library.custom_op("simmim_fast_triton::masked_patch_embed", _launch_forward, mutates_args=())
+_forward_op = custom_op("simmim_fast_triton::masked_patch_embed", _launch_forward)
 
 
 @_forward_op.register_fake
@@ -471,8 +471,7 @@ def _launch_backward(
     return tuple(grads)
 
 
-_backward_op = torch.library.custom_op("simmim_fast_triton::masked_patch_embed_backward", _launch_backward,
-                                       mutates_args=())
+_backward_op = custom_op("simmim_fast_triton::masked_patch_embed_backward", _launch_backward)
 
 
 @_backward_op.register_fake
@@ -503,8 +502,8 @@ def _backward(ctx, grad_out, *_grad_saved_outputs):
             None, None, None, None)
 
 
-_call_backward = eager_or_op(_backward_op, _launch_backward)
-_call = eager_or_op_with_autograd(_forward_op, _launch_forward, _backward, _save_for_backward)
+_call_backward = eager_or_op(_backward_op)
+_call = eager_or_op_with_autograd(_forward_op, _backward, _save_for_backward)
 
 
 def _dtypes(image, weight, bias, mask_token, pos_embed, norm_weight):

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._attention_operands import attention_operands, dot_precision, packed_qkv_gradient
 from ._autotune import autotune
-from ._eager import eager_or_op, eager_or_op_with_autograd
+from ._eager import custom_op, eager_or_op, eager_or_op_with_autograd
 from ._launch import cdiv, next_power_of_2, on_device_of
 from .attention_bias import flash_backward, flash_forward
 
@@ -456,8 +456,7 @@ def _window_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _forward(q, k, v, bias, window_mask, scale)
 
 
-_window_attention_op = torch.library.custom_op("simmim_fast_triton::window_attention", _window_attention_forward,
-                                               mutates_args=())
+_window_attention_op = custom_op("simmim_fast_triton::window_attention", _window_attention_forward)
 
 
 @_window_attention_op.register_fake
@@ -476,8 +475,7 @@ def _window_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch
     return dqkv, dbias.contiguous()  # the flash path's is a transposed view
 
 
-_window_attention_backward_op = torch.library.custom_op("simmim_fast_triton::window_attention_backward",
-                                                        _window_attention_backward, mutates_args=())
+_window_attention_backward_op = custom_op("simmim_fast_triton::window_attention_backward", _window_attention_backward)
 
 
 @_window_attention_backward_op.register_fake
@@ -501,8 +499,8 @@ def _backward_formula(ctx, grad_out, _grad_row_stats):
     return dq, dk, dv, dbias.to(bias.dtype) if ctx.needs_input_grad[3] else None, None, None
 
 
-_call_backward = eager_or_op(_window_attention_backward_op, _window_attention_backward)
-_call = eager_or_op_with_autograd(_window_attention_op, _window_attention_forward, _backward_formula, _setup_context)
+_call_backward = eager_or_op(_window_attention_backward_op)
+_call = eager_or_op_with_autograd(_window_attention_op, _backward_formula, _setup_context)
 
 
 def window_attention(
