@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 import torch
-from torch._library.custom_ops import CustomOpDef
+from torch.library import CustomOpDef
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
@@ -21,7 +21,7 @@ def _traced(first_input: torch.Tensor) -> bool:
             or first_input.device.type == "meta")
 
 
-# custom op -> the function it was built from (torch keeps it only privately)
+# custom op -> the function it was built from (the op keeps it only privately)
 _IMPLEMENTATIONS: Dict[CustomOpDef, Callable] = {}
 
 
