@@ -239,7 +239,7 @@ def custom_ops_launch_on_meta(modules=None):
     """A torch.library custom op runs its fake implementation on meta tensors; here the custom ops of
     ``modules`` (default: simmim_fast.kernels') run their real one, so their launchers compile their
     kernels at shapes no host could allocate."""
-    from torch._library.custom_ops import CustomOpDef
+    from torch.library import CustomOpDef
 
     if modules is None:
         modules = [importlib.import_module(f"simmim_fast.kernels.{module}") for module, _ in KERNEL_ENTRY_POINTS.values()]

@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
-from torch._library.custom_ops import CustomOpDef
+from torch.library import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from benchmarks.kernel_cases import all_cases
