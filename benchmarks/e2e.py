@@ -2,7 +2,8 @@
 
 Providers: the model on the plain ops (what the original code runs), torch.compile of that, the
 model on simmim_fast's automatic dispatch (on CUDA tuned first, as pretrain does: ``tune_s``; the
-compiled provider tunes against Inductor's ops, ``tune(compiled=True)``), torch.compile of that, and
+compiled provider tunes against Inductor's ops, ``tune(compiled=True)``), torch.compile of that, both
+compiled again with CUDA graphs (mode reduce-overhead: no host time per op call), and
 what users pick instead of us: Hugging Face transformers' masked-image-modeling models at the nearest
 configuration (benchmarks/transformers_models.py), eager and compiled. Images/s, MFU against the
 matmul rate measured in the same run (every provider credited with our model's FLOPs at that shape),
@@ -21,6 +22,7 @@ import torch
 
 from simmim_fast import MaskGenerator, build_simmim, dispatch, get_config, tune
 from simmim_fast.dispatch import use_backend
+from simmim_fast.train.engine import CUDA_GRAPH_COMPILE_MODES, compile_for_training
 
 from .device import Ceilings
 from .flops import simmim_forward_flops, training_step_flops
@@ -29,15 +31,19 @@ from .telemetry import Telemetry
 from .timing import TimingPlan, benchmark
 from .transformers_models import TransformersSimMIM, model_class_name
 
-# provider -> (backend spec for use_backend, compiled?); the transformers providers run no op of ours
-PROVIDERS: Dict[str, Tuple[Optional[str], bool]] = {
-    "reference": ("reference", False),
-    "simmim_fast": (None, False),
-    "transformers": ("reference", False),
-    "transformers-beit": ("reference", False),
-    "compile": ("reference", True),
-    "simmim_fast+compile": (None, True),
-    "transformers+compile": ("reference", True),
+# provider -> (backend spec for use_backend, torch.compile mode or None for eager); the transformers
+# providers run no op of ours. The +cudagraphs ones replay each compiled forward and backward as one CUDA
+# graph (pretrain --compile reduce-overhead): no host time per op call.
+PROVIDERS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
+    "reference": ("reference", None),
+    "simmim_fast": (None, None),
+    "transformers": ("reference", None),
+    "transformers-beit": ("reference", None),
+    "compile": ("reference", "default"),
+    "simmim_fast+compile": (None, "default"),
+    "transformers+compile": ("reference", "default"),
+    "compile+cudagraphs": ("reference", "reduce-overhead"),
+    "simmim_fast+cudagraphs": (None, "reduce-overhead"),
 }
 
 
@@ -78,10 +84,14 @@ class E2EPlan:
         return cls(CPU_MODELS, CPU_BATCHES, timing)
 
 
-def training_step(model, optimizer, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def training_step(model, optimizer, device: torch.device,
+                  compile_mode: Optional[str] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     autocast = device.type == "cuda"  # bf16 autocast on the GPU as in mixed-precision training; fp32 on CPU
+    cuda_graphs = compile_mode in CUDA_GRAPH_COMPILE_MODES
 
     def step(images, masks):
+        if cuda_graphs:  # as the training loop: this replay may overwrite the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(images, masks)
         loss.backward()
@@ -120,7 +130,8 @@ def _batch_inputs(preset: str, batch: int, device: torch.device, seed: int):
 
 def measure_training(model_name: str, preset: str, batch: int, provider: str, device: torch.device,
                      plan: TimingPlan, ceilings: Ceilings) -> Dict[str, object]:
-    spec, compiled = PROVIDERS[provider]
+    spec, compile_mode = PROVIDERS[provider]
+    compiled = compile_mode is not None
     torch.manual_seed(0)  # every provider trains the same initial weights
     model = build_simmim(preset).train()  # ours: also the FLOP count every provider is credited with
     family = transformers_provider(provider)
@@ -128,8 +139,7 @@ def measure_training(model_name: str, preset: str, batch: int, provider: str, de
     image_size = get_config(preset).DATA.IMG_SIZE
     optimizer = torch.optim.AdamW(trained.parameters(), lr=LEARNING_RATE, weight_decay=0.05,
                                   fused=device.type == "cuda")
-    runnable = torch.compile(trained) if compiled else trained
-    step = training_step(runnable, optimizer, device)
+    step = training_step(compile_for_training(trained, compile_mode), optimizer, device, compile_mode)
     inputs = [_batch_inputs(preset, batch, device, seed) for seed in range(INPUT_SETS)]
     calls = [lambda images=images, masks=masks: step(images, masks) for images, masks in inputs]
     choices: Dict[str, set] = {}
@@ -190,7 +200,8 @@ def run_e2e_suite(device: torch.device, plan: E2EPlan, ceilings: Ceilings, provi
     for compiled in (False, True):
         for batch in plan.batches:
             for model_name, preset in plan.models.items():
-                for provider in (name for name in chosen if PROVIDERS[name][1] == compiled and applies(name, preset)):
+                for provider in (name for name in chosen
+                                 if (PROVIDERS[name][1] is not None) == compiled and applies(name, preset)):
                     rows.append(_measure_or_record(model_name, preset, batch, provider, device, plan, ceilings,
                                                    deadline, log))
                     after_each(rows)
@@ -207,7 +218,7 @@ def _measure_or_record(model_name: str, preset: str, batch: int, provider: str, 
             row = measure_training(model_name, preset, batch, provider, device, plan.timing, ceilings)
         except Exception as error:  # OOM, a compile failure: record it, go on
             row = dict(base, status="error", reason=error_reason(error))
-        _release(device, PROVIDERS[provider][1])
+        _release(device, PROVIDERS[provider][1] is not None)
     if row["status"] == "ok":
         log(f"  {model_name:<14} b{batch:<4} {provider:<20} {row['images_per_s']:9.1f} img/s  "
             f"MFU {row['mfu_vs_measured_matmul']:.1%}  first step {row['first_step_s']:.1f} s")

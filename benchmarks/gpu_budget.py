@@ -46,7 +46,8 @@ TEST_S = 1.5  # one GPU/kernel test, its own kernels' compiles included (not pre
 DATA_S, DECODE_S = 60, 45  # the input-pipeline suite and the pretrain --decode gpu smoke (their caps)
 # Backends the device does not have (xformers is not installed there; csrc is built only on request).
 ABSENT_ON_DEVICE = ("xformers", "cuda")
-GPU_CHECK_COMPILED_PROVIDERS = ("compile", "simmim_fast+compile")  # transformers+compile: benchmarks only
+# transformers+compile and compile+cudagraphs: benchmarks only
+GPU_CHECK_COMPILED_PROVIDERS = ("compile", "simmim_fast+compile", "simmim_fast+cudagraphs")
 
 
 @dataclass

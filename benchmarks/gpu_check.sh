@@ -10,7 +10,8 @@
 #     attention kernels against SDPA and the loss kernels' GB/s against the in-run copy bandwidth; then the
 #     training-configuration numerics (-m training) in what is left.
 #   --part 2: the training-configuration numerics again (part 1 may have had no time left for them), the
-#     compiled providers (torch.compile of the reference, ours compiled), then the other GPU and kernel
+#     compiled providers (torch.compile of the reference, ours compiled, ours compiled with CUDA graphs:
+#     --compile reduce-overhead), then the other GPU and kernel
 #     tests, the input-pipeline suite and a short pretrain --decode gpu, as time allows.
 #   Results are tarred into $OUT (when set: the device tool returns files from there), summary last.
 # Tests run with SIMMIM_FAST_AUTOTUNE=0 (nothing timed: the table's config or the default; they check numbers); the benchmarks tune as
@@ -44,6 +45,8 @@ HEADLINE_OPS=(attention window_attention masked_l1_loss masked_decoder_loss)
 # device time a task is lent, so a failed part can run again. Sections stop 10 s before it (the results' tar).
 CALL_S=$("$PY" -c 'import runpy; print(runpy.run_path("benchmarks/gpu_budget.py")["CALL_S"])')
 [[ "$CALL_S" =~ ^[0-9]+$ ]] || { echo "!!! no CALL_S from benchmarks/gpu_budget.py"; exit 1; }
+# Part 2's compiled e2e providers, as the budget counts them.
+COMPILED_PROVIDERS=$("$PY" -c 'import runpy; print(" ".join(runpy.run_path("benchmarks/gpu_budget.py")["GPU_CHECK_COMPILED_PROVIDERS"]))')
 if [ "$DRY_RUN" = 1 ]; then
   # The interpreter runs the kernels ~1000x slower than a GPU: generous caps, the tiny shapes the tests
   # pick without CUDA, and the rest of the kernel tests only collected (tests/run.sh's interpreter lane
@@ -177,14 +180,14 @@ if [ "$PART" != 1 ]; then
   else
     echo "dry run: part 1 ran them"
   fi
-  section "part 2: compiled e2e providers (torch.compile of the reference, ours compiled)"
+  section "part 2: compiled e2e providers (torch.compile of the reference, ours compiled, ours with CUDA graphs)"
   if [ "$DRY_RUN" = 1 ]; then
     # A cold torch.compile of a model takes minutes on 2 cores: here only the selection is checked (budget 0:
     # every compiled row is listed as skipped).
     capped 120 "compiled benchmarks (selection only)" env -u TRITON_INTERPRET "$PY" -m benchmarks.run --suite e2e \
-      "${BENCHMARK_ARGS[@]}" --out "$RESULTS_ROOT/part2" --e2e-budget-s 0 --providers compile simmim_fast+compile
+      "${BENCHMARK_ARGS[@]}" --out "$RESULTS_ROOT/part2" --e2e-budget-s 0 --providers $COMPILED_PROVIDERS
   else
-    benchmarks 2 "compiled benchmarks" e2e "${HEADLINE_BATCH_ARGS[@]}" --providers compile simmim_fast+compile
+    benchmarks 2 "compiled benchmarks" e2e "${HEADLINE_BATCH_ARGS[@]}" --providers $COMPILED_PROVIDERS
   fi
   section "part 2: the other GPU and kernel tests (-m 'gpu or interpreter', natively on CUDA)"
   cap=$(left 120); [ "$cap" -gt "$REST_CAP_S" ] && cap=$REST_CAP_S

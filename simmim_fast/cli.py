@@ -6,6 +6,7 @@ import sys
 from typing import List, Optional
 
 from .config import PRESETS
+from .train.engine import COMPILE_MODES
 from .user_errors import CommandLineParser, parse_arguments, run_reporting_errors
 from .downstream import cli as downstream
 
@@ -47,7 +48,10 @@ def _pretrain_parser(commands) -> None:
     run.add_argument("--xla-matmul-precision", choices=["default", "high", "highest"],
                      help="XLA fp32 matmuls: default = one bf16 pass on TPUs, highest = full fp32 (parity checks)")
     run.add_argument("--backend", help="kernel choice, as SIMMIM_FAST_BACKEND (e.g. triton, or attention=sdpa)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                     help="torch.compile the model, in MODE (default: default); reduce-overhead and "
+                          "max-autotune replay CUDA graphs: no Python per op call after the first steps "
+                          f"({', '.join(COMPILE_MODES)})")
     run.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
     run.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     out = parser.add_argument_group("output")

@@ -275,9 +275,11 @@ def compile_training_step(preset: str, capability: int = 90) -> CompileLog:
     return compiled
 
 
-def training_step_on_meta(preset: str, batch: Optional[int] = None, overrides: Iterable[Mapping] = ()) -> None:
+def training_step_on_meta(preset: str, batch: Optional[int] = None, overrides: Iterable[Mapping] = (),
+                          around_step: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
     """compile_training_step's step, at ``batch`` images (default: the preset's), inside a compile_only();
-    ``overrides``: config mappings over the preset (simmim_fast.config.get_config)."""
+    ``overrides``: config mappings over the preset (simmim_fast.config.get_config); ``around_step()``: a
+    context entered around the forward and backward only (not the model's construction)."""
     config = get_config(preset, overrides)
     torch.manual_seed(0)
     model = build_simmim(config).to("meta")
@@ -285,7 +287,7 @@ def training_step_on_meta(preset: str, batch: Optional[int] = None, overrides: I
     images = torch.empty(batch, 3, size, size, device="meta")
     masks = MaskGenerator(size, config.DATA.MASK_PATCH_SIZE, model.patch_size, config.DATA.MASK_RATIO)
     mask = masks.generate(batch).to("meta")
-    with triton_everywhere(), custom_ops_launch_on_meta(), _meta_autocast(torch.bfloat16):
+    with triton_everywhere(), custom_ops_launch_on_meta(), _meta_autocast(torch.bfloat16), around_step():
         loss = model(images, mask)
         loss.backward()
 

@@ -88,7 +88,7 @@ BAD_PRETRAIN_FLAGS = [
     (["--data", "{root}/missing"], "missing"),
     (["--backend", "tritonn"], "unknown backend 'tritonn'"),
     (["--fsdp"], "--fsdp needs several processes"),
-    (["--compile=yes"], "argument --compile: ignored explicit argument 'yes'"),
+    (["--compile=yes"], "argument --compile: invalid choice: 'yes' (choose from 'default', 'reduce-overhead'"),
     (["--grad-checkpoint=1"], "argument --grad-checkpoint: ignored explicit argument '1'"),
     (["--optimizer", "apex-fused-adam"], "--optimizer apex-fused-adam needs NVIDIA apex"),
     (["--resume", "{root}/missing.pth"], "missing.pth: no such checkpoint file"),

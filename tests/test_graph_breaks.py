@@ -17,11 +17,12 @@ PRESETS = ["vit-tiny", "swin-tiny"]
 KERNEL_OP_NAMESPACE = "simmim_fast_triton"  # torch.ops.simmim_fast_triton.*: the kernels' registrations
 
 
-def model_and_batch(preset, device):
+def model_and_batch(preset, device, seed=0):
+    """The preset's model (the same weights whatever ``seed``) and a batch of 2 drawn from ``seed``."""
     config = get_config(preset)
     torch.manual_seed(0)
     model = sf.build_simmim(config).to(device)
-    generator = torch.Generator(device).manual_seed(0)
+    generator = torch.Generator(device).manual_seed(seed)
     size = config.DATA.IMG_SIZE
     images = torch.randn(2, 3, size, size, device=device, generator=generator)
     masks = sf.MaskGenerator(size, config.DATA.MASK_PATCH_SIZE, model.patch_size, config.DATA.MASK_RATIO)

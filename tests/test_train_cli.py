@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from simmim_fast.checkpoint import load_checkpoint
+from simmim_fast.cli import main as cli_main
 from simmim_fast.train.monitor import read_log
 from simmim_fast.train.scenes import render_scene
 
@@ -57,3 +58,31 @@ def test_pretrain_then_reconstruct(tmp_path):
     with Image.open(tmp_path / "mine.png") as grid:
         assert 3 * 128 < grid.height < 4 * 128
     assert load_checkpoint(out / "ckpt_step_0000016.pth")["config"]["MODEL"]["TYPE"] == "vit"
+
+
+@pytest.mark.slow
+def test_pretrain_compiled_for_cuda_graphs_trains_as_eager(tmp_path, capsys):
+    """``--compile reduce-overhead`` (CUDA graphs on a GPU; on this CPU Inductor compiles without them), in
+    this process so that Dynamo's counters show the model was compiled: the same losses step by step as the
+    eager run, the run's header says so, and the checkpoint has the unwrapped model's keys (no torch.compile
+    prefix). tests/test_gpu_cuda_graphs.py replays the graphs on a GPU."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for name, flags in (("eager", []), ("compiled", ["--compile", "reduce-overhead"])):
+        out = tmp_path / name
+        torch._dynamo.reset()
+        counters.clear()
+        assert cli_main(["pretrain", "--preset", "vit-tiny", "--output", str(out), "--steps", "3", "--batch-size",
+                         "8", "--num-workers", "0", "--log-every", "1", *flags]) == 0
+        captured = capsys.readouterr()
+        runs[name] = ([row["loss"] for row in read_log(out / "log.jsonl")],
+                      list(load_checkpoint(out / "ckpt_step_0000003.pth")["model"]),
+                      captured.out + captured.err, counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    (eager_losses, eager_keys, eager_out, eager_graphs), (losses, keys, out, graphs) = runs["eager"], runs["compiled"]
+    assert (eager_graphs, graphs) == (0, 1), "Dynamo compiled graphs: eager run, compiled run"
+    assert "torch.compile reduce-overhead (no CUDA graphs on cpu)" in out and "torch.compile" not in eager_out
+    assert losses == pytest.approx(eager_losses, rel=1e-5) and len(eager_losses) == 3
+    assert keys == eager_keys

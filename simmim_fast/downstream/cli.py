@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..config import PRESETS
+from ..train.engine import COMPILE_MODES
 
 COMMANDS = ("finetune", "eval", "export")
 
@@ -32,7 +33,8 @@ def add_commands(commands) -> None:
     parser.add_argument("--xla-matmul-precision", choices=["default", "high", "highest"],
                         help="XLA fp32 matmuls: default = one bf16 pass on TPUs, highest = full fp32")
     parser.add_argument("--backend", help="kernel choice, as SIMMIM_FAST_BACKEND")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile the model, as pretrain --compile")
     parser.add_argument("--resume", metavar="auto|PATH")
     parser.add_argument("--log-every", type=int)
     parser.add_argument("--keep-last", type=int, default=2)

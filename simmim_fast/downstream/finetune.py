@@ -29,8 +29,8 @@ from ..config import DEFAULTS, PRESETS, Config, check_hyperparameters, merge, se
 from ..train import checkpoints, distributed, xla_spmd
 from ..train.configs import given_texts, parse_assignment, read_yaml_config
 from ..train.data import build_loader, sample_seed
-from ..train.engine import (RunOptions, TrainingSteps, check_forced_backend, check_options, kernel_backend,
-                            resolve_amp, seed_everything, xla_sync)
+from ..train.engine import (RunOptions, TrainingSteps, check_forced_backend, check_options, compile_for_training,
+                            kernel_backend, resolve_amp, seed_everything, xla_sync)
 from ..train.monitor import Monitor, json_text
 from ..train.optim import build_optimizer, build_schedule, scaled_lrs, skips_weight_decay
 from .augment import Mixup
@@ -296,8 +296,7 @@ class Finetuning(TrainingSteps):
         if self.xla:
             xla_spmd.seed(config.SEED)
         self.train_model = distributed.wrap(self.model, runtime, fsdp=False)
-        if options.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.train_model = compile_for_training(self.train_model, options.compile)
 
         aug = config.AUG
         if aug.AUTO_AUGMENT in ("", "none") and aug.COLOR_JITTER > 0:
@@ -467,8 +466,8 @@ class Finetuning(TrainingSteps):
                 f"{source}), {len(self.classes)} classes, {len(self.train_source)} train / {len(self.val_source)} val "
                 f"images, {config.DATA.IMG_SIZE}px; {self.images_per_step} images/step, {self.total_steps} steps "
                 f"({self.steps_per_epoch}/epoch), peak lr {self.schedule.base_lr:.3e}, layer decay "
-                f"{config.TRAIN.LAYER_DECAY}; device {self.device}, amp {self.amp_dtype or 'off'}; "
-                f"output {self.output}")
+                f"{config.TRAIN.LAYER_DECAY}; device {self.device}, amp {self.amp_dtype or 'off'}"
+                f"{self.compile_note()}; output {self.output}")
 
     def _finish(self) -> Dict[str, Any]:
         final = self.evaluations[-1] if self.evaluations else {}

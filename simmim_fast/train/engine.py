@@ -41,7 +41,7 @@ class RunOptions:
     accum_steps: Optional[int] = None
     amp: str = "auto"
     backend: Optional[str] = None
-    compile: bool = False
+    compile: Optional[str] = None  # a torch.compile mode (COMPILE_MODES); None: eager
     resume: Optional[str] = None
     seed: Optional[int] = None
     device: str = "auto"
@@ -50,6 +50,18 @@ class RunOptions:
     log_every: Optional[int] = None
     max_nonfinite: int = 10
     xla_matmul_precision: Optional[str] = None
+
+
+# ``--compile [MODE]``: torch.compile's modes. The two with CUDA graphs replay each compiled forward and
+# backward as one graph launch: no Python runs per op call (our ops' launchers included) after the first
+# steps at a shape, where eager pays 40-170 us of host time per op (docs/kernels.md).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_for_training(model: torch.nn.Module, mode: Optional[str]) -> torch.nn.Module:
+    """``model`` under torch.compile in ``mode`` (None: ``model`` itself)."""
+    return model if mode is None else torch.compile(model, mode=mode)
 
 
 # Options that count things, and the smallest value each allows (None: the config's value).
@@ -201,6 +213,16 @@ class TrainingSteps:
             return self.train_model.no_sync()
         return contextlib.nullcontext()
 
+    def compile_note(self) -> str:
+        """The run header's words on torch.compile: empty for an eager run."""
+        mode = self.options.compile
+        if mode is None:
+            return ""
+        if mode not in CUDA_GRAPH_COMPILE_MODES:
+            return f", torch.compile {mode}"
+        graphs = "CUDA graphs" if self.device.type == "cuda" else f"no CUDA graphs on {self.device.type}"
+        return f", torch.compile {mode} ({graphs})"
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -332,6 +354,10 @@ class TrainingSteps:
         clip_each = self.clip_each_micro_batch and len(batches) > 1
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
+            if self.options.compile in CUDA_GRAPH_COMPILE_MODES:
+                # A new CUDA-graph generation: the last micro-batch's outputs (read into loss_sum already)
+                # may be overwritten by this replay.
+                torch.compiler.cudagraph_mark_step_begin()
             with self._micro_batch_context(last=last or clip_each), self._autocast():
                 loss = loss_of(batch)
             scaled = loss.float() / len(batches)

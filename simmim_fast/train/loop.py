@@ -28,8 +28,8 @@ from . import checkpoints, distributed, pictures, xla_spmd
 from .configs import build_config, given_texts
 from .data import FastCrop, PretrainDataset, build_loader, open_image_source
 from .device_batches import StepMasks, normalize
-from .engine import (RunOptions, TrainingSteps, check_forced_backend, check_options, kernel_backend, resolve_amp,
-                     seed_everything, xla_sync)
+from .engine import (RunOptions, TrainingSteps, check_forced_backend, check_options, compile_for_training,
+                     kernel_backend, resolve_amp, seed_everything, xla_sync)
 from .gpu_decode import GpuJpegCrop, resolve_decode
 from .monitor import Monitor
 from .optim import LRSchedule, build_optimizer, build_schedule, scaled_lrs
@@ -91,14 +91,13 @@ class Pretraining(TrainingSteps):
             mask_generator.generate(1, device=self.device)), self.device, self.amp_dtype)
         # Before DDP/FSDP wrap the model (rank 0 runs it alone) and before torch.compile traces it.
         tuning.before_training(self.model, runtime, config.DATA.BATCH_SIZE, mask_generator, self.amp_dtype,
-                               compiled=options.compile)
+                               compiled=options.compile is not None)
         self.train_model = distributed.wrap(self.model, runtime, options.fsdp)
         if options.fsdp:
             from torch.distributed.fsdp import register_fsdp_forward_method
 
             register_fsdp_forward_method(self.model, "reconstruct")
-        if options.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.train_model = compile_for_training(self.train_model, options.compile)
 
         self.mask_generator = mask_generator
         self.dataset = PretrainDataset(open_image_source(config.DATA.DATA_PATH), FastCrop(config.DATA.IMG_SIZE),
@@ -397,7 +396,7 @@ class Pretraining(TrainingSteps):
                 f"patches; {self.runtime.world_size} process(es) x batch {self.batch_size}{self._per_device()} x "
                 f"accumulation {self.accumulation} = {self.images_per_step} images/step; {self.total_steps} steps "
                 f"({self.steps_per_epoch}/epoch); peak lr {self.schedule.base_lr:.3e}; device {self.device}, "
-                f"amp {self.amp_dtype or 'off'}; {self.decode_note}; output {self.output}")
+                f"amp {self.amp_dtype or 'off'}{self.compile_note()}; {self.decode_note}; output {self.output}")
 
     def _per_device(self) -> str:
         """XLA SPMD: how the process's batch splits over its host's devices."""
