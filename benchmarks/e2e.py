@@ -169,7 +169,10 @@ def measure_training(model_name: str, preset: str, batch: int, provider: str, de
     datasheet_tflops = ceilings.datasheet.bf16_tflops
     row = dict(
         model=model_name, batch=batch, provider=provider, status="ok", reason="",
-        step_ms_median=timing.median_ms, step_ms_p20=timing.p20_ms, step_ms_p80=timing.p80_ms, reps=timing.reps,
+        step_ms_median=timing.median_ms, step_ms_p20=timing.p20_ms, step_ms_p80=timing.p80_ms,
+        # CUDA: the host's time to enqueue a step (Python and launches; it waits too once the launch queue is
+        # full, so it reads as host overhead only where it is below step_ms)
+        host_ms_per_step=timing.host_ms, reps=timing.reps,
         images_per_s=batch / step_s, forward_gflops_per_image=simmim_forward_flops(model, image_size)["total"] / 1e9,
         achieved_tflops=achieved_tflops, mfu_vs_measured_matmul=achieved_tflops / ceilings.matmul_tflops,
         mfu_vs_datasheet=None if datasheet_tflops is None else achieved_tflops / datasheet_tflops,

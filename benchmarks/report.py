@@ -16,7 +16,8 @@ KERNEL_COLUMNS = (
 )
 E2E_COLUMNS = (
     "model", "batch", "provider", "status", "reason", "images_per_s", "speedup_vs_reference", "speedup_vs_compile",
-    "speedup_vs_transformers", "step_ms_median", "step_ms_p20", "step_ms_p80", "reps", "forward_gflops_per_image", "achieved_tflops",
+    "speedup_vs_transformers", "step_ms_median", "step_ms_p20", "step_ms_p80", "host_ms_per_step", "reps",
+    "forward_gflops_per_image", "achieved_tflops",
     "mfu_vs_measured_matmul", "mfu_vs_datasheet", "peak_mem_gb", "first_step_s", "tune_s", "first_loss", "backends", "telemetry",
     "sm_clock_mhz_median", "sm_clock_mhz_min", "power_w_median", "power_w_max", "memory_used_gb_max",
     "gpu_util_pct_median",
@@ -63,8 +64,9 @@ def annotate_e2e_rows(rows: List[Dict]) -> None:
         row["speedup_vs_reference"] = _ratio(row["images_per_s"], rate.get(group + ("reference",)))
         row["speedup_vs_compile"] = _ratio(row["images_per_s"], rate.get(group + ("compile",)))
         # against what users run instead: the transformers model, compiled where this row is compiled
+        compiled = any(word in row["provider"] for word in ("compile", "cudagraphs"))
         row["speedup_vs_transformers"] = _ratio(
-            row["images_per_s"], rate.get(group + ("transformers+compile" if "compile" in row["provider"] else "transformers",)))
+            row["images_per_s"], rate.get(group + ("transformers+compile" if compiled else "transformers",)))
 
 
 def write_csv(path: Path, rows: Iterable[Dict], columns: Sequence[str]) -> None:
@@ -122,14 +124,16 @@ def kernel_table(rows: List[Dict], provider_order: Sequence[str]) -> List[str]:
 
 def e2e_table(rows: List[Dict]) -> List[str]:
     header = ["model", "batch", "provider", "images/s", "× reference", "× compile", "× transformers", "MFU (measured matmul)",
-              "MFU (datasheet)", "peak GB", "SM clock MHz", "power W", "first step s", "op backends (eager)"]
+              "MFU (datasheet)", "peak GB", "host ms/step", "SM clock MHz", "power W", "first step s",
+              "op backends (eager)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in (row for row in rows if row["status"] == "ok"):
         lines.append("| " + " | ".join([
             row["model"], str(row["batch"]), row["provider"], _fmt(row["images_per_s"], ".1f"),
             _fmt(row.get("speedup_vs_reference"), ".2f", "×"), _fmt(row.get("speedup_vs_compile"), ".2f", "×"),
             _fmt(row.get("speedup_vs_transformers"), ".2f", "×"), _fmt(row["mfu_vs_measured_matmul"], ".1%"), _fmt(row.get("mfu_vs_datasheet"), ".1%"),
-            _fmt(row.get("peak_mem_gb"), ".1f"), _fmt(row.get("sm_clock_mhz_median"), ".0f"),
+            _fmt(row.get("peak_mem_gb"), ".1f"), _fmt(row.get("host_ms_per_step"), ".2f"),
+            _fmt(row.get("sm_clock_mhz_median"), ".0f"),
             _fmt(row.get("power_w_median"), ".0f"), _fmt(row["first_step_s"], ".1f"), row.get("backends") or "–"])
             + " |")
     return lines if len(lines) > 2 else ["No end-to-end measurement ran."]

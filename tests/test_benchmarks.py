@@ -254,10 +254,15 @@ def test_annotation_and_summary_on_synthetic_gpu_rows(tmp_path):
     assert triton["matmul_fraction_measured"] is None  # no FLOPs: no matmul fraction, not a zero
 
     e2e = [dict(model="vit", batch=64, provider=provider, status="ok", images_per_s=rate, step_ms_median=64e3 / rate,
-                mfu_vs_measured_matmul=0.4, mfu_vs_datasheet=0.3, first_step_s=1.0)
-           for provider, rate in (("reference", 1000.0), ("compile", 1250.0), ("simmim_fast", 1500.0))]
+                host_ms_per_step=host_ms, mfu_vs_measured_matmul=0.4, mfu_vs_datasheet=0.3, first_step_s=1.0)
+           for provider, rate, host_ms in (("reference", 1000.0, 30.0), ("compile", 1250.0, 9.0),
+                                           ("simmim_fast", 1500.0, 20.0), ("transformers", 900.0, 25.0),
+                                           ("transformers+compile", 1100.0, 8.0),
+                                           ("simmim_fast+cudagraphs", 1650.0, 0.25))]
     report.annotate_e2e_rows(e2e)
     assert e2e[2]["speedup_vs_reference"] == 1.5 and e2e[2]["speedup_vs_compile"] == 1.2
+    # each row against the transformers model run the same way: eager against eager, compiled against compiled
+    assert (e2e[2]["speedup_vs_transformers"], e2e[5]["speedup_vs_transformers"]) == (1500 / 900, 1.5)
 
     environment = dict(device="NVIDIA H100 80GB HBM3", device_type="cuda", date_utc="d", git_commit="abc",
                        git_dirty=False, torch="2.11", triton="3.6", cuda="13.0", driver="580", python="3.12")
@@ -269,6 +274,7 @@ def test_annotation_and_summary_on_synthetic_gpu_rows(tmp_path):
     assert f"1{report.HOST_BOUND_MARK} (4.00× ref, 2.00× compile)" in summary
     assert "`cuda` skipped (1×): CUDA extension simmim_fast._C is not built" in summary
     assert "| vit | 64 | simmim_fast | 1500.0 | 1.50× | 1.20× |" in summary
+    assert "| vit | 64 | simmim_fast+cudagraphs | 1650.0 | 1.65× | 1.32× | 1.50× | 40.0% | 30.0% | – | 0.25 |" in summary
 
 
 @pytest.mark.gpu
