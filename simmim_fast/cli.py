@@ -49,9 +49,9 @@ def _pretrain_parser(commands) -> None:
                      help="XLA fp32 matmuls: default = one bf16 pass on TPUs, highest = full fp32 (parity checks)")
     run.add_argument("--backend", help="kernel choice, as SIMMIM_FAST_BACKEND (e.g. triton, or attention=sdpa)")
     run.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                     help="torch.compile the model, in MODE (default: default); reduce-overhead and "
-                          "max-autotune replay CUDA graphs: no Python per op call after the first steps "
-                          f"({', '.join(COMPILE_MODES)})")
+                     help=f"torch.compile the model in MODE, one of {', '.join(COMPILE_MODES)} (--compile "
+                          "alone: default); reduce-overhead and max-autotune replay CUDA graphs: no Python per "
+                          "op call after the first steps")
     run.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
     run.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     out = parser.add_argument_group("output")
