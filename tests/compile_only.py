@@ -206,8 +206,7 @@ OPTIONAL_GRADS = ("image", "target")
 def run_case(case, dtype: torch.dtype, seed: int = 0, optional_grads: bool = False) -> None:
     """Forward and backward of one benchmarks/kernel_cases.py case through our kernels, on CPU tensors;
     with ``optional_grads`` also the gradients of OPTIONAL_GRADS."""
-    module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
-    op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
+    op = registry()["triton"].implementation(case.op)
     args = case.build(torch.device("cpu"), dtype, seed)
     # The normalised target gives the target no gradient (the dispatch sends that case to the reference).
     optional = [name for name in OPTIONAL_GRADS if name in args
@@ -331,8 +330,7 @@ def compile_at_max_batch(recipe: str, capability: int = 90):
     for index, case in enumerate(recipe_cases(shape)):
         arguments = _meta_arguments(lambda batch: recipe_cases(replace(shape, batch=batch))[index], MAX_BATCH,
                                     torch.float32)
-        module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
-        op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
+        op = registry()["triton"].implementation(case.op)
         for name in case.grad_names:
             arguments[name].requires_grad_()
         with compile_only(capability, every_config=False) as compiled, custom_ops_launch_on_meta(), \

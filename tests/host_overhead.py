@@ -34,6 +34,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 from benchmarks.kernel_cases import all_cases
+from simmim_fast.backends import registry
 from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 from tests import compile_only
 
@@ -75,8 +76,7 @@ def _cpu_name() -> str:
 
 def _calls(case):
     """(forward call, forward + backward call) of a benchmarks/kernel_cases.py case on CPU tensors."""
-    module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
-    op = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
+    op = registry()["triton"].implementation(case.op)
     arguments = case.build(torch.device("cpu"), torch.float32, 0)
     trained = {name: arguments[name].requires_grad_() for name in case.grad_names}
 

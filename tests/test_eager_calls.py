@@ -4,7 +4,6 @@ tensors, which only the custom op's fake implementation can take, still go throu
 (Dynamo's tracing is checked by tests/test_graph_breaks.py and the ops' torch.compile tests).
 
 Every op of benchmarks/kernel_cases.py at its smoke shape, forward and backward."""
-import importlib
 from unittest import mock
 
 import pytest
@@ -14,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from benchmarks.kernel_cases import all_cases
 from conftest import kernel_device
-from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
+from simmim_fast.backends import registry
 
 pytestmark = pytest.mark.interpreter
 
@@ -22,8 +21,7 @@ ONE_CASE_PER_OP = list({case.op: case for case in all_cases(smoke=True)}.values(
 
 
 def _entry_point(case):
-    module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
-    return getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
+    return registry()["triton"].implementation(case.op)
 
 
 def _custom_op_calls():

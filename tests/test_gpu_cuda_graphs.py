@@ -10,7 +10,6 @@ checked on the CPU by tests/test_cuda_graph_ready.py):
   our kernels: Inductor captures its graphs (no skip), and the replayed steps' losses and gradients
   match the eager model's on the same inputs.
 """
-import importlib
 from unittest import mock
 
 import pytest
@@ -19,19 +18,14 @@ from torch._dynamo.utils import counters
 
 import simmim_fast as sf
 from benchmarks.kernel_cases import all_cases
-from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
+from simmim_fast.backends import registry
 from simmim_fast.tolerances import COMPILED_FP32_FLOOR, FLOOR, relative_error
-from tests.test_graph_breaks import model_and_batch
+from tests.test_graph_breaks import batch_of, model_and_batch
 
 pytestmark = pytest.mark.gpu
 
 CASES = all_cases(smoke=True)
 WARMUP_CALLS = 2  # on a side stream before capture, as torch.cuda.graph's documentation asks (tuning, allocator)
-
-
-def _op(case):
-    module_name, function_name = KERNEL_ENTRY_POINTS[case.op]
-    return getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)
 
 
 def _forward_backward(op, arguments, grad_names):
@@ -47,7 +41,7 @@ def _forward_backward(op, arguments, grad_names):
 @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case.op}-{case.name}")
 def test_op_replays_in_a_cuda_graph(case, dtype):
     device = torch.device("cuda")
-    op = _op(case)
+    op = registry()["triton"].implementation(case.op)
     static = case.build(device, dtype, 0)
     for name in case.grad_names:
         static[name].requires_grad_()
@@ -84,8 +78,8 @@ def test_op_replays_in_a_cuda_graph(case, dtype):
 @pytest.mark.parametrize("preset", ["vit-tiny", "swin-tiny"])
 def test_compiled_training_steps_replay_cuda_graphs(preset):
     device = torch.device("cuda")
-    model, _, _ = model_and_batch(preset, device)
-    batches = [model_and_batch(preset, device, seed)[1:] for seed in range(4)]  # warm-up, record, 2 replays
+    model, *first_batch = model_and_batch(preset, device)
+    batches = [first_batch] + [batch_of(model, preset, device, seed) for seed in (1, 2, 3)]  # warm-up, record, 2 replays
     captures = []
     capture_begin = torch.cuda.CUDAGraph.capture_begin
 

@@ -17,16 +17,21 @@ PRESETS = ["vit-tiny", "swin-tiny"]
 KERNEL_OP_NAMESPACE = "simmim_fast_triton"  # torch.ops.simmim_fast_triton.*: the kernels' registrations
 
 
-def model_and_batch(preset, device, seed=0):
-    """The preset's model (the same weights whatever ``seed``) and a batch of 2 drawn from ``seed``."""
-    config = get_config(preset)
+def model_and_batch(preset, device):
+    """The preset's model and a batch of 2 (``batch_of(model, preset, device, 0)``)."""
     torch.manual_seed(0)
-    model = sf.build_simmim(config).to(device)
+    model = sf.build_simmim(get_config(preset)).to(device)
+    return (model, *batch_of(model, preset, device, 0))
+
+
+def batch_of(model, preset, device, seed):
+    """2 images and their masks for ``model`` (of ``preset``), drawn from ``seed``."""
+    config = get_config(preset)
     generator = torch.Generator(device).manual_seed(seed)
     size = config.DATA.IMG_SIZE
     images = torch.randn(2, 3, size, size, device=device, generator=generator)
     masks = sf.MaskGenerator(size, config.DATA.MASK_PATCH_SIZE, model.patch_size, config.DATA.MASK_RATIO)
-    return model, images, masks.generate(2, generator=generator)
+    return images, masks.generate(2, generator=generator)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

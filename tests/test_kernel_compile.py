@@ -28,6 +28,7 @@ from triton.runtime.jit import JITFunction
 
 from benchmarks.kernel_cases import (SwinShape, VitShape, _attention_case, _window_attention_case, all_cases,
                                     envelope_cases)
+from simmim_fast.backends import registry
 from simmim_fast.backends.triton import KERNEL_ENTRY_POINTS
 from tests import compile_only
 
@@ -359,8 +360,7 @@ def _dkdv_grid(batch, bias_gradient):
 
     with compile_only.compile_only(90), mock.patch.object(Autotuner, "run", record), \
             compile_only.custom_ops_launch_on_meta(), compile_only._meta_autocast(torch.bfloat16):
-        module_name, function_name = KERNEL_ENTRY_POINTS["attention"]
-        out = getattr(importlib.import_module(f"simmim_fast.kernels.{module_name}"), function_name)(**arguments)
+        out = registry()["triton"].implementation("attention")(**arguments)
         out.backward(torch.ones_like(out))
     return grids["_attention_bwd_dkdv_dbias_kernel"]
 
