@@ -47,6 +47,11 @@ PROVIDERS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
 }
 
 
+def is_compiled(provider: str) -> bool:
+    """Whether ``provider`` runs under torch.compile (in any mode)."""
+    return PROVIDERS[provider][1] is not None
+
+
 def transformers_provider(provider: str) -> Optional[str]:
     """'transformers' for 'transformers+compile', the provider itself for the others of that family, else None."""
     family = provider.split("+")[0]
@@ -131,7 +136,7 @@ def _batch_inputs(preset: str, batch: int, device: torch.device, seed: int):
 def measure_training(model_name: str, preset: str, batch: int, provider: str, device: torch.device,
                      plan: TimingPlan, ceilings: Ceilings) -> Dict[str, object]:
     spec, compile_mode = PROVIDERS[provider]
-    compiled = compile_mode is not None
+    compiled = is_compiled(provider)
     torch.manual_seed(0)  # every provider trains the same initial weights
     model = build_simmim(preset).train()  # ours: also the FLOP count every provider is credited with
     family = transformers_provider(provider)
@@ -203,8 +208,7 @@ def run_e2e_suite(device: torch.device, plan: E2EPlan, ceilings: Ceilings, provi
     for compiled in (False, True):
         for batch in plan.batches:
             for model_name, preset in plan.models.items():
-                for provider in (name for name in chosen
-                                 if (PROVIDERS[name][1] is not None) == compiled and applies(name, preset)):
+                for provider in (name for name in chosen if is_compiled(name) == compiled and applies(name, preset)):
                     rows.append(_measure_or_record(model_name, preset, batch, provider, device, plan, ceilings,
                                                    deadline, log))
                     after_each(rows)
@@ -221,7 +225,7 @@ def _measure_or_record(model_name: str, preset: str, batch: int, provider: str, 
             row = measure_training(model_name, preset, batch, provider, device, plan.timing, ceilings)
         except Exception as error:  # OOM, a compile failure: record it, go on
             row = dict(base, status="error", reason=error_reason(error))
-        _release(device, PROVIDERS[provider][1] is not None)
+        _release(device, is_compiled(provider))
     if row["status"] == "ok":
         log(f"  {model_name:<14} b{batch:<4} {provider:<20} {row['images_per_s']:9.1f} img/s  "
             f"MFU {row['mfu_vs_measured_matmul']:.1%}  first step {row['first_step_s']:.1f} s")

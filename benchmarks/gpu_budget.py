@@ -107,7 +107,8 @@ def _tune_work(batch: int) -> Tuple[int, int]:
 def _e2e_rows(compiled: bool) -> int:
     from benchmarks import e2e
 
-    providers = GPU_CHECK_COMPILED_PROVIDERS if compiled else [name for name, (_, on) in e2e.PROVIDERS.items() if not on]
+    providers = (GPU_CHECK_COMPILED_PROVIDERS if compiled
+                 else [name for name in e2e.PROVIDERS if not e2e.is_compiled(name)])
     return sum(e2e.applies(name, preset) for name in providers for preset in e2e.GPU_MODELS.values())
 
 

@@ -30,7 +30,7 @@ from .timing import TimingPlan
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ALL_PROVIDERS = tuple(dict.fromkeys(kernels.PROVIDERS + tuple(e2e.PROVIDERS)))
-COMPILED_PROVIDERS = tuple(name for name, (_, compiled) in e2e.PROVIDERS.items() if compiled)
+COMPILED_PROVIDERS = tuple(name for name in e2e.PROVIDERS if e2e.is_compiled(name))
 # A cold torch.compile of these graphs took 30-80 s on the 2-core CI machine (measured), more than a
 # smoke run may take: --smoke leaves the compiled providers out unless --providers names them.
 SMOKE_LEAVES_OUT = "compile providers left out of --smoke: a cold torch.compile takes > 30 s on a 2-core CPU"
