@@ -192,3 +192,12 @@ def test_profile_traces_three_steps_after_the_first_two(tmp_path, image_folder):
     events = json.loads((tmp_path / "profile" / "trace.json").read_text())["traceEvents"]
     steps_traced = [event for event in events if event.get("name") == "Optimizer.step#AdamW.step"]
     assert len(steps_traced) == 3
+
+
+@pytest.mark.parametrize("mode", ["fast", True])
+def test_unknown_compile_mode_is_a_value_error_before_anything_is_written(tmp_path, image_folder, mode):
+    """The library's own check (the CLI's argparse choices never let one through): a ValueError naming the
+    modes, raised before the output folder exists."""
+    with pytest.raises(ValueError, match="--compile .*expected one of default, reduce-overhead"):
+        pretrain(options(tmp_path / "run", image_folder, compile=mode))
+    assert not (tmp_path / "run").exists()

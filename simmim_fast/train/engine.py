@@ -76,6 +76,8 @@ def check_options(options: RunOptions) -> None:
         value = getattr(options, name, None)  # each command has its own subset
         if value is not None:
             check_count("--" + name.replace("_", "-"), value, minimum)
+    if options.compile is not None and options.compile not in COMPILE_MODES:
+        raise ValueError(f"--compile {options.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
     if options.device == "xla":
         from . import xla_spmd
 
